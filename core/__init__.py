@@ -1,0 +1,29 @@
+"""q: quantize any Hugging Face LLM into checkpoints every engine loads, and serve it.
+
+The public API. ``import q`` stays light: it never imports triton, vllm, fastapi or
+transformers' model code.
+"""
+
+from .hookspecs import hookimpl
+from .recipe import QuantRecipe
+from .tensor import QuantizedTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl", "QuantRecipe", "QuantizedTensor", "quantize", "plan", "export", "dequantize",
+    "inspect", "default_model", "__version__",
+]
+
+
+def __getattr__(name):
+    # API functions load on first use so `import q` does not pull in the pipeline.
+    if name in ("quantize", "plan", "export", "dequantize", "inspect", "detect_format"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "default_model":
+        from .default_model import default_model
+
+        return default_model
+    raise AttributeError(f"module 'q' has no attribute {name!r}")

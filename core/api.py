@@ -1,0 +1,314 @@
+"""The Python API; the CLI only wraps these functions.
+
+    import q
+    q.quantize("MODEL_DIR", "fp8-block", "OUT")
+    q.export("OUT", "vllm", "OUT-CT")
+    q.dequantize("OUT", "OUT-BF16")
+    q.inspect("OUT")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .convert import DEFAULT_SHARD_BYTES, Job, plan_layout, run_jobs
+from .errors import BadTensorError, CheckpointError, IncompatibleError, OptionError
+from .plan import Plan, PlanEntry, build_entries
+from .progress import byte_progress
+from .recipe import RECIPE_FILE, QuantRecipe
+from .source import ModelSource, model_dtype
+from .tensor import QuantizedTensor
+from .writer import AtomicOutput
+
+MANIFEST_FILE = "q_manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json",
+              RECIPE_FILE, MANIFEST_FILE}
+
+
+def _registries():
+    from .plugin_manager import get_registries
+
+    return get_registries()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class Result:
+    """What a run produced: where, the plan it followed, and the manifest written."""
+
+    output: Path | None
+    plan: Plan
+    manifest: dict
+
+
+# --- reading checkpoints -------------------------------------------------------------------
+
+
+def detect_format(source: ModelSource):
+    """(format, reader) for a quantized checkpoint, or (None, None) for a plain model."""
+    qcfg = source.config.get("quantization_config")
+    regs = _registries()
+    for _, entry in regs.formats:
+        if entry.obj.detect(source.config):
+            return entry.obj, entry.obj.open(source)
+    if qcfg:
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
+        raise CheckpointError(
+            f"{source.path}: quantization_config with quant_method '{method}' is not a format "
+            f"q reads (tried: {', '.join(regs.formats.names())}); dequantize it with the tool "
+            "that made it, then run q on the bf16 model"
+        )
+    return None, None
+
+
+# --- quantize -------------------------------------------------------------------------------
+
+
+def make_recipe(scheme: str, args: dict | None = None, *, targets=("Linear",), ignore=(),
+                ragged: str = "skip", format: str | None = None,
+                model_dtype_: torch.dtype = torch.bfloat16):
+    """Validate a scheme + options + format choice; returns (recipe, scheme, format)."""
+    regs = _registries()
+    scheme_obj = regs.schemes.get(scheme)
+    clean = scheme_obj.validate_args({k: v for k, v in (args or {}).items() if v is not None})
+    if ragged not in ("skip", "quantize"):
+        raise OptionError(f"--ragged must be 'skip' or 'quantize', got '{ragged}'")
+    recipe = QuantRecipe(scheme=scheme_obj.name, args=clean, targets=tuple(targets or ("Linear",)),
+                         ignore=tuple(ignore or ()), ragged=ragged)
+    fmt = regs.formats.get(format or scheme_obj.default_format)
+    reason = fmt.supports(recipe)
+    if reason:
+        raise IncompatibleError(f"format '{fmt.name}' cannot store this: {reason}")
+    scale_dtype = fmt.scale_dtype(recipe, model_dtype_)
+    recipe = recipe.replace(scale_dtype=str(scale_dtype).removeprefix("torch."))
+    return recipe, scheme_obj, fmt
+
+
+def _quantize_job(source, entry: PlanEntry, scheme_obj, fmt, recipe: QuantRecipe) -> Job:
+    scale_dtype = getattr(torch, recipe.scale_dtype)
+    name, module = entry.name, entry.module
+
+    def run(tensors):
+        w = tensors[name]
+        qt = scheme_obj.quantize_weight(name, w, recipe.args, scale_dtype)
+        if w.device.type != "meta" and not bool(torch.isfinite(qt.scale.float()).all()):
+            raise BadTensorError(
+                f"{source.path}: tensor '{name}' contains NaN or Inf; q refuses to quantize "
+                f"it. Repair the checkpoint, or keep the layer with --ignore {module}"
+            )
+        return fmt.encode(module, qt)
+
+    return Job([name], run, label=name)
+
+
+def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dict | None = None,
+         targets=("Linear",), ignore=(), ragged: str = "skip",
+         shard_size: int = DEFAULT_SHARD_BYTES):
+    """Build the plan (every tensor's decision and output sizes) without writing anything.
+
+    Returns (plan, context) where context holds what :func:`quantize` needs to run it.
+    """
+    source = ModelSource(model)
+    _refuse_quantized(source)
+    recipe, scheme_obj, fmt = make_recipe(
+        scheme, args, targets=targets, ignore=ignore, ragged=ragged, format=format,
+        model_dtype_=model_dtype(source.config))
+    entries = build_entries(source, recipe, scheme_obj.alignment(recipe.args))
+    jobs = [
+        _quantize_job(source, e, scheme_obj, fmt, recipe) if e.action == "quantize"
+        else Job([e.name], None, label=e.name, copy=True)
+        for e in entries
+    ]
+    the_plan = Plan(recipe=recipe, format=fmt.name, entries=entries)
+    layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
+    _fill_outputs(entries, metas)
+    return the_plan, (source, fmt, jobs, layout)
+
+
+def _fill_outputs(entries, metas):
+    for entry, outs in zip(entries, metas):
+        entry.outputs = {
+            n: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in outs.items()
+        }
+        entry.out_bytes = sum(t.numel() * t.element_size() for t in outs.values())
+
+
+def _refuse_quantized(source: ModelSource) -> None:
+    if source.config.get("quantization_config"):
+        method = source.config["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(
+            f"{source.path} is already quantized (quant_method '{method}'). To change its "
+            f"format use `q export {source.path} --format FORMAT -o OUT`; to re-quantize, "
+            f"first `q dequantize {source.path} -o BF16_DIR`"
+        )
+
+
+def quantize(model: str | Path, scheme: str, output: str | Path, *, format: str | None = None,
+             args: dict | None = None, targets=("Linear",), ignore=(), ragged: str = "skip",
+             overwrite: bool = False, shard_size: int = DEFAULT_SHARD_BYTES,
+             progress: bool | None = None) -> Result:
+    """Quantize ``model`` with ``scheme`` into ``output`` (streaming, atomic)."""
+    the_plan, (source, fmt, jobs, layout) = plan(
+        model, scheme, format=format, args=args, targets=targets, ignore=ignore,
+        ragged=ragged, shard_size=shard_size)
+    qcfg = fmt.quantization_config(the_plan.recipe, the_plan.skipped_modules, source.config)
+    config = {**source.config, "quantization_config": qcfg}
+    manifest = _manifest(source, the_plan, "quantize")
+    out = _write(source, jobs, layout, output, overwrite, config, the_plan.recipe, manifest,
+                 progress, f"quantize {the_plan.recipe.scheme}")
+    return Result(out, the_plan, manifest)
+
+
+def _write(source, jobs, layout, output, overwrite, config, recipe, manifest, progress, label):
+    with AtomicOutput(output, overwrite=overwrite, protect=[source.path]) as tmp:
+        with byte_progress(label, source.total_bytes(), progress) as advance:
+            run_jobs(source, jobs, layout, tmp, advance)
+        copy_side_files(source.path, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(recipe.to_json() + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return Path(output)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template, generation config, model card: everything but weights."""
+    for p in src.iterdir():
+        if p.name in NOT_COPIED or p.name.endswith(WEIGHT_SUFFIXES) or p.name.startswith("."):
+            continue
+        if p.is_file():
+            shutil.copy2(p, dst / p.name)
+
+
+def _manifest(source, the_plan: Plan, operation: str) -> dict:
+    total_in, total_out = the_plan.totals()
+    return {
+        "producer": f"q {_version()}", "operation": operation, "source": str(source.path),
+        "format": the_plan.format, "recipe": the_plan.recipe.to_dict(),
+        "counts": the_plan.counts(), "bytes_in": total_in, "bytes_out": total_out,
+        "tensors": [e.to_dict() for e in the_plan.entries],
+    }
+
+
+# --- export / dequantize -------------------------------------------------------------------------
+
+
+def _conversion(source, reader, make_outputs, operation, recipe, fmt_name):
+    """Jobs and plan entries that turn each quantized module via ``make_outputs(module, qt)``."""
+    modules = reader.quantized_modules()
+    consumed = {n: m for m, names in modules.items() for n in names}
+    jobs, entries, done = [], [], set()
+    for name, info in source.tensors.items():
+        module = consumed.get(name)
+        if module is None:
+            jobs.append(Job([name], None, label=name, copy=True))
+            entries.append(PlanEntry(name, "copy", "not quantized", info.shape,
+                                     str(info.dtype).removeprefix("torch."), info.nbytes))
+            continue
+        if module in done:
+            continue
+        done.add(module)
+        names = modules[module]
+
+        def run(tensors, module=module):
+            return make_outputs(module, reader.decode(module, tensors))
+
+        jobs.append(Job(names, run, label=module))
+        entries.append(PlanEntry(f"{module}.weight", operation, "quantized Linear", info.shape,
+                                 str(info.dtype).removeprefix("torch."),
+                                 sum(source.info(n).nbytes for n in names), module=module))
+    return jobs, Plan(recipe=recipe, format=fmt_name, entries=entries)
+
+
+def export(checkpoint: str | Path, format: str, output: str | Path, *, overwrite: bool = False,
+           shard_size: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Result:
+    """Rewrite a quantized checkpoint in another format, without re-quantizing."""
+    source = ModelSource(checkpoint)
+    fmt_in, reader = detect_format(source)
+    if reader is None:
+        raise CheckpointError(
+            f"{source.path} is not quantized; use `q quantize` to make a quantized checkpoint"
+        )
+    fmt_out = _registries().formats.get(format)
+    reason = fmt_out.supports(reader.recipe)
+    if reason:
+        raise IncompatibleError(f"format '{fmt_out.name}' cannot store this checkpoint: {reason}")
+    jobs, the_plan = _conversion(source, reader, fmt_out.encode, "quantize", reader.recipe,
+                                 fmt_out.name)
+    layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
+    _fill_outputs(the_plan.entries, metas)
+    scale_dtypes = {d for e in the_plan.entries for n, (d, _) in e.outputs.items()
+                    if e.module and not n.endswith(".weight")}
+    recipe = reader.recipe
+    skipped = list(reader.skipped)
+    qcfg = fmt_out.quantization_config(recipe, skipped, source.config)
+    config = {**source.config, "quantization_config": qcfg}
+    manifest = _manifest(source, the_plan, f"export {fmt_in.name} -> {fmt_out.name}")
+    manifest["scale_dtypes"] = sorted(scale_dtypes)
+    out = _write(source, jobs, layout, output, overwrite, config, recipe, manifest, progress,
+                 f"export {fmt_out.name}")
+    return Result(out, the_plan, manifest)
+
+
+def dequantize(checkpoint: str | Path, output: str | Path, *, dtype: str | None = None,
+               overwrite: bool = False, shard_size: int = DEFAULT_SHARD_BYTES,
+               progress: bool | None = None) -> Result:
+    """Write a plain HF checkpoint (bf16 by default) from any quantized checkpoint q reads."""
+    source = ModelSource(checkpoint)
+    fmt_in, reader = detect_format(source)
+    if reader is None:
+        raise CheckpointError(f"{source.path} is not quantized; there is nothing to dequantize")
+    out_dtype = getattr(torch, dtype) if dtype else model_dtype(source.config)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise OptionError(f"--dtype must be a float dtype such as bfloat16, got '{dtype}'")
+
+    def make_outputs(module, qt: QuantizedTensor):
+        return {f"{module}.weight": qt.dequantize(out_dtype)}
+
+    jobs, the_plan = _conversion(source, reader, make_outputs, "dequantize", reader.recipe,
+                                 "unquantized")
+    layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
+    _fill_outputs(the_plan.entries, metas)
+    config = {k: v for k, v in source.config.items() if k != "quantization_config"}
+    config["dtype"] = str(out_dtype).removeprefix("torch.")
+    manifest = _manifest(source, the_plan, f"dequantize {fmt_in.name}")
+    out = _write(source, jobs, layout, output, overwrite, config, None, manifest, progress,
+                 "dequantize")
+    return Result(out, the_plan, manifest)
+
+
+def inspect(checkpoint: str | Path) -> dict[str, Any]:
+    """Detected format, recipe, per-layer table and sizes of a checkpoint (reads headers only)."""
+    source = ModelSource(checkpoint)
+    fmt, reader = detect_format(source)
+    report: dict[str, Any] = {
+        "path": str(source.path), "format": fmt.name if fmt else "unquantized",
+        "architecture": (source.config.get("architectures") or ["?"])[0],
+        "bytes": source.total_bytes(), "tensors": len(source.tensors), "layers": [],
+    }
+    if reader is None:
+        return report
+    report["recipe"] = reader.recipe.to_dict()
+    report["skipped"] = list(reader.skipped)
+    for module, names in reader.quantized_modules().items():
+        qt = reader.decode(module, {n: source.meta(n) for n in names})
+        report["layers"].append({
+            "module": module, "qdtype": qt.qdtype, "granularity": qt.granularity,
+            "block_size": list(qt.block_size), "shape": list(qt.shape),
+            "scale_shape": list(qt.scale.shape),
+            "scale_dtype": str(qt.scale.dtype).removeprefix("torch."),
+            "bytes": sum(source.info(n).nbytes for n in names),
+        })
+    return report

@@ -1,0 +1,98 @@
+"""``q quantize``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import api
+from ..errors import OptionError
+from .render import console, human, plan_detail, plan_summary
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise OptionError(f"--shard-size: cannot read '{text}' (examples: 5GB, 500MB)") from None
+
+
+def parse_block(text: str | None):
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise OptionError(f"--block-size: expected N or NxK such as 128x128, got '{text}'") from None
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def add_commands(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model", type=click.Path(file_okay=False))
+    @click.option("--scheme", "-s", required=True, help="fp8-block, fp8-dynamic, fp8-tensor, "
+                  "wint8, wint4 (see `q plugins`)")
+    @click.option("--output", "-o", "--work-dir", type=click.Path(file_okay=False),
+                  help="output directory (created atomically)")
+    @click.option("--format", "-f", "fmt", help="checkpoint format: hf-fp8, compressed-tensors "
+                  "(alias vllm); default: the scheme's")
+    @click.option("--group-size", type=int, help="group-wise scales for wint8/wint4")
+    @click.option("--block-size", help="fp8-block tile, N or NxK (default 128x128)")
+    @click.option("--fp8-dtype", "--quant-dtype", "fp8_dtype",
+                  type=click.Choice(["e4m3", "e5m2", "fp8", "float8_e4m3fn", "float8_e5m2"]),
+                  help="fp8 storage type (default e4m3)")
+    @click.option("--ignore", multiple=True, help="module to keep in bf16: exact name, glob "
+                  "or re:REGEX (repeatable)")
+    @click.option("--targets", multiple=True, help="modules to quantize (default: every "
+                  "Linear); exact, glob or re:REGEX (repeatable)")
+    @click.option("--ragged", type=click.Choice(["skip", "quantize"]), default="skip",
+                  show_default=True, help="Linears whose dims do not fit the blocks/groups: "
+                  "keep in bf16, or quantize with ceil-div grids (q's engine only)")
+    @click.option("--dry-run", is_flag=True, help="print the plan for every tensor and stop")
+    @click.option("--json", "as_json", is_flag=True, help="with --dry-run: the plan as JSON")
+    @click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
+    @click.option("--shard-size", default="5GB", show_default=True, help="max shard size")
+    @click.option("--progress/--no-progress", default=None, help="progress bar (default: on "
+                  "a terminal)")
+    def quantize(model, scheme, output, fmt, group_size, block_size, fp8_dtype, ignore, targets,
+                 ragged, dry_run, as_json, overwrite, shard_size, progress):
+        """Quantize MODEL (an HF directory with safetensors) into OUTPUT.
+
+        \b
+        q quantize MODEL --scheme fp8-block -o OUT
+        q quantize MODEL --scheme fp8-dynamic --format vllm -o OUT
+        q quantize MODEL --scheme wint4 --group-size 128 -o OUT
+        q quantize MODEL --scheme fp8-block --dry-run
+        """
+        if not dry_run and not output:
+            raise OptionError("give -o OUTPUT (or --dry-run to only print the plan)")
+        dtype = {"fp8": "e4m3", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}.get(
+            fp8_dtype, fp8_dtype)
+        args = {"group_size": group_size, "block_size": parse_block(block_size),
+                "fp8_dtype": dtype}
+        common = dict(format=fmt, args=args, targets=targets or ("Linear",), ignore=ignore,
+                      ragged=ragged, shard_size=parse_size(shard_size))
+        the_plan, _ = api.plan(model, scheme, **common)
+        out = console()
+        if dry_run:
+            if as_json:
+                click.echo(json.dumps({"recipe": the_plan.recipe.to_dict(),
+                                       "format": the_plan.format,
+                                       "tensors": [e.to_dict() for e in the_plan.entries]},
+                                      indent=1))
+                return
+            out.print(plan_detail(the_plan))
+            out.print(plan_summary(the_plan))
+            return
+        out.print(plan_summary(the_plan))
+        result = api.quantize(model, scheme, output, overwrite=overwrite, progress=progress,
+                              **common)
+        total_in, total_out = result.plan.totals()
+        click.echo(f"wrote {result.output} ({human(total_out)} from {human(total_in)}, "
+                   f"format {result.plan.format})")

@@ -1,0 +1,136 @@
+"""The contracts plugins implement: Scheme, Format (with its CheckpointReader), Engine.
+
+Behaviour lives on these objects; hooks only register them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import pydantic
+import torch
+
+from .errors import OptionError
+from .recipe import QuantRecipe
+from .tensor import QuantizedTensor
+
+
+class Scheme(ABC):
+    """A way to quantize Linear weights.
+
+    Attributes:
+        name: kebab-case id (``fp8-block``).
+        description: one line for ``q plugins``.
+        Args: pydantic model of the scheme's options (validated, JSON-safe).
+        activations: what the runtime does to activations (``dynamic per-token fp8``...).
+        requires_calibration: True for schemes that need data (SmoothQuant).
+        default_format: the format ``q quantize`` writes when none is given.
+        min_sqnr_db: the weight SQNR this scheme guarantees on Gaussian weights (tests).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Args: ClassVar[type[pydantic.BaseModel]]
+    activations: ClassVar[str] = "none (weight-only)"
+    requires_calibration: ClassVar[bool] = False
+    default_format: ClassVar[str] = "compressed-tensors"
+    min_sqnr_db: ClassVar[float] = 20.0
+
+    def validate_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Validate user options; unknown or bad ones raise OptionError naming the choices."""
+        unknown = set(args) - set(self.Args.model_fields)
+        if unknown:
+            valid = ", ".join(sorted(self.Args.model_fields)) or "(none)"
+            raise OptionError(
+                f"scheme '{self.name}' does not take {', '.join(sorted(unknown))}; "
+                f"its options are: {valid}"
+            )
+        try:
+            return self.Args(**args).model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise OptionError(f"scheme '{self.name}': {problems}") from None
+
+    def alignment(self, args: dict[str, Any]) -> tuple[int, int]:
+        """(rows, cols) a weight must be a multiple of for portable checkpoints."""
+        return (1, 1)
+
+    @abstractmethod
+    def quantize_weight(
+        self, name: str, w: torch.Tensor, args: dict[str, Any], scale_dtype: torch.dtype
+    ) -> QuantizedTensor:
+        """Quantize one 2-D Linear weight. Must work on meta tensors (for planning)."""
+
+
+class CheckpointReader(ABC):
+    """What a format knows about one quantized checkpoint it detected."""
+
+    recipe: QuantRecipe
+    skipped: list[str]
+
+    @abstractmethod
+    def quantized_modules(self) -> dict[str, list[str]]:
+        """Module name -> the tensor names that together encode its weight."""
+
+    @abstractmethod
+    def decode(self, module: str, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """Rebuild the QuantizedTensor of ``module`` from its tensors (keyed by full name)."""
+
+
+class Format(ABC):
+    """An on-disk checkpoint layout (tensor names, dtypes, config keys).
+
+    External names such as ``weight_scale_inv`` exist only inside format plugins.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def supports(self, recipe: QuantRecipe) -> str | None:
+        """None if this format can store the recipe, else the reason it cannot."""
+
+    def scale_dtype(self, recipe: QuantRecipe, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this format stores scales in for ``recipe``."""
+        return torch.float32
+
+    @abstractmethod
+    def encode(self, module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """Tensors (full names) that store ``qt`` for ``module``. Pure; never mutates."""
+
+    @abstractmethod
+    def quantization_config(
+        self, recipe: QuantRecipe, skipped: list[str], model_config: dict
+    ) -> dict:
+        """The ``quantization_config`` entry of config.json."""
+
+    @abstractmethod
+    def detect(self, config: dict) -> bool:
+        """True if a checkpoint with this config.json is in this format."""
+
+    @abstractmethod
+    def open(self, source) -> CheckpointReader:
+        """A reader over a ModelSource this format detected."""
+
+
+class Session(ABC):
+    """A loaded model ready to generate (engine issue)."""
+
+    @abstractmethod
+    def generate(self, prompts: list[str], **sampling) -> list[str]: ...
+
+    def close(self) -> None:
+        pass
+
+
+class Engine(ABC):
+    """Runs checkpoints: ``load(path, scheme=None, **options) -> Session``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def load(self, path: str, **options) -> Session: ...

@@ -1,0 +1,76 @@
+"""Pure-torch spec of block-scaled fp8 quantization.
+
+The math is the one shared by DeepSeek-V3 (``inference/kernel.py``, ``README_WEIGHTS.md``),
+transformers ``Fp8Quantize`` and LMDeploy ``quant_blocked_fp8``: for each (bn, bk) tile,
+``s = amax / FP8_MAX`` and ``q = clamp(w / s)`` cast to fp8; the stored scale multiplies
+(``w ~= q * s``). Ragged edge tiles take amax over their real elements only. All-zero
+tiles get scale 1 (transformers' rule) so that dequantization stays exact.
+
+The scale is rounded to its storage dtype *before* dividing, so the stored (q, s) pair
+dequantizes to exactly what was quantized, whatever dtype a format stores scales in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics import FP8_MAX, blocked_amax, ceil_div, expand_blocks
+
+
+def quantize_fp8_block(
+    w: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D weight ``[N, K]`` to fp8 with one scale per (bn, bk) tile.
+
+    Returns ``(q, scale)`` with ``q`` of shape ``[N, K]`` and ``scale`` of shape
+    ``[ceil(N/bn), ceil(K/bk)]`` in ``scale_dtype``.
+    """
+    fmax = FP8_MAX[fp8_dtype]
+    wf = w.float()
+    amax = blocked_amax(wf, block)
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
+    full = expand_blocks(scale.float(), block, tuple(w.shape))
+    q = (wf / full).clamp_(-fmax, fmax).to(fp8_dtype)
+    return q, scale
+
+
+def dequantize_fp8_block(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8_block`: ``q * scale`` per tile, in fp32, then cast."""
+    n, k = q.shape
+    expected = (ceil_div(n, block[0]), ceil_div(k, block[1]))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"scale grid {tuple(scale.shape)} does not match weight {tuple(q.shape)} "
+            f"with blocks {block}: expected {expected}"
+        )
+    return (q.float() * expand_blocks(scale.float(), block, (n, k))).to(out_dtype)
+
+
+def quantize_act_per_token_group(
+    x: torch.Tensor,
+    group: int = 128,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    eps: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: one fp32 scale per token and ``group`` columns.
+
+    ``x`` is ``[..., K]`` with ``K % group == 0`` (every peer kernel requires it). Returns
+    ``(xq, scales)`` with ``scales`` of shape ``[..., K // group]``. ``eps`` floors amax as
+    vLLM's ``per_token_group_quant_fp8`` does, so all-zero groups stay finite.
+    """
+    k = x.shape[-1]
+    if k % group:
+        raise ValueError(f"activation width {k} is not a multiple of the group size {group}")
+    fmax = FP8_MAX[fp8_dtype]
+    xg = x.float().reshape(*x.shape[:-1], k // group, group)
+    scale = xg.abs().amax(dim=-1).clamp(min=eps) / fmax
+    xq = (xg / scale.unsqueeze(-1)).clamp(-fmax, fmax).to(fp8_dtype)
+    return xq.reshape(x.shape), scale

@@ -1,0 +1,1 @@
+"""Built-in engines (the native engine lands with the engine issue)."""

@@ -1,0 +1,216 @@
+"""``compressed-tensors`` (alias ``vllm``): the format of llm-compressor, loaded by vLLM,
+SGLang and transformers.
+
+Per quantized Linear (formats.md 2):
+- fp8 (``float-quantized``): ``weight`` fp8 ``[N, K]``, ``weight_scale`` ``[grid]`` (block),
+  ``[N, 1]`` (channel) or ``[1]`` (tensor).
+- int weight-only (``pack-quantized``): ``weight_packed`` int32 ``[N, ceil(K*b/32)]``,
+  ``weight_scale`` ``[N, groups]``, ``weight_shape`` int64 ``[2]``; symmetric checkpoints
+  omit ``weight_zero_point``.
+Scales are stored in the model dtype, as compressed-tensors does. A checkpoint converted
+from fp32 scales keeps them fp32 and says so with ``scale_dtype`` (exact, no re-rounding).
+The config is what compressed-tensors itself writes; tests validate it with the version
+vLLM pins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import q
+from q.errors import CheckpointError
+from q.interfaces import CheckpointReader, Format
+from q.kernels.packing import pack_int32, unpack_int32
+from q.plan import match_pattern
+from q.recipe import QuantRecipe
+from q.source import model_dtype, read_recipe_file
+from q.tensor import QuantizedTensor
+
+CT_VERSION = "0.17.0"  # the compressed-tensors version vLLM 0.33 pins; configs validate there
+FP8_SCHEMES = {"fp8-block": "block", "fp8-dynamic": "channel", "fp8-tensor": "tensor"}
+INT_SCHEMES = {"wint8": 8, "wint4": 4}
+
+
+def _args(num_bits, type_, strategy, *, group_size=None, block=None, dynamic=False,
+          symmetric=True, scale_dtype=None):
+    args = {"num_bits": num_bits, "type": type_, "symmetric": symmetric,
+            "strategy": strategy, "group_size": group_size, "dynamic": dynamic}
+    if block is not None:
+        args["block_structure"] = list(block)
+    if scale_dtype is not None:
+        args["scale_dtype"] = f"torch.{scale_dtype}"
+    return args
+
+
+class CompressedTensorsFormat(Format):
+    name = "compressed-tensors"
+    description = "vLLM / llm-compressor compressed-tensors (float-quantized, pack-quantized)"
+
+    def supports(self, recipe):
+        if recipe.scheme in FP8_SCHEMES:
+            if recipe.args.get("fp8_dtype", "e4m3") != "e4m3":
+                return "compressed-tensors stores fp8 as e4m3 only; drop --fp8-dtype e5m2"
+            return None
+        if recipe.scheme in INT_SCHEMES:
+            return None
+        return f"no compressed-tensors mapping for scheme '{recipe.scheme}'"
+
+    def scale_dtype(self, recipe, model_dtype_):
+        return model_dtype_
+
+    def encode(self, module, qt):
+        if qt.qdtype.startswith("float8"):
+            scale = qt.scale.reshape(1) if qt.granularity == "tensor" else qt.scale
+            return {f"{module}.weight": qt.qdata, f"{module}.weight_scale": scale}
+        packed = pack_int32(qt.qdata, qt.bits, dim=1)
+        return {
+            f"{module}.weight_packed": packed,
+            f"{module}.weight_scale": qt.scale,
+            f"{module}.weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64,
+                                                   device=qt.qdata.device),
+        }
+
+    def _weights_and_inputs(self, recipe, scale_dtype):
+        args = recipe.args
+        if recipe.scheme == "fp8-block":
+            block = list(args.get("block_size", (128, 128)))
+            weights = _args(8, "float", "block", block=block, scale_dtype=scale_dtype)
+            inputs = _args(8, "float", "group", group_size=block[1], dynamic=True)
+            return weights, inputs, "float-quantized"
+        if recipe.scheme in FP8_SCHEMES:
+            weights = _args(8, "float", FP8_SCHEMES[recipe.scheme], scale_dtype=scale_dtype)
+            return weights, _args(8, "float", "token", dynamic=True), "float-quantized"
+        group = args.get("group_size")
+        strategy = "group" if group else "channel"
+        weights = _args(INT_SCHEMES[recipe.scheme], "int", strategy, group_size=group,
+                        scale_dtype=scale_dtype)
+        return weights, None, "pack-quantized"
+
+    def quantization_config(self, recipe, skipped, model_config):
+        stored = recipe.scale_dtype
+        default = str(model_dtype(model_config)).removeprefix("torch.")
+        weights, inputs, fmt = self._weights_and_inputs(
+            recipe, None if stored == default else stored)
+        group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+                 "output_activations": None, "format": fmt}
+        return {
+            "config_groups": {"group_0": group}, "format": fmt,
+            "global_compression_ratio": None,
+            "ignore": list(dict.fromkeys([*skipped, "lm_head"])),
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+            "quantization_status": "compressed", "sparsity_config": {},
+            "transform_config": {}, "version": CT_VERSION,
+        }
+
+    def detect(self, config):
+        qcfg = config.get("quantization_config") or {}
+        return isinstance(qcfg, dict) and qcfg.get("quant_method") == "compressed-tensors"
+
+    def open(self, source):
+        return CompressedTensorsReader(source)
+
+
+class CompressedTensorsReader(CheckpointReader):
+    """Reads what q, llm-compressor or compressed-tensors itself wrote."""
+
+    def __init__(self, source):
+        self.source = source
+        qcfg = source.config["quantization_config"]
+        if qcfg.get("quantization_status", "compressed") != "compressed":
+            raise CheckpointError(
+                f"{source.path}: quantization_status is '{qcfg.get('quantization_status')}', "
+                "not 'compressed'; the weights are not stored quantized"
+            )
+        self.groups = list((qcfg.get("config_groups") or {}).values())
+        self.skipped = list(qcfg.get("ignore") or [])
+        self.orig_dtype = model_dtype(source.config)
+        self.modules = {}
+        for name in source.names():
+            if name.endswith(".weight_packed"):
+                module = name[: -len(".weight_packed")]
+                extra = [f"{module}.weight_scale", f"{module}.weight_shape"]
+                zp = f"{module}.weight_zero_point"
+                self.modules[module] = [name, *extra] + ([zp] if zp in source.tensors else [])
+            elif name.endswith(".weight_scale"):
+                module = name[: -len(".weight_scale")]
+                if f"{module}.weight" in source.tensors:
+                    self.modules[module] = [f"{module}.weight", name]
+        self.shapes = {}
+        for module, names in self.modules.items():
+            for n in names:
+                source.info(n)  # a missing companion tensor is named here, not later
+            if names[0].endswith(".weight_packed"):
+                # tiny int64[2]; read now so planning on meta tensors knows the true shape
+                self.shapes[module] = tuple(int(v) for v in source.read(names[2]).tolist())
+        self.recipe = read_recipe_file(source.path) or self._infer_recipe()
+
+    def group_for(self, module):
+        for group in self.groups:
+            targets = group.get("targets") or []
+            if any(t == "Linear" or match_pattern(t, module) for t in targets):
+                return group
+        raise CheckpointError(
+            f"{self.source.path}: no config group targets '{module}' although it has scales"
+        )
+
+    def _infer_recipe(self):
+        if not self.groups:
+            raise CheckpointError(f"{self.source.path}: compressed-tensors config has no groups")
+        w = self.groups[0].get("weights") or {}
+        inputs = self.groups[0].get("input_activations")
+        ignore = tuple(self.skipped)
+        if w.get("type") == "float":
+            strategy = w.get("strategy")
+            if strategy == "block":
+                args = {"fp8_dtype": "e4m3", "block_size": list(w.get("block_structure") or [128, 128])}
+                return QuantRecipe("fp8-block", args, ignore=ignore)
+            scheme = {"channel": "fp8-dynamic", "tensor": "fp8-tensor"}.get(strategy)
+            if scheme:
+                return QuantRecipe(scheme, {"fp8_dtype": "e4m3"}, ignore=ignore)
+        if w.get("type") == "int" and not inputs and w.get("num_bits") in (4, 8):
+            scheme = "wint4" if w["num_bits"] == 4 else "wint8"
+            return QuantRecipe(scheme, {"group_size": w.get("group_size")}, ignore=ignore)
+        if w.get("type") == "int" and inputs:
+            return QuantRecipe("w8a8-int8", {}, ignore=ignore)  # read-only until SmoothQuant
+        raise CheckpointError(f"{self.source.path}: unsupported compressed-tensors weights {w}")
+
+    def quantized_modules(self):
+        return dict(self.modules)
+
+    def decode(self, module, tensors):
+        names = self.modules[module]
+        w_args = self.group_for(module).get("weights") or {}
+        scale = tensors[f"{module}.weight_scale"]
+        if names[0].endswith(".weight_packed"):
+            bits = int(w_args.get("num_bits", 4))
+            n, k = self.shapes[module]
+            codes = unpack_int32(tensors[names[0]], bits, k, dim=1)
+            zp = tensors.get(f"{module}.weight_zero_point")
+            if zp is not None:
+                zp = unpack_int32(zp, bits, n, dim=0)
+            return QuantizedTensor(codes, scale, self._block(w_args, (n, k), scale),
+                                   self.orig_dtype, bits=bits, zero_point=zp)
+        w = tensors[names[0]]
+        if scale.dim() == 1:
+            scale = scale.reshape(-1, 1) if scale.numel() == w.shape[0] and scale.numel() > 1 \
+                else scale.reshape(1, 1)
+        return QuantizedTensor(w, scale, self._block(w_args, tuple(w.shape), scale),
+                               self.orig_dtype, bits=8)
+
+    def _block(self, w_args, shape, scale):
+        strategy = w_args.get("strategy")
+        n, k = shape
+        if strategy == "block":
+            return tuple(w_args.get("block_structure") or (128, 128))
+        if strategy == "tensor":
+            return (n, k)
+        if strategy == "group":
+            return (1, int(w_args["group_size"]))
+        if strategy == "channel":
+            return (1, k)
+        raise CheckpointError(f"{self.source.path}: unsupported weight strategy '{strategy}'")
+
+
+@q.hookimpl
+def register_formats(register):
+    register(CompressedTensorsFormat(), aliases=("vllm", "ct", "llm-compressor"))

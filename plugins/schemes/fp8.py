@@ -1,0 +1,77 @@
+"""fp8 schemes: 128x128 blocks (DeepSeek), per-channel (FP8_DYNAMIC), per-tensor.
+
+Numerics live in ``q.kernels.fp8_block`` and ``q.kernels.fp8_rowwise``; this module only
+binds options to them and describes the scheme.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+import torch
+
+import q
+from q.interfaces import Scheme
+from q.kernels.fp8_block import quantize_fp8_block
+from q.kernels.fp8_rowwise import quantize_fp8_per_channel, quantize_fp8_per_tensor
+from q.kernels.numerics import FP8_DTYPES
+from q.tensor import QuantizedTensor
+
+
+class Fp8Args(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    fp8_dtype: Literal["e4m3", "e5m2"] = "e4m3"
+
+
+class Fp8BlockArgs(Fp8Args):
+    block_size: tuple[pydantic.PositiveInt, pydantic.PositiveInt] = (128, 128)
+
+
+class Fp8BlockScheme(Scheme):
+    name = "fp8-block"
+    description = "fp8 weights in 128x128 blocks, dynamic 1x128 activation groups (DeepSeek-V3)"
+    Args = Fp8BlockArgs
+    activations = "dynamic per-token-group (1x128) fp8"
+    default_format = "hf-fp8"
+    min_sqnr_db = 28.0
+
+    def alignment(self, args):
+        return tuple(args["block_size"])
+
+    def quantize_weight(self, name, w, args, scale_dtype):
+        dtype = FP8_DTYPES[args["fp8_dtype"]]
+        block = tuple(args["block_size"])
+        qdata, scale = quantize_fp8_block(w, block, dtype, scale_dtype)
+        return QuantizedTensor(qdata, scale, block, w.dtype)
+
+
+class Fp8DynamicScheme(Scheme):
+    name = "fp8-dynamic"
+    description = "per-output-channel fp8 weights, dynamic per-token fp8 activations"
+    Args = Fp8Args
+    activations = "dynamic per-token fp8"
+    min_sqnr_db = 28.0
+
+    def quantize_weight(self, name, w, args, scale_dtype):
+        qdata, scale = quantize_fp8_per_channel(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)
+        return QuantizedTensor(qdata, scale, (1, w.shape[1]), w.dtype)
+
+
+class Fp8TensorScheme(Scheme):
+    name = "fp8-tensor"
+    description = "one fp8 scale per weight tensor, dynamic per-token activations (vLLM online fp8)"
+    Args = Fp8Args
+    activations = "dynamic per-token fp8"
+    min_sqnr_db = 25.0
+
+    def quantize_weight(self, name, w, args, scale_dtype):
+        qdata, scale = quantize_fp8_per_tensor(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)
+        return QuantizedTensor(qdata, scale, tuple(w.shape), w.dtype)
+
+
+@q.hookimpl
+def register_schemes(register):
+    register(Fp8BlockScheme(), aliases=("fp8", "blocked-fp8", "block-wise-fp8"))
+    register(Fp8DynamicScheme(), aliases=("fp8-channel", "fp8-per-channel"))
+    register(Fp8TensorScheme(), aliases=("fp8-per-tensor",))

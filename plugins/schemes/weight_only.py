@@ -1,0 +1,55 @@
+"""Weight-only symmetric integer schemes: wint8 and wint4 (FastDeploy WINT8/WINT4 numerics).
+
+Per output channel by default; ``group_size`` for group-wise scales. Activations stay in
+the model dtype and weights are dequantized inside the GEMM at run time.
+"""
+
+from __future__ import annotations
+
+import pydantic
+
+import q
+from q.interfaces import Scheme
+from q.kernels.int_weight import quantize_int_weight
+from q.tensor import QuantizedTensor
+
+
+class WeightOnlyArgs(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    group_size: pydantic.PositiveInt | None = None
+
+
+class _WeightOnlyScheme(Scheme):
+    bits: int
+    Args = WeightOnlyArgs
+
+    def alignment(self, args):
+        return (1, args["group_size"] or 1)
+
+    def quantize_weight(self, name, w, args, scale_dtype):
+        group = args["group_size"]
+        if group is not None and group >= w.shape[1]:
+            group = None  # one group spanning the row is per-channel
+        qdata, scale = quantize_int_weight(w, self.bits, group, scale_dtype)
+        block = (1, group or w.shape[1])
+        return QuantizedTensor(qdata, scale, block, w.dtype, bits=self.bits)
+
+
+class Wint8Scheme(_WeightOnlyScheme):
+    name = "wint8"
+    description = "int8 weights (per-channel or --group-size), bf16 activations (W8A16)"
+    bits = 8
+    min_sqnr_db = 38.0
+
+
+class Wint4Scheme(_WeightOnlyScheme):
+    name = "wint4"
+    description = "int4 weights (per-channel or --group-size), bf16 activations (W4A16)"
+    bits = 4
+    min_sqnr_db = 14.0
+
+
+@q.hookimpl
+def register_schemes(register):
+    register(Wint8Scheme(), aliases=("w8a16", "weight-only-int8"))
+    register(Wint4Scheme(), aliases=("w4a16", "weight-only-int4"))
