@@ -31,8 +31,14 @@ def _entry_points(load: str) -> list[tuple[md.EntryPoint, str]]:
     elif env is not None:
         wanted = {d.strip() for d in env.split(",") if d.strip()} | {DISTRIBUTION}
     found = []
+    seen_dists = set()
     for dist in md.distributions():
         dist_name = dist.metadata["Name"] or ""
+        # the same distribution can be visible twice (site-packages and a source tree's
+        # egg-info on sys.path); like importlib.metadata.entry_points, the first one wins
+        if dist_name in seen_dists:
+            continue
+        seen_dists.add(dist_name)
         if wanted is not None and dist_name not in wanted:
             continue
         for ep in dist.entry_points:
