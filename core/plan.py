@@ -89,7 +89,7 @@ class Plan:
     def counts(self) -> dict[str, int]:
         out = {"quantize": 0, "skip": 0, "copy": 0}
         for e in self.entries:
-            out[e.action] += 1
+            out[e.action] = out.get(e.action, 0) + 1
         return out
 
     def totals(self) -> tuple[int, int]:
