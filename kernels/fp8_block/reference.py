@@ -31,7 +31,7 @@ def quantize_fp8_block(
     fmax = FP8_MAX[fp8_dtype]
     wf = w.float()
     amax = blocked_amax(wf, block)
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax).to(scale_dtype)
     full = expand_blocks(scale.float(), block, tuple(w.shape))
     q = (wf / full).clamp_(-fmax, fmax).to(fp8_dtype)
     return q, scale

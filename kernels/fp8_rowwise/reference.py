@@ -15,7 +15,7 @@ from ..numerics import FP8_MAX
 
 def _quantize_with_amax(w, amax, fp8_dtype, scale_dtype):
     fmax = FP8_MAX[fp8_dtype]
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax).to(scale_dtype)
     q = (w.float() / scale.float()).clamp_(-fmax, fmax).to(fp8_dtype)
     return q, scale
 

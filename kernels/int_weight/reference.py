@@ -38,7 +38,7 @@ def quantize_int_weight(
     block = (1, k if group_size is None else group_size)
     wf = w.float()
     amax = blocked_amax(wf, block)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(scale_dtype)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax).to(scale_dtype)
     full = expand_blocks(scale.float(), block, (n, k))
     q = _round_half_away(wf / full).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
