@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .convert import DEFAULT_SHARD_BYTES, Job, plan_layout, run_jobs
+from .convert import DEFAULT_SHARD_BYTES, Job, bound_allocator_growth, plan_layout, run_jobs
 from .errors import BadTensorError, CheckpointError, IncompatibleError, OptionError
 from .plan import Plan, PlanEntry, build_entries
 from .progress import byte_progress
@@ -113,6 +113,12 @@ def _quantize_job(source, entry: PlanEntry, scheme_obj, fmt, recipe: QuantRecipe
     return Job([name], run, label=name)
 
 
+def _open(path) -> ModelSource:
+    # before any tensor work: set once, early, it keeps peak RSS flat (see the function)
+    bound_allocator_growth()
+    return ModelSource(path)
+
+
 def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dict | None = None,
          targets=("Linear",), ignore=(), ragged: str = "skip",
          shard_size: int = DEFAULT_SHARD_BYTES):
@@ -120,7 +126,7 @@ def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dic
 
     Returns (plan, context) where context holds what :func:`quantize` needs to run it.
     """
-    source = ModelSource(model)
+    source = _open(model)
     _refuse_quantized(source)
     recipe, scheme_obj, fmt = make_recipe(
         scheme, args, targets=targets, ignore=ignore, ragged=ragged, format=format,
@@ -235,7 +241,7 @@ def _conversion(source, reader, make_outputs, operation, recipe, fmt_name):
 def export(checkpoint: str | Path, format: str, output: str | Path, *, overwrite: bool = False,
            shard_size: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Result:
     """Rewrite a quantized checkpoint in another format, without re-quantizing."""
-    source = ModelSource(checkpoint)
+    source = _open(checkpoint)
     fmt_in, reader = detect_format(source)
     if reader is None:
         raise CheckpointError(
@@ -266,7 +272,7 @@ def dequantize(checkpoint: str | Path, output: str | Path, *, dtype: str | None 
                overwrite: bool = False, shard_size: int = DEFAULT_SHARD_BYTES,
                progress: bool | None = None) -> Result:
     """Write a plain HF checkpoint (bf16 by default) from any quantized checkpoint q reads."""
-    source = ModelSource(checkpoint)
+    source = _open(checkpoint)
     fmt_in, reader = detect_format(source)
     if reader is None:
         raise CheckpointError(f"{source.path} is not quantized; there is nothing to dequantize")

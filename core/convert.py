@@ -23,6 +23,23 @@ from .writer import Layout, ShardWriter, build_layout
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _DONE = object()
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def bound_allocator_growth() -> None:
+    """Serve buffers of 1 MiB and more with mmap, so freeing them returns memory to the OS.
+
+    glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB) and
+    keeps later tensor-sized buffers in per-thread heaps, where fragmentation makes peak RSS
+    grow with the number of tensors processed (measured: +144 MiB over 24 extra 4 MiB
+    tensors). A fixed threshold turns that off. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass

@@ -175,7 +175,7 @@ def test_quantize_to_compressed_tensors(tiny_llama, tmp_path):
     try:
         q.quantize(tiny_llama, SCHEME, out, format="compressed-tensors", progress=False)
     except IncompatibleError as exc:
-        # compressed-tensors maps scheme *names* it knows to its config; see contrib/README.md
+        # compressed-tensors maps scheme *names* it knows; see docs/writing-plugins.md, section 4
         if "no compressed-tensors mapping for scheme" not in str(exc):
             raise
         assert not out.exists()
