@@ -85,8 +85,11 @@ def make_recipe(scheme: str, args: dict | None = None, *, targets=("Linear",), i
     clean = scheme_obj.validate_args({k: v for k, v in (args or {}).items() if v is not None})
     if ragged not in ("skip", "quantize"):
         raise OptionError(f"--ragged must be 'skip' or 'quantize', got '{ragged}'")
-    recipe = QuantRecipe(scheme=scheme_obj.name, args=clean, targets=tuple(targets or ("Linear",)),
-                         ignore=tuple(ignore or ()), ragged=ragged)
+    storage = scheme_obj.storage(clean)
+    recipe = QuantRecipe(scheme=regs.schemes.resolve(scheme), args=clean,
+                         targets=tuple(targets or ("Linear",)), ignore=tuple(ignore or ()),
+                         ragged=ragged, weights=storage["weights"],
+                         input_activations=storage.get("input_activations"))
     fmt = regs.formats.get(format or scheme_obj.default_format)
     reason = fmt.supports(recipe)
     if reason:

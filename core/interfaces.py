@@ -54,6 +54,14 @@ class Scheme(ABC):
             )
             raise OptionError(f"scheme '{self.name}': {problems}") from None
 
+    @abstractmethod
+    def storage(self, args: dict[str, Any]) -> dict[str, Any]:
+        """How this scheme stores weights and treats activations, as data formats can map.
+
+        Returns ``{"weights": {...}, "input_activations": {...} | None}`` with the keys
+        documented on :class:`q.recipe.QuantRecipe` (compressed-tensors' vocabulary).
+        """
+
     def alignment(self, args: dict[str, Any]) -> tuple[int, int]:
         """(rows, cols) a weight must be a multiple of for portable checkpoints."""
         return (1, 1)
@@ -91,7 +99,11 @@ class Format(ABC):
 
     @abstractmethod
     def supports(self, recipe: QuantRecipe) -> str | None:
-        """None if this format can store the recipe, else the reason it cannot."""
+        """None if this format can store the recipe, else the reason it cannot.
+
+        Decide from ``recipe.weights`` / ``recipe.input_activations`` (the storage spec),
+        never from the scheme's name, so third-party schemes work with every format.
+        """
 
     def scale_dtype(self, recipe: QuantRecipe, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype this format stores scales in for ``recipe``."""

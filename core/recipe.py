@@ -28,6 +28,12 @@ class QuantRecipe:
         ragged: ``skip`` leaves Linears whose dims do not fit the scheme's blocks or groups
             in the model dtype; ``quantize`` quantizes them with ceil-div scale grids.
         scale_dtype: storage dtype of scales (chosen by the output format).
+        weights: how weights are stored, in compressed-tensors' vocabulary so every format
+            can map it without knowing scheme names: ``type`` (float/int), ``num_bits``,
+            ``strategy`` (tensor/channel/group/block), ``group_size``,
+            ``block_structure``, ``symmetric``, and ``fp8_dtype`` for floats.
+        input_activations: what the runtime does to activations (same keys plus
+            ``dynamic``), or None for weight-only schemes.
         version: recipe schema version.
     """
 
@@ -37,12 +43,15 @@ class QuantRecipe:
     ignore: tuple[str, ...] = ()
     ragged: str = "skip"
     scale_dtype: str = "float32"
+    weights: dict[str, Any] = field(default_factory=dict)
+    input_activations: dict[str, Any] | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "args", dict(self.args))
+        object.__setattr__(self, "weights", dict(self.weights))
         if self.ragged not in ("skip", "quantize"):
             raise ValueError(f"ragged must be 'skip' or 'quantize', got {self.ragged!r}")
 
@@ -81,3 +90,20 @@ class QuantRecipe:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"recipe is not valid JSON: {exc}") from None
+
+
+def weight_spec(type_: str, num_bits: int, strategy: str, *, group_size=None, block=None,
+                fp8_dtype: str | None = None) -> dict[str, Any]:
+    """A ``QuantRecipe.weights`` dict (symmetric; the only kind q's schemes produce)."""
+    spec = {"type": type_, "num_bits": num_bits, "strategy": strategy,
+            "group_size": group_size, "block_structure": list(block) if block else None,
+            "symmetric": True}
+    if type_ == "float":
+        spec["fp8_dtype"] = fp8_dtype or "e4m3"
+    return spec
+
+
+def activation_spec(type_: str, strategy: str, group_size: int | None = None) -> dict[str, Any]:
+    """A dynamic ``QuantRecipe.input_activations`` dict (8-bit)."""
+    return {"type": type_, "num_bits": 8, "strategy": strategy, "group_size": group_size,
+            "dynamic": True, "symmetric": True}

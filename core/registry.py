@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Generic, Iterator, TypeVar
 
-from .errors import DuplicateNameError, UnknownNameError
+from .errors import DuplicateNameError, PluginLoadError, QError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -91,5 +91,13 @@ class Registries:
                 def register(obj, aliases=(), _owner=owner, _registry=registry):
                     _registry.add(obj, _owner, aliases)
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except QError:
+                    raise
+                except Exception as exc:  # a plugin's own bug must name the plugin
+                    raise PluginLoadError(
+                        f"plugin '{owner}' failed in {hook_name}: {type(exc).__name__}: {exc}. "
+                        "Fix or uninstall it, or skip it with Q_LOAD_PLUGINS"
+                    ) from exc
         return regs

@@ -186,3 +186,14 @@ def test_import_q_stays_light():
             "'transformers') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_plugin_that_raises_while_registering_names_itself():
+    class Buggy:
+        @q.hookimpl
+        def register_schemes(self, register):
+            raise TypeError("Can't instantiate abstract class")
+
+    pm = make_plugin_manager(load="builtin", extra=[("buggy-plugin", Buggy())])
+    with pytest.raises(PluginLoadError, match="plugin 'buggy-plugin' failed in register_schemes"):
+        Registries.from_pm(pm)

@@ -27,19 +27,40 @@ from q.source import model_dtype, read_recipe_file
 from q.tensor import QuantizedTensor
 
 CT_VERSION = "0.17.0"  # the compressed-tensors version vLLM 0.33 pins; configs validate there
-FP8_SCHEMES = {"fp8-block": "block", "fp8-dynamic": "channel", "fp8-tensor": "tensor"}
-INT_SCHEMES = {"wint8": 8, "wint4": 4}
+CT_ARG_KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
 
 
-def _args(num_bits, type_, strategy, *, group_size=None, block=None, dynamic=False,
-          symmetric=True, scale_dtype=None):
-    args = {"num_bits": num_bits, "type": type_, "symmetric": symmetric,
-            "strategy": strategy, "group_size": group_size, "dynamic": dynamic}
-    if block is not None:
-        args["block_structure"] = list(block)
+def ct_args(spec: dict | None, scale_dtype: str | None = None) -> dict | None:
+    """q's storage spec -> compressed-tensors QuantizationArgs JSON (only keys ct knows)."""
+    if spec is None:
+        return None
+    args = {k: spec.get(k) for k in CT_ARG_KEYS}
+    args["dynamic"] = bool(spec.get("dynamic", False))
+    if spec.get("block_structure"):
+        args["block_structure"] = list(spec["block_structure"])
     if scale_dtype is not None:
         args["scale_dtype"] = f"torch.{scale_dtype}"
     return args
+
+
+def ct_format_of(recipe) -> tuple[str | None, str]:
+    """(compressed-tensors compressor format, or None) and the reason when None."""
+    w, acts = recipe.weights, recipe.input_activations
+    if w.get("type") == "float":
+        if w.get("num_bits") != 8 or w.get("fp8_dtype", "e4m3") != "e4m3":
+            return None, "compressed-tensors stores fp8 as e4m3 only; drop --fp8-dtype e5m2"
+        if w.get("strategy") not in ("tensor", "channel", "block"):
+            return None, f"no compressed-tensors layout for fp8 per {w.get('strategy')}"
+        return "float-quantized", ""
+    if w.get("type") == "int":
+        if not w.get("symmetric", True):
+            return None, "q writes symmetric integer weights only"
+        if w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("channel", "group"):
+            return None, f"no layout for int{w.get('num_bits')} per {w.get('strategy')}"
+        if acts is None:
+            return "pack-quantized", ""
+        return None, "int8 weights with quantized activations (W8A8) are not written yet"
+    return None, f"unknown weight type {w.get('type')!r} in recipe '{recipe.scheme}'"
 
 
 class CompressedTensorsFormat(Format):
@@ -47,13 +68,8 @@ class CompressedTensorsFormat(Format):
     description = "vLLM / llm-compressor compressed-tensors (float-quantized, pack-quantized)"
 
     def supports(self, recipe):
-        if recipe.scheme in FP8_SCHEMES:
-            if recipe.args.get("fp8_dtype", "e4m3") != "e4m3":
-                return "compressed-tensors stores fp8 as e4m3 only; drop --fp8-dtype e5m2"
-            return None
-        if recipe.scheme in INT_SCHEMES:
-            return None
-        return f"no compressed-tensors mapping for scheme '{recipe.scheme}'"
+        fmt, reason = ct_format_of(recipe)
+        return None if fmt else reason
 
     def scale_dtype(self, recipe, model_dtype_):
         return model_dtype_
@@ -70,28 +86,15 @@ class CompressedTensorsFormat(Format):
                                                    device=qt.qdata.device),
         }
 
-    def _weights_and_inputs(self, recipe, scale_dtype):
-        args = recipe.args
-        if recipe.scheme == "fp8-block":
-            block = list(args.get("block_size", (128, 128)))
-            weights = _args(8, "float", "block", block=block, scale_dtype=scale_dtype)
-            inputs = _args(8, "float", "group", group_size=block[1], dynamic=True)
-            return weights, inputs, "float-quantized"
-        if recipe.scheme in FP8_SCHEMES:
-            weights = _args(8, "float", FP8_SCHEMES[recipe.scheme], scale_dtype=scale_dtype)
-            return weights, _args(8, "float", "token", dynamic=True), "float-quantized"
-        group = args.get("group_size")
-        strategy = "group" if group else "channel"
-        weights = _args(INT_SCHEMES[recipe.scheme], "int", strategy, group_size=group,
-                        scale_dtype=scale_dtype)
-        return weights, None, "pack-quantized"
-
     def quantization_config(self, recipe, skipped, model_config):
+        fmt, reason = ct_format_of(recipe)
+        if fmt is None:
+            raise CheckpointError(reason)
         stored = recipe.scale_dtype
         default = str(model_dtype(model_config)).removeprefix("torch.")
-        weights, inputs, fmt = self._weights_and_inputs(
-            recipe, None if stored == default else stored)
-        group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+        weights = ct_args(recipe.weights, None if stored == default else stored)
+        group = {"targets": ["Linear"], "weights": weights,
+                 "input_activations": ct_args(recipe.input_activations),
                  "output_activations": None, "format": fmt}
         return {
             "config_groups": {"group_0": group}, "format": fmt,
@@ -156,23 +159,26 @@ class CompressedTensorsReader(CheckpointReader):
     def _infer_recipe(self):
         if not self.groups:
             raise CheckpointError(f"{self.source.path}: compressed-tensors config has no groups")
-        w = self.groups[0].get("weights") or {}
-        inputs = self.groups[0].get("input_activations")
-        ignore = tuple(self.skipped)
-        if w.get("type") == "float":
-            strategy = w.get("strategy")
+        w = dict(self.groups[0].get("weights") or {})
+        acts = self.groups[0].get("input_activations")
+        spec = {k: w.get(k) for k in (*CT_ARG_KEYS, "block_structure")}
+        spec["symmetric"] = w.get("symmetric", True)
+        if spec["type"] == "float":
+            spec["fp8_dtype"] = "e4m3"
+        act_spec = {k: acts.get(k) for k in CT_ARG_KEYS} if acts else None
+        strategy, bits = spec.get("strategy"), spec.get("num_bits")
+        if spec["type"] == "float":
+            scheme = {"block": "fp8-block", "channel": "fp8-dynamic", "tensor": "fp8-tensor"}.get(
+                strategy, f"fp8-{strategy}")
+            args = {"fp8_dtype": "e4m3"}
             if strategy == "block":
-                args = {"fp8_dtype": "e4m3", "block_size": list(w.get("block_structure") or [128, 128])}
-                return QuantRecipe("fp8-block", args, ignore=ignore)
-            scheme = {"channel": "fp8-dynamic", "tensor": "fp8-tensor"}.get(strategy)
-            if scheme:
-                return QuantRecipe(scheme, {"fp8_dtype": "e4m3"}, ignore=ignore)
-        if w.get("type") == "int" and not inputs and w.get("num_bits") in (4, 8):
-            scheme = "wint4" if w["num_bits"] == 4 else "wint8"
-            return QuantRecipe(scheme, {"group_size": w.get("group_size")}, ignore=ignore)
-        if w.get("type") == "int" and inputs:
-            return QuantRecipe("w8a8-int8", {}, ignore=ignore)  # read-only until SmoothQuant
-        raise CheckpointError(f"{self.source.path}: unsupported compressed-tensors weights {w}")
+                args["block_size"] = list(spec.get("block_structure") or [128, 128])
+        elif act_spec is None:
+            scheme, args = f"wint{bits}", {"group_size": spec.get("group_size")}
+        else:
+            scheme, args = f"w{bits}a{act_spec.get('num_bits')}-int", {}
+        return QuantRecipe(scheme, args, ignore=tuple(self.skipped), weights=spec,
+                           input_activations=act_spec)
 
     def quantized_modules(self):
         return dict(self.modules)

@@ -17,7 +17,7 @@ import q
 from q.errors import CheckpointError
 from q.interfaces import CheckpointReader, Format
 from q.kernels.numerics import ceil_div
-from q.recipe import QuantRecipe
+from q.recipe import QuantRecipe, activation_spec, weight_spec
 from q.source import model_dtype, read_recipe_file
 from q.tensor import QuantizedTensor
 
@@ -31,9 +31,11 @@ class HfFp8Format(Format):
     description = "HF/DeepSeek fine-grained FP8: weight + weight_scale_inv, quant_method fp8"
 
     def supports(self, recipe):
-        if recipe.scheme != "fp8-block":
+        w = recipe.weights
+        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") != "block":
             return (
-                f"hf-fp8 stores 128x128 block fp8 only, not '{recipe.scheme}'; use "
+                f"hf-fp8 stores 128x128 block fp8 only, not '{recipe.scheme}' "
+                f"({w.get('type')}{w.get('num_bits')} per {w.get('strategy')}); use "
                 "--format compressed-tensors (alias vllm)"
             )
         return None
@@ -45,9 +47,9 @@ class HfFp8Format(Format):
         skip = list(dict.fromkeys([*skipped, "lm_head"]))
         return {
             "quant_method": "fp8",
-            "fmt": recipe.args.get("fp8_dtype", "e4m3"),
+            "fmt": recipe.weights.get("fp8_dtype", "e4m3"),
             "activation_scheme": "dynamic",
-            "weight_block_size": list(recipe.args.get("block_size", (128, 128))),
+            "weight_block_size": list(recipe.weights.get("block_structure") or (128, 128)),
             "modules_to_not_convert": skip,
         }
 
@@ -82,12 +84,18 @@ class HfFp8Reader(CheckpointReader):
         fmt = qcfg.get("fmt", "e4m3")
         if fmt not in FMT_NAMES:
             fmt = "e4m3"
+        ignore = tuple(self.skipped)
         if self.block is None and any(n.endswith(TENSOR_SCALE) for m in self.modules.values()
                                       for n in m):
-            return QuantRecipe("fp8-tensor", {"fp8_dtype": fmt}, ignore=tuple(self.skipped))
+            static = qcfg.get("activation_scheme") == "static"
+            acts = None if static else activation_spec("float", "token")
+            return QuantRecipe("fp8-tensor", {"fp8_dtype": fmt}, ignore=ignore,
+                               weights=weight_spec("float", 8, "tensor", fp8_dtype=fmt),
+                               input_activations=acts)
         block = list(self.block or (128, 128))
-        return QuantRecipe("fp8-block", {"fp8_dtype": fmt, "block_size": block},
-                           ignore=tuple(self.skipped))
+        return QuantRecipe("fp8-block", {"fp8_dtype": fmt, "block_size": block}, ignore=ignore,
+                           weights=weight_spec("float", 8, "block", block=block, fp8_dtype=fmt),
+                           input_activations=activation_spec("float", "group", block[1]))
 
     def quantized_modules(self):
         return dict(self.modules)

@@ -16,6 +16,7 @@ from q.interfaces import Scheme
 from q.kernels.fp8_block import quantize_fp8_block
 from q.kernels.fp8_rowwise import quantize_fp8_per_channel, quantize_fp8_per_tensor
 from q.kernels.numerics import FP8_DTYPES
+from q.recipe import activation_spec, weight_spec
 from q.tensor import QuantizedTensor
 
 
@@ -39,6 +40,12 @@ class Fp8BlockScheme(Scheme):
     def alignment(self, args):
         return tuple(args["block_size"])
 
+    def storage(self, args):
+        block = list(args["block_size"])
+        return {"weights": weight_spec("float", 8, "block", block=block,
+                                       fp8_dtype=args["fp8_dtype"]),
+                "input_activations": activation_spec("float", "group", block[1])}
+
     def quantize_weight(self, name, w, args, scale_dtype):
         dtype = FP8_DTYPES[args["fp8_dtype"]]
         block = tuple(args["block_size"])
@@ -53,6 +60,10 @@ class Fp8DynamicScheme(Scheme):
     activations = "dynamic per-token fp8"
     min_sqnr_db = 28.0
 
+    def storage(self, args):
+        return {"weights": weight_spec("float", 8, "channel", fp8_dtype=args["fp8_dtype"]),
+                "input_activations": activation_spec("float", "token")}
+
     def quantize_weight(self, name, w, args, scale_dtype):
         qdata, scale = quantize_fp8_per_channel(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)
         return QuantizedTensor(qdata, scale, (1, w.shape[1]), w.dtype)
@@ -64,6 +75,10 @@ class Fp8TensorScheme(Scheme):
     Args = Fp8Args
     activations = "dynamic per-token fp8"
     min_sqnr_db = 25.0
+
+    def storage(self, args):
+        return {"weights": weight_spec("float", 8, "tensor", fp8_dtype=args["fp8_dtype"]),
+                "input_activations": activation_spec("float", "token")}
 
     def quantize_weight(self, name, w, args, scale_dtype):
         qdata, scale = quantize_fp8_per_tensor(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)

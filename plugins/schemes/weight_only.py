@@ -11,6 +11,7 @@ import pydantic
 import q
 from q.interfaces import Scheme
 from q.kernels.int_weight import quantize_int_weight
+from q.recipe import weight_spec
 from q.tensor import QuantizedTensor
 
 
@@ -25,6 +26,12 @@ class _WeightOnlyScheme(Scheme):
 
     def alignment(self, args):
         return (1, args["group_size"] or 1)
+
+    def storage(self, args):
+        group = args["group_size"]
+        strategy = "group" if group else "channel"
+        return {"weights": weight_spec("int", self.bits, strategy, group_size=group),
+                "input_activations": None}
 
     def quantize_weight(self, name, w, args, scale_dtype):
         group = args["group_size"]

@@ -18,6 +18,7 @@ import torch
 
 import q
 from q.interfaces import Scheme
+from q.recipe import weight_spec
 from q.tensor import QuantizedTensor
 
 QMAX = 127  # symmetric int8: codes in [-127, 127]; -128 is never produced
@@ -42,6 +43,14 @@ class RowmaxInt8Scheme(Scheme):
     activations = "none (weight-only)"
     default_format = "compressed-tensors"  # what `q quantize` writes without --format
     min_sqnr_db = 38.0  # the SQNR this scheme promises on Gaussian weights (see the tests)
+
+    def storage(self, args):
+        """What the output looks like, as data: formats map this, never the scheme's name.
+
+        int8, one scale per output channel, activations untouched: compressed-tensors
+        writes it as ``pack-quantized`` W8A16, which vLLM and transformers load.
+        """
+        return {"weights": weight_spec("int", 8, "channel"), "input_activations": None}
 
     def quantize_weight(self, name, w, args, scale_dtype):
         """``w`` ``[N, K]`` -> int8 codes ``[N, K]`` and scales ``[N, 1]``, ``w ~= codes * scale``.
