@@ -33,6 +33,19 @@ def parse_block(text: str | None):
     return sizes * 2 if len(sizes) == 1 else sizes
 
 
+def parse_extra_args(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OptionError(f"--arg expects KEY=VALUE, got '{pair}'")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 def add_commands(cli: click.Group) -> None:
     @cli.command()
     @click.argument("model", type=click.Path(file_okay=False))
@@ -47,6 +60,9 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--fp8-dtype", "--quant-dtype", "fp8_dtype",
                   type=click.Choice(["e4m3", "e5m2", "fp8", "float8_e4m3fn", "float8_e5m2"]),
                   help="fp8 storage type (default e4m3)")
+    @click.option("--arg", "extra_args", multiple=True, metavar="KEY=VALUE",
+                  help="a scheme option without its own flag (plugin schemes); VALUE is JSON "
+                  "or a plain string (repeatable)")
     @click.option("--ignore", multiple=True, help="module to keep in bf16: exact name, glob "
                   "or re:REGEX (repeatable)")
     @click.option("--targets", multiple=True, help="modules to quantize (default: every "
@@ -60,8 +76,8 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--shard-size", default="5GB", show_default=True, help="max shard size")
     @click.option("--progress/--no-progress", default=None, help="progress bar (default: on "
                   "a terminal)")
-    def quantize(model, scheme, output, fmt, group_size, block_size, fp8_dtype, ignore, targets,
-                 ragged, dry_run, as_json, overwrite, shard_size, progress):
+    def quantize(model, scheme, output, fmt, group_size, block_size, fp8_dtype, extra_args,
+                 ignore, targets, ragged, dry_run, as_json, overwrite, shard_size, progress):
         """Quantize MODEL (an HF directory with safetensors) into OUTPUT.
 
         \b
@@ -75,7 +91,7 @@ def add_commands(cli: click.Group) -> None:
         dtype = {"fp8": "e4m3", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}.get(
             fp8_dtype, fp8_dtype)
         args = {"group_size": group_size, "block_size": parse_block(block_size),
-                "fp8_dtype": dtype}
+                "fp8_dtype": dtype, **parse_extra_args(extra_args)}
         common = dict(format=fmt, args=args, targets=targets or ("Linear",), ignore=ignore,
                       ragged=ragged, shard_size=parse_size(shard_size))
         the_plan, _ = api.plan(model, scheme, **common)
@@ -91,6 +107,11 @@ def add_commands(cli: click.Group) -> None:
             out.print(plan_summary(the_plan))
             return
         out.print(plan_summary(the_plan))
+        if the_plan.counts()["quantize"] == 0:
+            click.secho("warning: the plan quantizes no Linear (see the reasons above); the "
+                        "output will hold the model unchanged. For dims that are not multiples "
+                        "of the block/group, try --ragged quantize or another scheme.",
+                        fg="yellow", err=True)
         result = api.quantize(model, scheme, output, overwrite=overwrite, progress=progress,
                               **common)
         total_in, total_out = result.plan.totals()
