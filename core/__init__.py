@@ -4,6 +4,7 @@ The public API. ``import q`` stays light: it never imports triton, vllm, fastapi
 transformers' model code.
 """
 
+from .api import dequantize, detect_format, execute, export, inspect, plan, quantize
 from .hookspecs import hookimpl
 from .recipe import QuantRecipe
 from .tensor import QuantizedTensor
@@ -11,17 +12,12 @@ from .tensor import QuantizedTensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "hookimpl", "QuantRecipe", "QuantizedTensor", "quantize", "plan", "export", "dequantize",
-    "inspect", "default_model", "__version__",
+    "hookimpl", "QuantRecipe", "QuantizedTensor", "quantize", "plan", "execute", "export",
+    "dequantize", "inspect", "detect_format", "default_model", "__version__",
 ]
 
 
 def __getattr__(name):
-    # API functions load on first use so `import q` does not pull in the pipeline.
-    if name in ("quantize", "plan", "export", "dequantize", "inspect", "detect_format"):
-        from . import api
-
-        return getattr(api, name)
     if name == "default_model":
         from .default_model import default_model
 

@@ -19,7 +19,7 @@ import torch
 
 from .convert import DEFAULT_SHARD_BYTES, Job, bound_allocator_growth, plan_layout, run_jobs
 from .errors import BadTensorError, CheckpointError, IncompatibleError, OptionError
-from .plan import Plan, PlanEntry, build_entries
+from .planning import Plan, PlanEntry, build_entries
 from .progress import byte_progress
 from .recipe import RECIPE_FILE, QuantRecipe
 from .source import ModelSource, model_dtype
@@ -127,7 +127,7 @@ def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dic
          shard_size: int = DEFAULT_SHARD_BYTES):
     """Build the plan (every tensor's decision and output sizes) without writing anything.
 
-    Returns (plan, context) where context holds what :func:`quantize` needs to run it.
+    The returned Plan can be executed with :func:`execute` (``q quantize`` prints it first).
     """
     source = _open(model)
     _refuse_quantized(source)
@@ -140,10 +140,10 @@ def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dic
         else Job([e.name], None, label=e.name, copy=True)
         for e in entries
     ]
-    the_plan = Plan(recipe=recipe, format=fmt.name, entries=entries)
     layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
     _fill_outputs(entries, metas)
-    return the_plan, (source, fmt, jobs, layout)
+    return Plan(recipe=recipe, format=fmt.name, entries=entries,
+                context=(source, fmt, jobs, layout))
 
 
 def _fill_outputs(entries, metas):
@@ -169,9 +169,15 @@ def quantize(model: str | Path, scheme: str, output: str | Path, *, format: str 
              overwrite: bool = False, shard_size: int = DEFAULT_SHARD_BYTES,
              progress: bool | None = None) -> Result:
     """Quantize ``model`` with ``scheme`` into ``output`` (streaming, atomic)."""
-    the_plan, (source, fmt, jobs, layout) = plan(
-        model, scheme, format=format, args=args, targets=targets, ignore=ignore,
-        ragged=ragged, shard_size=shard_size)
+    the_plan = plan(model, scheme, format=format, args=args, targets=targets, ignore=ignore,
+                    ragged=ragged, shard_size=shard_size)
+    return execute(the_plan, output, overwrite=overwrite, progress=progress)
+
+
+def execute(the_plan: Plan, output: str | Path, *, overwrite: bool = False,
+            progress: bool | None = None) -> Result:
+    """Run a plan made by :func:`plan` into ``output``."""
+    source, fmt, jobs, layout = the_plan.context
     qcfg = fmt.quantization_config(the_plan.recipe, the_plan.skipped_modules, source.config)
     config = {**source.config, "quantization_config": qcfg}
     manifest = _manifest(source, the_plan, "quantize")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from q.plan import build_entries, match_pattern
+from q.planning import build_entries, match_pattern
 from q.recipe import QuantRecipe
 
 

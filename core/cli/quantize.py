@@ -94,7 +94,7 @@ def add_commands(cli: click.Group) -> None:
                 "fp8_dtype": dtype, **parse_extra_args(extra_args)}
         common = dict(format=fmt, args=args, targets=targets or ("Linear",), ignore=ignore,
                       ragged=ragged, shard_size=parse_size(shard_size))
-        the_plan, _ = api.plan(model, scheme, **common)
+        the_plan = api.plan(model, scheme, **common)
         out = console()
         if dry_run:
             if as_json:
@@ -112,8 +112,7 @@ def add_commands(cli: click.Group) -> None:
                         "output will hold the model unchanged. For dims that are not multiples "
                         "of the block/group, try --ragged quantize or another scheme.",
                         fg="yellow", err=True)
-        result = api.quantize(model, scheme, output, overwrite=overwrite, progress=progress,
-                              **common)
+        result = api.execute(the_plan, output, overwrite=overwrite, progress=progress)
         total_in, total_out = result.plan.totals()
         click.echo(f"wrote {result.output} ({human(total_out)} from {human(total_in)}, "
                    f"format {result.plan.format})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .recipe import QuantRecipe
 
@@ -80,6 +81,8 @@ class Plan:
     recipe: QuantRecipe
     format: str
     entries: list[PlanEntry]
+    # what executing the plan needs (source, format, jobs, output layout); set by q.plan()
+    context: Any = field(default=None, repr=False, compare=False)
 
     @property
     def skipped_modules(self) -> list[str]:
