@@ -14,27 +14,47 @@ FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in FP8_DTYPES.values()
 # (-128 / -8) is never produced, so the values are symmetric around zero.
 INT_QMAX = {8: 127, 4: 7}
 
+# Rows processed at once. A stripe of 128 rows x 8K columns in fp32 is 4 MiB: every pass of
+# a quantizer over it stays in cache instead of streaming the whole weight through memory
+# once per elementwise op (measured 3-5x faster on a 2-core CPU than whole-tensor ops).
+STRIPE_ELEMENTS = 1 << 20
+
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def blocked_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Max |x| over each (bn, bk) tile of a 2-D tensor; ragged edge tiles use only real values.
+def stripe_rows(n_rows: int, n_cols: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of about STRIPE_ELEMENTS elements, each a multiple of ``multiple`` rows."""
+    rows = max(multiple, (STRIPE_ELEMENTS // max(n_cols, 1)) // multiple * multiple)
+    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
 
-    Zero padding never raises a tile's amax, so padding to the grid and reducing equals a
-    reduction over the real elements only (the DeepSeek / compressed-tensors rule).
-    Reads N*K elements, writes ceil(N/bn)*ceil(K/bk).
+
+def padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 copy of a 2-D tensor as a (rows/bn, bn, cols/bk, bk) view, zero-padded if ragged.
+
+    Zero padding never raises a tile's amax, so it equals a reduction over real elements
+    only (the DeepSeek / compressed-tensors rule).
     """
     n, k = x.shape
     bn, bk = block
     gn, gk = ceil_div(n, bn), ceil_div(k, bk)
-    ax = x.abs()
     if n % bn or k % bk:
-        padded = ax.new_zeros((gn * bn, gk * bk))
-        padded[:n, :k] = ax
-        ax = padded
-    return ax.reshape(gn, bn, gk, bk).amax(dim=(1, 3))
+        out = torch.zeros((gn * bn, gk * bk), dtype=torch.float32, device=x.device)
+        out[:n, :k] = x
+    else:
+        out = x.float() if x.dtype != torch.float32 else x.clone()
+    return out.view(gn, bn, gk, bk)
+
+
+def block_amax(v: torch.Tensor) -> torch.Tensor:
+    """Max |x| per tile of a (gn, bn, gk, bk) view, without allocating |x|; NaN propagates."""
+    return torch.maximum(v.amax(dim=(1, 3)), v.amin(dim=(1, 3)).neg())
+
+
+def blocked_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Max |x| over each (bn, bk) tile of a 2-D tensor; ragged edge tiles use real values."""
+    return block_amax(padded_blocks(x, block))
 
 
 def expand_blocks(scale: torch.Tensor, block: tuple[int, ...], shape: tuple[int, ...]):
@@ -45,3 +65,12 @@ def expand_blocks(scale: torch.Tensor, block: tuple[int, ...], shape: tuple[int,
             out = out.repeat_interleave(size, dim=dim)
     slices = tuple(slice(0, s) for s in shape)
     return out[slices]
+
+
+def unit_scale_for_zero(amax: torch.Tensor, qmax: float, scale_dtype: torch.dtype):
+    """``amax / qmax`` rounded to ``scale_dtype``; all-zero blocks get 1 (exact round trip).
+
+    Tests ``amax == 0`` rather than ``amax > 0`` so NaN and Inf reach the scale, where the
+    pipeline detects them and refuses the tensor.
+    """
+    return torch.where(amax == 0, torch.ones_like(amax), amax / qmax).to(scale_dtype)

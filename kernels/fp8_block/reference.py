@@ -8,13 +8,16 @@ tiles get scale 1 (transformers' rule) so that dequantization stays exact.
 
 The scale is rounded to its storage dtype *before* dividing, so the stored (q, s) pair
 dequantizes to exactly what was quantized, whatever dtype a format stores scales in.
+Work proceeds in row stripes of whole tiles so every pass stays in cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..numerics import FP8_MAX, blocked_amax, ceil_div, expand_blocks
+from ..numerics import (
+    FP8_MAX, block_amax, ceil_div, expand_blocks, padded_blocks, stripe_rows, unit_scale_for_zero,
+)
 
 
 def quantize_fp8_block(
@@ -29,11 +32,16 @@ def quantize_fp8_block(
     ``[ceil(N/bn), ceil(K/bk)]`` in ``scale_dtype``.
     """
     fmax = FP8_MAX[fp8_dtype]
-    wf = w.float()
-    amax = blocked_amax(wf, block)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax).to(scale_dtype)
-    full = expand_blocks(scale.float(), block, tuple(w.shape))
-    q = (wf / full).clamp_(-fmax, fmax).to(fp8_dtype)
+    n, k = w.shape
+    bn, bk = block
+    q = torch.empty((n, k), dtype=fp8_dtype, device=w.device)
+    scale = torch.empty((ceil_div(n, bn), ceil_div(k, bk)), dtype=scale_dtype, device=w.device)
+    for r0, r1 in stripe_rows(n, k, bn):
+        v = padded_blocks(w[r0:r1], block)  # our own fp32 copy: divided in place below
+        s = unit_scale_for_zero(block_amax(v), fmax, scale_dtype)
+        scale[r0 // bn: ceil_div(r1, bn)] = s
+        v.div_(s.float()[:, None, :, None]).clamp_(-fmax, fmax)
+        q[r0:r1] = v.reshape(v.shape[0] * bn, -1)[: r1 - r0, :k]
     return q, scale
 
 

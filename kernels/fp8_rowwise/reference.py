@@ -3,21 +3,32 @@
 Per channel (llm-compressor FP8_DYNAMIC, vLLM ``fp8_per_channel``): one scale per output row
 ``s_n = amax(|W[n, :]|) / FP8_MAX``. Per tensor (vLLM online ``fp8_per_tensor``): one scale
 ``amax(|W|) / FP8_MAX``. Scales multiply and are rounded to their storage dtype before use.
-Zero rows (or an all-zero tensor) get scale 1.
+Zero rows (or an all-zero tensor) get scale 1. Work proceeds in row stripes (cache-sized).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..numerics import FP8_MAX
+from ..numerics import FP8_MAX, stripe_rows, unit_scale_for_zero
 
 
-def _quantize_with_amax(w, amax, fp8_dtype, scale_dtype):
+def _abs_max(x: torch.Tensor, dim=None) -> torch.Tensor:
+    # exact on bf16 too (max of values); NaN propagates
+    if dim is None:
+        return torch.maximum(x.amax(), x.amin().neg())
+    return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
+
+
+def _quantize_rows(w, scale_of_rows, fp8_dtype):
+    """Divide each stripe by its rows' scales (fp32, in place), clamp, cast to fp8."""
     fmax = FP8_MAX[fp8_dtype]
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax).to(scale_dtype)
-    q = (w.float() / scale.float()).clamp_(-fmax, fmax).to(fp8_dtype)
-    return q, scale
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=fp8_dtype, device=w.device)
+    for r0, r1 in stripe_rows(n, k):
+        wf = w[r0:r1].float() if w.dtype != torch.float32 else w[r0:r1].clone()
+        q[r0:r1] = wf.div_(scale_of_rows(r0, r1)).clamp_(-fmax, fmax)
+    return q
 
 
 def quantize_fp8_per_channel(
@@ -26,8 +37,10 @@ def quantize_fp8_per_channel(
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` -> fp8 ``[N, K]`` and scale ``[N, 1]``."""
-    amax = w.float().abs().amax(dim=1, keepdim=True)
-    return _quantize_with_amax(w, amax, fp8_dtype, scale_dtype)
+    amax = _abs_max(w, dim=1).float()
+    scale = unit_scale_for_zero(amax, FP8_MAX[fp8_dtype], scale_dtype)
+    scale_f = scale.float()
+    return _quantize_rows(w, lambda r0, r1: scale_f[r0:r1], fp8_dtype), scale
 
 
 def quantize_fp8_per_tensor(
@@ -36,8 +49,10 @@ def quantize_fp8_per_tensor(
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` -> fp8 ``[N, K]`` and scale ``[1, 1]``."""
-    amax = w.float().abs().amax().reshape(1, 1)
-    return _quantize_with_amax(w, amax, fp8_dtype, scale_dtype)
+    amax = _abs_max(w).float().reshape(1, 1)
+    scale = unit_scale_for_zero(amax, FP8_MAX[fp8_dtype], scale_dtype)
+    scale_f = scale.float()
+    return _quantize_rows(w, lambda r0, r1: scale_f, fp8_dtype), scale
 
 
 def dequantize_fp8_rowwise(

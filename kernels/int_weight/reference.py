@@ -7,18 +7,22 @@ are rounded to their storage dtype before dividing. All-zero rows/groups get sca
 
 Group-wise with ``K % group_size != 0``: the last group is ragged and takes amax over its
 real columns (scale grid ``[N, ceil(K / g)]``). Formats that cannot store this refuse it.
+Work proceeds in row stripes (cache-sized).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..numerics import INT_QMAX, blocked_amax, expand_blocks
+from ..numerics import (
+    INT_QMAX, block_amax, ceil_div, expand_blocks, padded_blocks, stripe_rows, unit_scale_for_zero,
+)
 
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    # torch.round is half-to-even; Paddle/C round() is half away from zero.
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+def _round_half_away_(x: torch.Tensor) -> torch.Tensor:
+    """In place: torch.round is half-to-even; Paddle/C round() is half away from zero."""
+    sign = x.sign()
+    return x.abs_().add_(0.5).floor_().mul_(sign)
 
 
 def quantize_int_weight(
@@ -36,11 +40,14 @@ def quantize_int_weight(
     qmax = INT_QMAX[bits]
     n, k = w.shape
     block = (1, k if group_size is None else group_size)
-    wf = w.float()
-    amax = blocked_amax(wf, block)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / qmax).to(scale_dtype)
-    full = expand_blocks(scale.float(), block, (n, k))
-    q = _round_half_away(wf / full).clamp_(-qmax, qmax).to(torch.int8)
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scale = torch.empty((n, ceil_div(k, block[1])), dtype=scale_dtype, device=w.device)
+    for r0, r1 in stripe_rows(n, k):
+        v = padded_blocks(w[r0:r1], block)  # (rows, 1, groups, g), our own fp32 copy
+        s = unit_scale_for_zero(block_amax(v), qmax, scale_dtype)
+        scale[r0:r1] = s
+        _round_half_away_(v.div_(s.float()[:, None, :, None])).clamp_(-qmax, qmax)
+        q[r0:r1] = v.reshape(r1 - r0, -1)[:, :k]
     return q, scale
 
 
