@@ -19,7 +19,7 @@ __all__ = [
 
 def __getattr__(name):
     if name == "default_model":
-        from .default_model import default_model
+        from .embedded import default_model
 
         return default_model
     raise AttributeError(f"module 'q' has no attribute {name!r}")

