@@ -21,7 +21,7 @@ import q
 from q.errors import CheckpointError
 from q.interfaces import CheckpointReader, Format
 from q.kernels.packing import pack_int32, unpack_int32
-from q.plan import match_pattern
+from q.planning import match_pattern
 from q.recipe import QuantRecipe
 from q.source import model_dtype, read_recipe_file
 from q.tensor import QuantizedTensor
