@@ -172,10 +172,11 @@ class ModelSource:
         info = self.info(name)
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a fresh CPU buffer (no mmap)."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into a CPU buffer (no mmap): ``buffer`` (uint8, reused) or a new one."""
         info = self.info(name)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else \
+            buffer[: info.nbytes]
         try:
             fd = os.open(info.file, os.O_RDONLY)
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import FP8_MAX, stripe_rows, unit_scale_for_zero
+from ..numerics import FP8_MAX, _scratch_fp32, stripe_rows, unit_scale_for_zero
 
 
 def _abs_max(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _quantize_rows(w, scale_of_rows, fp8_dtype):
     if w.device.type == "meta":  # planning: shapes only
         return q
     for r0, r1 in stripe_rows(n, k):
-        wf = w[r0:r1].float() if w.dtype != torch.float32 else w[r0:r1].clone()
+        wf = _scratch_fp32((r1 - r0) * k, w.device).view(r1 - r0, k).copy_(w[r0:r1])
         q[r0:r1] = wf.div_(scale_of_rows(r0, r1)).clamp_(-fmax, fmax)
     return q
 
