@@ -22,7 +22,8 @@ Tools:
   q          /work/venv/bin/q quantize MODEL --scheme S -o OUT --overwrite --no-progress
   llmc       llm-compressor oneshot(model=..., recipe=QuantizationModifier(targets="Linear",
              scheme="FP8_BLOCK"|"FP8_DYNAMIC", ignore=["lm_head"]), output_dir=OUT) on CPU
-  llmc-free  llm-compressor model_free_ptq(MODEL, OUT, scheme=..., ignore=["lm_head"])
+  llmc-free  llm-compressor model_free_ptq(MODEL, OUT, scheme=...,
+             ignore=["lm_head", "re:.*embed_tokens$"])
 llm-compressor lives in its own venv (--llmc-python, default /work/bench-venv/bin/python).
 
 --profile runs q once more on the first size under py-spy (--threads --idle) and prints
@@ -65,7 +66,9 @@ LLMC_FREE = r"""
 import sys
 from llmcompressor import model_free_ptq
 model, scheme, out = sys.argv[1:4]
-model_free_ptq(model, out, scheme=scheme, ignore=["lm_head"])
+# model_free_ptq sees tensors, not modules: without the embedding in `ignore` it
+# quantizes model.embed_tokens.weight too (oneshot and q keep it bf16)
+model_free_ptq(model, out, scheme=scheme, ignore=["lm_head", "re:.*embed_tokens$"])
 """
 
 
@@ -192,7 +195,7 @@ def run_measured(cmd: list[str], log: Path, env=None) -> dict:
         wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     return {"wall_s": wall, "peak_rss_gib": ru.ru_maxrss * 1024 / GIB, "rc": p.returncode,
-            "user_s": ru.ru_utime, "sys_s": ru.ru_stime}
+            "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "minor_faults": ru.ru_minflt}
 
 
 def cat_devnull(files) -> float:
@@ -220,31 +223,32 @@ def tool_cmd(tool: str, scheme: str, model: Path, out: Path, args) -> list[str]:
 
 # --- profile -----------------------------------------------------------------------------------
 
-CATEGORIES = [  # (substring of a frame, category); the innermost matching frame wins
-    ("fsync", "write: fsync"),
+CATEGORIES = [  # (substring of any frame, category); the first listed that matches wins
+    ("ShardWriter.finish", "write: finish (fsync)"),
     ("_pwrite", "write: pwrite"),
     ("copy_range", "write: copy_file_range"),
-    ("read (q/source.py", "read: preadv"),
-    ("read (source.py", "read: preadv"),
+    ("ModelSource.read", "read: preadv"),
+    ("put (queue.py", "wait: queue full (put)"),
+    ("get (queue.py", "wait: queue empty (get)"),
+    ("join (threading.py", "wait: join"),
     ("isfinite", "compute: NaN/Inf check"),
     ("blocked_amax", "compute: amax"),
+    ("block_amax", "compute: amax"),
+    ("padded_blocks", "compute: bf16->fp32 copy"),
     ("expand_blocks", "compute: expand scales"),
-    ("quantize_fp8", "compute: scale/divide/cast"),
-    ("_quantize_with_amax", "compute: scale/divide/cast"),
+    ("quantize_fp8", "compute: float/divide/clamp/cast"),
+    ("_quantize_with_amax", "compute: float/divide/clamp/cast"),
     ("quantize_weight", "compute: other"),
     ("encode", "compute: format encode"),
-    ("get (queue.py", "wait: queue.get"),
-    ("put (queue.py", "wait: queue.put"),
-    ("join (threading.py", "wait: join"),
     ("wait (threading.py", "wait: other"),
 ]
 
 
 def classify(frames: list[str]) -> str:
-    for frame in reversed(frames):
-        for key, cat in CATEGORIES:
-            if key in frame:
-                return cat
+    stack = ";".join(frames)
+    for key, cat in CATEGORIES:
+        if key in stack:
+            return cat
     return "other (startup, plan, imports)"
 
 
@@ -266,20 +270,31 @@ def profile_q(model: Path, scheme: str, workdir: Path, args) -> str:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
+    lines = [f"py-spy profile of q {scheme} on {model.name} (100 Hz, --threads --idle; "
+             f"wall {wall:.1f}s under py-spy, load {load()}):", ""]
+    return "\n".join(lines) + "\n" + summarize_profile(raw)
+
+
+def summarize_profile(raw: Path) -> str:
+    """Samples per thread and category, and the main thread's hottest innermost lines."""
     per_thread: dict[str, Counter] = defaultdict(Counter)
+    main_lines: Counter = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        thread = frames[0].split(" ")[0].strip('"') if frames else "?"
+        thread = frames[0].partition("): ")[2] or frames[0]  # "thread (TID): NAME"
         per_thread[thread][classify(frames[1:])] += int(count)
-    lines = [f"py-spy profile of q {scheme} on {model.name} (100 Hz, --threads --idle; "
-             f"wall {wall:.1f}s under py-spy, load {load()}):", ""]
+        if thread == "MainThread" and len(frames) > 1:
+            main_lines[frames[-1]] += int(count)
+    lines = []
     lines += ["| thread | category | samples | share of thread |", "|---|---|---|---|"]
     for thread, cnt in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values())):
         tot = sum(cnt.values())
         for cat, c in cnt.most_common():
             if c / tot >= 0.01:
                 lines.append(f"| {thread} | {cat} | {c} | {100 * c / tot:.0f}% |")
+    lines += ["", "| MainThread innermost frame | samples |", "|---|---:|"]
+    lines += [f"| `{frame}` | {c} |" for frame, c in main_lines.most_common(8)]
     return "\n".join(lines) + "\n"
 
 
@@ -299,8 +314,13 @@ def main() -> int:
     ap.add_argument("--llmc-python", default="/work/bench-venv/bin/python")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile q (fp8-block) on the first size with py-spy")
+                    help="also profile q (first scheme) on the first size with py-spy")
+    ap.add_argument("--summarize-profile", type=Path, metavar="RAW",
+                    help="only summarize an earlier py-spy raw file and exit")
     args = ap.parse_args()
+    if args.summarize_profile:
+        print(summarize_profile(args.summarize_profile))
+        return 0
     sizes = [s for s in args.sizes.split(",") if s]
     tools = [t for t in args.tools.split(",") if t]
     schemes = [s for s in args.schemes.split(",") if s]
@@ -317,6 +337,10 @@ def main() -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "out").mkdir(parents=True, exist_ok=True)
 
+    repo = Path(__file__).resolve().parents[2]
+    rev = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip() or "?"
+    print(f"q at {rev}; load {load()}", file=sys.stderr)
     rows, reads = [], {}
     for size in sizes:
         model = generate(size, work, int(args.gen_shard_gib * GIB))
@@ -359,10 +383,11 @@ def main() -> int:
                 if not args.keep_outputs:
                     shutil.rmtree(out, ignore_errors=True)
                 (work / "results.json").write_text(json.dumps(
-                    {"reads": reads, "runs": rows}, indent=1))
+                    {"q_rev": rev, "reads": reads, "runs": rows}, indent=1))
 
     base = {(r["size"], r["scheme"]): r["wall_s"] for r in rows
             if r["tool"] == "llmc" and r["rc"] == 0}
+    print(f"q at {rev}")
     print()
     print("| model | tool | scheme | wall s | peak RSS GiB | output GiB | input MB/s "
           "| speed-up vs llmc oneshot |")
