@@ -118,3 +118,16 @@ def test_recipe_refuses_newer_versions():
         QuantRecipe.from_dict(data)
     with pytest.raises(CheckpointError, match="not a QuantRecipe"):
         QuantRecipe.from_dict({"type": "Something"})
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (576, 1536), (13, 129)], ids=str)
+def test_every_scheme_meets_its_sqnr_on_gaussian_weights(pm, shape):
+    """Each registered scheme's default quantizer keeps the SQNR it promises (min_sqnr_db)."""
+    from q.registry import Registries
+    from q.testing import sqnr
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for name, entry in Registries.from_pm(pm).schemes:
+        scheme = entry.obj
+        qt = scheme.quantize_weight("w", w, scheme.validate_args({}), torch.float32)
+        assert sqnr(w.float(), qt.dequantize(torch.float32)) > scheme.min_sqnr_db, (name, shape)

@@ -53,36 +53,39 @@ class Fp8BlockScheme(Scheme):
         return QuantizedTensor(qdata, scale, block, w.dtype)
 
 
-class Fp8DynamicScheme(Scheme):
+class _Fp8RowScheme(Scheme):
+    """fp8 weights with one scale per output channel or per tensor; dynamic per-token
+    activations. Subclasses pick the strategy."""
+
+    Args = Fp8Args
+    activations = "dynamic per-token fp8"
+    strategy: str
+
+    def storage(self, args):
+        return {"weights": weight_spec("float", 8, self.strategy, fp8_dtype=args["fp8_dtype"]),
+                "input_activations": activation_spec("float", "token")}
+
+    def quantize_weight(self, name, w, args, scale_dtype):
+        dtype = FP8_DTYPES[args["fp8_dtype"]]
+        if self.strategy == "channel":
+            qdata, scale = quantize_fp8_per_channel(w, dtype, scale_dtype)
+            return QuantizedTensor(qdata, scale, (1, w.shape[1]), w.dtype)
+        qdata, scale = quantize_fp8_per_tensor(w, dtype, scale_dtype)
+        return QuantizedTensor(qdata, scale, tuple(w.shape), w.dtype)
+
+
+class Fp8DynamicScheme(_Fp8RowScheme):
     name = "fp8-dynamic"
     description = "per-output-channel fp8 weights, dynamic per-token fp8 activations"
-    Args = Fp8Args
-    activations = "dynamic per-token fp8"
+    strategy = "channel"
     min_sqnr_db = 28.0
 
-    def storage(self, args):
-        return {"weights": weight_spec("float", 8, "channel", fp8_dtype=args["fp8_dtype"]),
-                "input_activations": activation_spec("float", "token")}
 
-    def quantize_weight(self, name, w, args, scale_dtype):
-        qdata, scale = quantize_fp8_per_channel(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)
-        return QuantizedTensor(qdata, scale, (1, w.shape[1]), w.dtype)
-
-
-class Fp8TensorScheme(Scheme):
+class Fp8TensorScheme(_Fp8RowScheme):
     name = "fp8-tensor"
     description = "one fp8 scale per weight tensor, dynamic per-token activations (vLLM online fp8)"
-    Args = Fp8Args
-    activations = "dynamic per-token fp8"
+    strategy = "tensor"
     min_sqnr_db = 25.0
-
-    def storage(self, args):
-        return {"weights": weight_spec("float", 8, "tensor", fp8_dtype=args["fp8_dtype"]),
-                "input_activations": activation_spec("float", "token")}
-
-    def quantize_weight(self, name, w, args, scale_dtype):
-        qdata, scale = quantize_fp8_per_tensor(w, FP8_DTYPES[args["fp8_dtype"]], scale_dtype)
-        return QuantizedTensor(qdata, scale, tuple(w.shape), w.dtype)
 
 
 @q.hookimpl
