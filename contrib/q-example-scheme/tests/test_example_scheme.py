@@ -18,7 +18,6 @@ import torch
 
 import q
 import q_example_scheme
-from q.errors import IncompatibleError
 from q.plugin_manager import make_plugin_manager, plugin_distribution
 from q.registry import Registries
 
