@@ -304,6 +304,11 @@ def dequantize(checkpoint: str | Path, output: str | Path, *, dtype: str | None 
     return Result(out, the_plan, manifest)
 
 
+def _natural_key(item) -> list:
+    """model.layers.2 before model.layers.10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in item[0].split(".")]
+
+
 def inspect(checkpoint: str | Path) -> dict[str, Any]:
     """Detected format, recipe, per-layer table and sizes of a checkpoint (reads headers only)."""
     source = ModelSource(checkpoint)
@@ -317,7 +322,7 @@ def inspect(checkpoint: str | Path) -> dict[str, Any]:
         return report
     report["recipe"] = reader.recipe.to_dict()
     report["skipped"] = list(reader.skipped)
-    for module, names in reader.quantized_modules().items():
+    for module, names in sorted(reader.quantized_modules().items(), key=_natural_key):
         qt = reader.decode(module, {n: source.meta(n) for n in names})
         report["layers"].append({
             "module": module, "qdtype": qt.qdtype, "granularity": qt.granularity,
