@@ -3,7 +3,7 @@
 
 Not a pytest test (tests/bench/conftest.py keeps pytest away). Run it with q's venv:
 
-    /work/venv/bin/python tests/bench/bench_quantize.py --sizes 1b,3b --tools q,llmc,llmc-free
+    python tests/bench/bench_quantize.py --sizes 1b,3b --tools q,llmc,llmc-free
 
 What it does:
 
@@ -19,12 +19,13 @@ What it does:
 4. Prints a markdown table (and writes WORKDIR/results.json).
 
 Tools:
-  q          /work/venv/bin/q quantize MODEL --scheme S -o OUT --overwrite --no-progress
+  q          q quantize MODEL --scheme S -o OUT --overwrite --no-progress
   llmc       llm-compressor oneshot(model=..., recipe=QuantizationModifier(targets="Linear",
              scheme="FP8_BLOCK"|"FP8_DYNAMIC", ignore=["lm_head"]), output_dir=OUT) on CPU
   llmc-free  llm-compressor model_free_ptq(MODEL, OUT, scheme=...,
              ignore=["lm_head", "re:.*embed_tokens$"])
-llm-compressor lives in its own venv (--llmc-python, default /work/bench-venv/bin/python).
+llm-compressor lives in its own venv (--llmc-python, default $LLMC_PYTHON or
+.bench-venv/bin/python).
 
 --profile runs q once more on the first size under py-spy (--threads --idle) and prints
 where each thread's samples went (read / quantize arithmetic / write / fsync / waiting).
@@ -311,7 +312,8 @@ def main() -> int:
                     help="page-cache state of the input before each tool run")
     ap.add_argument("--gen-shard-gib", type=float, default=1.0)
     ap.add_argument("--q-bin", default=str(Path(sys.executable).parent / "q"))
-    ap.add_argument("--llmc-python", default="/work/bench-venv/bin/python")
+    ap.add_argument("--llmc-python",
+                    default=os.environ.get("LLMC_PYTHON", ".bench-venv/bin/python"))
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also profile q (first scheme) on the first size with py-spy")
