@@ -93,11 +93,11 @@ class QuantRecipe:
 
 
 def weight_spec(type_: str, num_bits: int, strategy: str, *, group_size=None, block=None,
-                fp8_dtype: str | None = None) -> dict[str, Any]:
-    """A ``QuantRecipe.weights`` dict (symmetric; the only kind q's schemes produce)."""
+                fp8_dtype: str | None = None, symmetric: bool = True) -> dict[str, Any]:
+    """A ``QuantRecipe.weights`` dict."""
     spec = {"type": type_, "num_bits": num_bits, "strategy": strategy,
             "group_size": group_size, "block_structure": list(block) if block else None,
-            "symmetric": True}
+            "symmetric": symmetric}
     if type_ == "float":
         spec["fp8_dtype"] = fp8_dtype or "e4m3"
     return spec

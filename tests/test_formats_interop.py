@@ -16,6 +16,7 @@ from q.testing import assert_bitwise_equal
 CT_CASES = [
     ("fp8-dynamic", {}), ("fp8-tensor", {}), ("fp8-block", {}), ("wint8", {}),
     ("wint4", {"group_size": 128}), ("wint4", {}), ("wint8", {"group_size": 64}),
+    ("wint4", {"group_size": 32, "symmetric": False}),
 ]
 
 

@@ -11,7 +11,9 @@ from q.kernels.fp8_block import (
     dequantize_fp8_block, quantize_act_per_token_group, quantize_fp8_block,
 )
 from q.kernels.fp8_rowwise import quantize_fp8_per_channel, quantize_fp8_per_tensor
-from q.kernels.int_weight import dequantize_int_weight, quantize_int_weight
+from q.kernels.int_weight import (
+    dequantize_int_weight, quantize_int_weight, quantize_int_weight_asym,
+)
 from q.kernels.packing import pack_int32, unpack_int32
 from q.testing import assert_bitwise_equal, sqnr
 
@@ -185,3 +187,35 @@ def test_references_run_on_meta():
     q, s = quantize_int_weight(w, 4, 128)
     assert s.shape == (576, 12)
     assert pack_int32(q, 4).shape == (576, 192)
+
+
+def numpy_asym_quantize(w: np.ndarray, bits: int, group: int | None):
+    """compressed-tensors' asymmetric formula, group by group in numpy (float32)."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    n, k = w.shape
+    g = group or k
+    codes = np.empty((n, k), dtype=np.int8)
+    scales = np.empty((n, -(-k // g)), dtype=np.float32)
+    zeros = np.empty_like(scales, dtype=np.int8)
+    for j in range(0, k, g):
+        part = w[:, j:j + g]
+        lo = np.minimum(part.min(axis=1), 0).astype(np.float32)
+        hi = np.maximum(part.max(axis=1), 0).astype(np.float32)
+        rng = (hi - lo).astype(np.float32)
+        s = np.where(rng == 0, np.float32(1), rng / np.float32(qmax - qmin)).astype(np.float32)
+        zp = np.clip(np.round(np.float32(qmin) - lo / s), qmin, qmax)
+        codes[:, j:j + g] = np.clip(np.round(part / s[:, None]) + zp[:, None], qmin, qmax)
+        scales[:, j // g], zeros[:, j // g] = s, zp
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [None, 32, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int_weight_asym_matches_numpy(shape, bits, group):
+    w = weight(shape)
+    q, s, zp = quantize_int_weight_asym(w, bits, group)
+    q_ref, s_ref, zp_ref = numpy_asym_quantize(w.float().numpy(), bits, group)
+    assert_bitwise_equal(s, torch.from_numpy(s_ref), f"scale {shape} bits={bits} g={group}")
+    assert_bitwise_equal(zp, torch.from_numpy(zp_ref), f"zero point {shape} bits={bits}")
+    assert_bitwise_equal(q, torch.from_numpy(q_ref), f"codes {shape} bits={bits} g={group}")

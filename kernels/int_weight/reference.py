@@ -62,3 +62,47 @@ def dequantize_int_weight(
     n, k = q.shape
     block = (1, k if group_size is None else group_size)
     return (q.float() * expand_blocks(scale.float(), block, (n, k))).to(out_dtype)
+
+
+def quantize_int_weight_asym(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric (min-max with a zero point) integer weights, compressed-tensors numerics.
+
+    Per group the range is widened to include 0, ``s = (max - min) / (2^b - 1)`` (rounded to
+    ``scale_dtype`` first), ``zp = clamp(round(qmin - min / s))`` and
+    ``q = clamp(round(w / s) + zp)`` over ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``, with
+    torch's round-half-to-even; ``w ~= (q - zp) * s``. All-zero groups get scale 1.
+    Returns ``(codes, scale, zero_point)``; codes and zero points are int8.
+    """
+    if bits not in INT_QMAX:
+        raise ValueError(f"bits must be one of {sorted(INT_QMAX)}, got {bits}")
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    n, k = w.shape
+    block = (1, k if group_size is None else group_size)
+    groups = ceil_div(k, block[1])
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scale = torch.empty((n, groups), dtype=scale_dtype, device=w.device)
+    zero = torch.empty((n, groups), dtype=torch.int8, device=w.device)
+    if w.device.type == "meta":
+        return q, scale, zero
+    for r0, r1 in stripe_rows(n, k):
+        rows = w[r0:r1].float()
+        # ragged last group: pad with a copy of a real value so min/max see only real data
+        v = rows
+        if k % block[1]:
+            v = torch.cat([rows, rows[:, -1:].expand(-1, groups * block[1] - k)], dim=1)
+        v = v.reshape(r1 - r0, groups, block[1])
+        lo = v.amin(dim=-1).clamp(max=0)
+        hi = v.amax(dim=-1).clamp(min=0)
+        s = unit_scale_for_zero(hi - lo, qmax - qmin, scale_dtype)
+        sf = s.float()
+        zp = torch.round(qmin - lo / sf).clamp_(qmin, qmax)
+        codes = torch.round(v / sf[..., None]).add_(zp[..., None]).clamp_(qmin, qmax)
+        q[r0:r1] = codes.reshape(r1 - r0, -1)[:, :k]
+        scale[r0:r1] = s
+        zero[r0:r1] = zp
+    return q, scale, zero

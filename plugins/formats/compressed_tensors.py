@@ -53,8 +53,6 @@ def ct_format_of(recipe) -> tuple[str | None, str]:
             return None, f"no compressed-tensors layout for fp8 per {w.get('strategy')}"
         return "float-quantized", ""
     if w.get("type") == "int":
-        if not w.get("symmetric", True):
-            return None, "q writes symmetric integer weights only"
         if w.get("num_bits") not in (4, 8) or w.get("strategy") not in ("channel", "group"):
             return None, f"no layout for int{w.get('num_bits')} per {w.get('strategy')}"
         if acts is None:
@@ -79,12 +77,15 @@ class CompressedTensorsFormat(Format):
             scale = qt.scale.reshape(1) if qt.granularity == "tensor" else qt.scale
             return {f"{module}.weight": qt.qdata, f"{module}.weight_scale": scale}
         packed = pack_int32(qt.qdata, qt.bits, dim=1)
-        return {
+        out = {
             f"{module}.weight_packed": packed,
             f"{module}.weight_scale": qt.scale,
             f"{module}.weight_shape": torch.tensor(list(qt.shape), dtype=torch.int64,
                                                    device=qt.qdata.device),
         }
+        if qt.zero_point is not None:  # asymmetric: packed along the output rows (dim 0)
+            out[f"{module}.weight_zero_point"] = pack_int32(qt.zero_point, qt.bits, dim=0)
+        return out
 
     def quantization_config(self, recipe, skipped, model_config):
         fmt, reason = ct_format_of(recipe)
@@ -174,7 +175,8 @@ class CompressedTensorsReader(CheckpointReader):
             if strategy == "block":
                 args["block_size"] = list(spec.get("block_structure") or [128, 128])
         elif act_spec is None:
-            scheme, args = f"wint{bits}", {"group_size": spec.get("group_size")}
+            scheme = f"wint{bits}"
+            args = {"group_size": spec.get("group_size"), "symmetric": spec["symmetric"]}
         else:
             scheme, args = f"w{bits}a{act_spec.get('num_bits')}-int", {}
         return QuantRecipe(scheme, args, ignore=tuple(self.skipped), weights=spec,

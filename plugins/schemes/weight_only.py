@@ -10,7 +10,7 @@ import pydantic
 
 import q
 from q.interfaces import Scheme
-from q.kernels.int_weight import quantize_int_weight
+from q.kernels.int_weight import quantize_int_weight, quantize_int_weight_asym
 from q.recipe import weight_spec
 from q.tensor import QuantizedTensor
 
@@ -18,6 +18,8 @@ from q.tensor import QuantizedTensor
 class WeightOnlyArgs(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     group_size: pydantic.PositiveInt | None = None
+    # False: min-max with a zero point per group (compressed-tensors W4A16_ASYM numerics)
+    symmetric: bool = True
 
 
 class _WeightOnlyScheme(Scheme):
@@ -30,15 +32,19 @@ class _WeightOnlyScheme(Scheme):
     def storage(self, args):
         group = args["group_size"]
         strategy = "group" if group else "channel"
-        return {"weights": weight_spec("int", self.bits, strategy, group_size=group),
+        return {"weights": weight_spec("int", self.bits, strategy, group_size=group,
+                                       symmetric=args["symmetric"]),
                 "input_activations": None}
 
     def quantize_weight(self, name, w, args, scale_dtype):
         group = args["group_size"]
         if group is not None and group >= w.shape[1]:
             group = None  # one group spanning the row is per-channel
-        qdata, scale = quantize_int_weight(w, self.bits, group, scale_dtype)
         block = (1, group or w.shape[1])
+        if not args["symmetric"]:
+            qdata, scale, zero = quantize_int_weight_asym(w, self.bits, group, scale_dtype)
+            return QuantizedTensor(qdata, scale, block, w.dtype, bits=self.bits, zero_point=zero)
+        qdata, scale = quantize_int_weight(w, self.bits, group, scale_dtype)
         return QuantizedTensor(qdata, scale, block, w.dtype, bits=self.bits)
 
 
