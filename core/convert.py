@@ -202,7 +202,8 @@ def run_jobs(source: ModelSource, jobs: list[Job], layout: Layout, directory: Pa
     except BaseException as exc:  # Ctrl-C in the main thread: stop every stage, then leave
         fail(exc)
         for t in (reader, *computes, writer_thread):
-            t.join()
+            if t.ident is not None:  # started (Ctrl-C can land while threads start)
+                t.join()
     finally:
         torch.set_num_threads(threads_before)
     if errors:

@@ -203,3 +203,22 @@ def test_input_is_never_modified(model, tmp_path):
                         tmp_path / "o")
     assert code == 0, out
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_ctrl_c_leaves_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g).bfloat16()
+               for i in range(24)}
+    model = write_safetensors(tmp_path / "big", tensors)
+    out_dir = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-c", "from q.cli import main; main()", "quantize",
+                             str(model), "--scheme", "wint4", "-o", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".o.q-partial-*")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted; no output was written." in err and "Traceback" not in err
+    assert not out_dir.exists() and not list(tmp_path.glob(".o.q-partial-*"))

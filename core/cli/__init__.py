@@ -39,8 +39,9 @@ def main(argv=None) -> None:
     except QError as exc:
         click.secho(f"Error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # outputs are built under a temporary name, so an interrupted run leaves nothing
+        click.echo("Interrupted; no output was written.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
