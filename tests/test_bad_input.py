@@ -9,22 +9,15 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from q.cli import cli, _build
 
 from .conftest import write_safetensors
-
-_build()
 
 
 def run_cli(*args):
     """Invoke the CLI like a user would; returns (exit_code, output)."""
-    from q.cli import main
 
     proc = subprocess.run([sys.executable, "-c", "from q.cli import main; main()", *map(str, args)],
                           capture_output=True, text=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Literal
 
 import pydantic
-import torch
 
 import q
 from q.interfaces import Scheme
