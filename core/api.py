@@ -113,7 +113,7 @@ def _quantize_job(source, entry: PlanEntry, scheme_obj, fmt, recipe: QuantRecipe
             )
         return fmt.encode(module, qt)
 
-    return Job([name], run, label=name)
+    return Job([name], run)
 
 
 def _open(path) -> ModelSource:
@@ -137,7 +137,7 @@ def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dic
     entries = build_entries(source, recipe, scheme_obj.alignment(recipe.args))
     jobs = [
         _quantize_job(source, e, scheme_obj, fmt, recipe) if e.action == "quantize"
-        else Job([e.name], None, label=e.name, copy=True)
+        else Job([e.name], None, copy=True)
         for e in entries
     ]
     layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
@@ -228,7 +228,7 @@ def _conversion(source, reader, make_outputs, operation, recipe, fmt_name):
     for name, info in source.tensors.items():
         module = consumed.get(name)
         if module is None:
-            jobs.append(Job([name], None, label=name, copy=True))
+            jobs.append(Job([name], None, copy=True))
             entries.append(PlanEntry(name, "copy", "not quantized", info.shape,
                                      str(info.dtype).removeprefix("torch."), info.nbytes))
             continue
@@ -240,7 +240,7 @@ def _conversion(source, reader, make_outputs, operation, recipe, fmt_name):
         def run(tensors, module=module):
             return make_outputs(module, reader.decode(module, tensors))
 
-        jobs.append(Job(names, run, label=module))
+        jobs.append(Job(names, run))
         entries.append(PlanEntry(f"{module}.weight", operation, "quantized Linear", info.shape,
                                  str(info.dtype).removeprefix("torch."),
                                  sum(source.info(n).nbytes for n in names), module=module))
@@ -260,7 +260,7 @@ def export(checkpoint: str | Path, format: str, output: str | Path, *, overwrite
     reason = fmt_out.supports(reader.recipe)
     if reason:
         raise IncompatibleError(f"format '{fmt_out.name}' cannot store this checkpoint: {reason}")
-    jobs, the_plan = _conversion(source, reader, fmt_out.encode, "quantize", reader.recipe,
+    jobs, the_plan = _conversion(source, reader, fmt_out.encode, "convert", reader.recipe,
                                  fmt_out.name)
     layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
     _fill_outputs(the_plan.entries, metas)

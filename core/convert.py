@@ -30,12 +30,12 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 def bound_allocator_growth() -> None:
     """Fix glibc's mmap threshold at 256 MiB for the whole run.
 
-    Left dynamic, glibc moves the threshold after each large free, and tensor-sized buffers
-    bounce between fresh mmaps (a zero-filled page fault per 4 KiB plus TLB shootdowns on
-    munmap: 8-10 s of system time on a 5.6 GiB model) and per-thread heaps, where
-    fragmentation grew peak RSS with the number of tensors. Fixed, every tensor-sized buffer
-    comes from the heap and is reused, and peak RSS stays flat (tests/test_memory.py).
-    Measured on the 3B benchmark model: 11.7 s with a 1 MiB threshold, 9.3 s with 256 MiB.
+    Left dynamic, glibc moves the threshold after large frees, and tensor-sized buffers end
+    up in per-thread heaps where fragmentation grew peak RSS with the number of tensors
+    (tests/test_memory.py failed that way). A low fixed threshold (1 MiB) kept RSS flat but
+    made every buffer a fresh mmap, zero-filled one page fault at a time. At 256 MiB every
+    tensor-sized buffer comes from the heap and is reused and RSS still stays flat. On the
+    3B benchmark model: 11.7 s with 1 MiB, 9.3-10.8 s with 256 MiB (docs/benchmarks.md).
     No-op off glibc.
     """
     try:
@@ -50,7 +50,6 @@ def bound_allocator_growth() -> None:
 class Job:
     inputs: list[str]
     run: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
-    label: str = ""
     copy: bool = False  # output is the single input, byte for byte
 
     def outputs_meta(self, source: ModelSource) -> dict[str, torch.Tensor]:
@@ -101,10 +100,13 @@ def run_jobs(source: ModelSource, jobs: list[Job], layout: Layout, directory: Pa
     """Execute ``jobs`` into ``directory`` following ``layout``; re-raises the first error.
 
     One reader thread, ``workers`` compute threads and one writer thread. Each compute
-    thread runs torch with a single intra-op thread: the quantizers work on cache-sized
-    stripes, where torch's own threading costs more in synchronisation than it gains
-    (measured 15x slower under load), and tensors are independent, so one tensor per core
-    uses every core. Writes go to precomputed offsets, so completion order does not matter.
+    thread runs torch with a single intra-op thread. Tensors are independent, so one tensor
+    per core uses every core without torch's per-op barriers, which wait on the slowest
+    core: on a quiet machine the two layouts quantize equally fast, but when other work
+    shares the cores (the reader and writer threads, other processes) the barriers stall
+    every op. End to end on the 3B benchmark this change took fp8-block from 27 s to 11.5 s
+    (docs/benchmarks.md). Writes go to precomputed offsets, so completion order does not
+    matter.
     """
     workers = workers or default_workers()
     writer = ShardWriter(directory, layout)

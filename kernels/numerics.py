@@ -16,9 +16,10 @@ FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in FP8_DTYPES.values()
 # (-128 / -8) is never produced, so the values are symmetric around zero.
 INT_QMAX = {8: 127, 4: 7}
 
-# Rows processed at once. A stripe of 128 rows x 8K columns in fp32 is 4 MiB: every pass of
-# a quantizer over it stays in cache instead of streaming the whole weight through memory
-# once per elementwise op (measured 3-5x faster on a 2-core CPU than whole-tensor ops).
+# Elements processed at once (whole rows). A 4 MiB fp32 stripe stays in cache across a
+# quantizer's passes instead of streaming the whole weight through memory once per op:
+# 1.7-2.4x the whole-tensor throughput on one thread of this project's 2-core machine
+# (tests/bench/bench_kernels_cpu.py, with and without --stripe 1000000000).
 STRIPE_ELEMENTS = 1 << 20
 
 
@@ -68,14 +69,17 @@ def padded_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return out.view(gn, bn, gk, bk)
 
 
+def abs_max(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Max |x| (over ``dim``) as max(amax, -amin): two reductions, no |x| temporary; exact on
+    bf16 too, and NaN propagates (so the pipeline can refuse it)."""
+    if dim is None:
+        return torch.maximum(x.amax(), x.amin().neg())
+    return torch.maximum(x.amax(dim=dim, keepdim=keepdim), x.amin(dim=dim, keepdim=keepdim).neg())
+
+
 def block_amax(v: torch.Tensor) -> torch.Tensor:
-    """Max |x| per tile of a (gn, bn, gk, bk) view, without allocating |x|; NaN propagates."""
-    return torch.maximum(v.amax(dim=(1, 3)), v.amin(dim=(1, 3)).neg())
-
-
-def blocked_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Max |x| over each (bn, bk) tile of a 2-D tensor; ragged edge tiles use real values."""
-    return block_amax(padded_blocks(x, block))
+    """Max |x| per tile of a (gn, bn, gk, bk) view."""
+    return abs_max(v, dim=(1, 3))
 
 
 def expand_blocks(scale: torch.Tensor, block: tuple[int, ...], shape: tuple[int, ...]):

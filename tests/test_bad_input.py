@@ -168,23 +168,32 @@ def test_disk_full_leaves_nothing(model, tmp_path):
     assert code == 0, out
 
 
-def test_sigkill_leaves_no_complete_looking_output(tmp_path):
+def start_quantize_of_big_model(tmp_path, scheme):
+    """Start `q quantize` on a 200 MB model in a child; return once it is writing.
+
+    Returns (process, model dir, output dir). The partial directory exists when this
+    returns, so a signal sent now always interrupts a run that has begun writing.
+    """
     g = torch.Generator().manual_seed(0)
     tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g).bfloat16()
                for i in range(24)}
     model = write_safetensors(tmp_path / "big", tensors)
     out_dir = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-c", "from q.cli import main; main()", "quantize",
-                             str(model), "--scheme", "wint8", "-o", str(out_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(model), "--scheme", scheme, "-o", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".o.q-partial-*")) and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
+        time.sleep(0.01)
+    assert list(tmp_path.glob(".o.q-partial-*")), "the run never started writing"
+    return proc, model, out_dir
+
+
+def test_sigkill_leaves_no_complete_looking_output(tmp_path):
+    proc, model, out_dir = start_quantize_of_big_model(tmp_path, "wint8")
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not out_dir.exists(), "a killed run must not leave the output directory"
-    assert list(tmp_path.glob(".o.q-partial-*")), "the run was killed before it started writing"
     code, out = run_cli("quantize", model, "--scheme", "wint8", "-o", out_dir)
     assert code == 0, out
     assert not list(tmp_path.glob(".o.q-partial-*")), "stale partial output was not cleaned"
@@ -199,17 +208,7 @@ def test_input_is_never_modified(model, tmp_path):
 
 
 def test_ctrl_c_leaves_nothing(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g).bfloat16()
-               for i in range(24)}
-    model = write_safetensors(tmp_path / "big", tensors)
-    out_dir = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-c", "from q.cli import main; main()", "quantize",
-                             str(model), "--scheme", "wint4", "-o", str(out_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".o.q-partial-*")) and time.time() < deadline:
-        time.sleep(0.02)
+    proc, _, out_dir = start_quantize_of_big_model(tmp_path, "wint4")
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

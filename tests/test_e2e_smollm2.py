@@ -40,7 +40,7 @@ CASES = [
     # The issue asked for 30%. Unreachable by symmetric rounding: the embedded "bf16" model
     # is itself a dequantized Q4_1 GGUF (16 levels per 32 weights), so wint4 stacks a second,
     # misaligned 4-bit grid on it. Measured: g64 +53%, g128 +75%; ct-style [-8, 7] levels
-    # +34%, MSE-clipped scales +38%, asymmetric g32 +24% (docs/accuracy.md). The bounds
+    # +34%, MSE-clipped scales +38%, asymmetric g32 +24% (tests/bench/wint4_variants.py). The bounds
     # below are those measurements plus margin, so a regression still fails.
     ("wint4-g64", "wint4", {"group_size": 64}, "skip", "compressed-tensors", 0.60, True),
     ("wint4-g128", "wint4", {"group_size": 128}, "quantize", "compressed-tensors", 0.85, False),

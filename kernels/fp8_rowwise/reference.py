@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import FP8_MAX, _scratch_fp32, stripe_rows, unit_scale_for_zero
-
-
-def _abs_max(x: torch.Tensor, dim=None) -> torch.Tensor:
-    # exact on bf16 too (max of values); NaN propagates
-    if dim is None:
-        return torch.maximum(x.amax(), x.amin().neg())
-    return torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
+from ..numerics import FP8_MAX, _scratch_fp32, abs_max, stripe_rows, unit_scale_for_zero
 
 
 def _quantize_rows(w, scale_of_rows, fp8_dtype):
@@ -39,7 +32,7 @@ def quantize_fp8_per_channel(
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` -> fp8 ``[N, K]`` and scale ``[N, 1]``."""
-    amax = _abs_max(w, dim=1).float()
+    amax = abs_max(w, dim=1, keepdim=True).float()
     scale = unit_scale_for_zero(amax, FP8_MAX[fp8_dtype], scale_dtype)
     scale_f = scale.float()
     return _quantize_rows(w, lambda r0, r1: scale_f[r0:r1], fp8_dtype), scale
@@ -51,7 +44,7 @@ def quantize_fp8_per_tensor(
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` -> fp8 ``[N, K]`` and scale ``[1, 1]``."""
-    amax = _abs_max(w).float().reshape(1, 1)
+    amax = abs_max(w).float().reshape(1, 1)
     scale = unit_scale_for_zero(amax, FP8_MAX[fp8_dtype], scale_dtype)
     scale_f = scale.float()
     return _quantize_rows(w, lambda r0, r1: scale_f, fp8_dtype), scale

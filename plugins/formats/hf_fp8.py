@@ -55,8 +55,8 @@ class HfFp8Format(Format):
 
     def detect(self, config):
         qcfg = config.get("quantization_config") or {}
-        return isinstance(qcfg, dict) and "fp8" in str(qcfg.get("quant_method", "")) and \
-            qcfg.get("quant_method") != "compressed-tensors"
+        # exactly "fp8": fbgemm_fp8, fp8 from other toolkits etc. store other tensor names
+        return isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8"
 
     def open(self, source):
         return HfFp8Reader(source)

@@ -1,13 +1,16 @@
-"""Throughput of each reference quantizer on one CPU thread (M elements/s).
+"""Throughput of each reference quantizer on the CPU (M elements/s).
 
-    python tests/bench/bench_kernels_cpu.py
+    python tests/bench/bench_kernels_cpu.py                    # as q runs them: 1 thread
+    python tests/bench/bench_kernels_cpu.py --threads 2        # torch intra-op threads
+    python tests/bench/bench_kernels_cpu.py --stripe 1000000000  # whole tensor at once
 
-Bf16 weights of Llama-3B shapes, new data each call (not cache-hot), torch single-threaded
-as in q's pipeline (one compute thread per core).
+Bf16 weights of Llama-3B shapes, new data each call (not cache-hot). q's pipeline runs one
+compute thread per core with torch single-threaded, and stripes of STRIPE_ELEMENTS.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -28,10 +31,19 @@ OPS = {
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    import q.kernels.numerics as numerics
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--stripe", type=int, default=numerics.STRIPE_ELEMENTS,
+                    help="elements per stripe (default: q's)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    numerics.STRIPE_ELEMENTS = args.stripe
+    print(f"threads={args.threads} stripe={args.stripe}")
     weights = [torch.randn(8192, 3072).bfloat16() for _ in range(4)]
     numel = sum(w.numel() for w in weights)
-    print("| op | M elements/s (1 thread) | bf16 MB/s |\n|---|---:|---:|")
+    print("| op | M elements/s | bf16 MB/s |\n|---|---:|---:|")
     for name, op in OPS.items():
         op(weights[0])
         start = time.perf_counter()
