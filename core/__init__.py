@@ -5,7 +5,9 @@ transformers' model code.
 """
 
 from .api import dequantize, detect_format, execute, export, inspect, plan, quantize
+from .generation import Completion, SamplingParams
 from .hookspecs import hookimpl
+from .pipeline import Pipeline, load_engine, pipeline
 from .recipe import QuantRecipe
 from .tensor import QuantizedTensor
 
@@ -13,7 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hookimpl", "QuantRecipe", "QuantizedTensor", "quantize", "plan", "execute", "export",
-    "dequantize", "inspect", "detect_format", "default_model", "__version__",
+    "dequantize", "inspect", "detect_format", "default_model", "pipeline", "load_engine",
+    "Pipeline", "SamplingParams", "Completion", "__version__",
 ]
 
 

@@ -6,12 +6,14 @@ Behaviour lives on these objects; hooks only register them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pydantic
 import torch
 
 from .errors import OptionError
+from .generation import Completion, RequestOutput, SamplingParams
 from .recipe import QuantRecipe
 from .tensor import QuantizedTensor
 
@@ -129,10 +131,83 @@ class Format(ABC):
 
 
 class Session(ABC):
-    """A loaded model ready to generate (engine issue)."""
+    """A loaded model that generates, built for continuous batching.
+
+    Engines implement four methods: ``add_request`` (thread-safe; returns the request id),
+    ``step`` (advances every running request by one token and admits waiting ones; returns
+    what changed), ``abort`` (thread-safe; the request's slot frees at the next step) and
+    ``has_unfinished``. ``generate``, ``stream`` and ``chat`` are built on them here, so
+    every engine behaves the same for callers (CLI, ``q.pipeline``, the server).
+    """
+
+    tokenizer: Any
+    context_length: int
+    model_name: str
 
     @abstractmethod
-    def generate(self, prompts: list[str], **sampling) -> list[str]: ...
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str: ...
+
+    @abstractmethod
+    def step(self) -> list[RequestOutput]: ...
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    def has_unfinished(self) -> bool: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The model's chat template applied to ``messages``, ready for a reply."""
+        if not messages:
+            raise OptionError("messages is empty: send at least one message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise OptionError(f"{self.model_name} has no chat template; send a plain prompt")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.apply_chat_template(messages)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def generate(self, prompts, params: SamplingParams | None = None,
+                 **sampling) -> list[Completion]:
+        """Run ``prompts`` (strings or token-id lists) together; results in prompt order."""
+        params = params or SamplingParams(**sampling)
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        ids = [self.add_request(p, params) for p in prompts]
+        texts = {i: [] for i in ids}
+        done: dict[str, RequestOutput] = {}
+        tokens = {i: [] for i in ids}
+        logprobs = {i: [] for i in ids}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id not in texts:
+                    continue
+                texts[out.request_id].append(out.text)
+                tokens[out.request_id].extend(out.token_ids)
+                logprobs[out.request_id].extend(out.logprobs)
+                if out.finished:
+                    done[out.request_id] = out
+        return [Completion(p if isinstance(p, str) else "", "".join(texts[i]), tokens[i],
+                           done[i].finish_reason, done[i].prompt_tokens, logprobs[i])
+                for p, i in zip(prompts, ids)]
+
+    def stream(self, prompt, params: SamplingParams | None = None,
+               **sampling) -> Iterator[RequestOutput]:
+        """Yield one request's outputs as they come (drives ``step`` itself)."""
+        rid = self.add_request(prompt, params or SamplingParams(**sampling))
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the caller stopped early: free the slot
+                self.abort(rid)
 
     def close(self) -> None:
         pass
@@ -145,4 +220,7 @@ class Engine(ABC):
     description: ClassVar[str] = ""
 
     @abstractmethod
-    def load(self, path: str, **options) -> Session: ...
+    def load(self, path: str, *, scheme: str | None = None, args: dict | None = None,
+             **options) -> Session:
+        """A session over the checkpoint at ``path``, or over a bf16 model quantized online
+        with ``scheme`` while loading."""

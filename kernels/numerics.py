@@ -99,3 +99,52 @@ def unit_scale_for_zero(amax: torch.Tensor, qmax: float, scale_dtype: torch.dtyp
     pipeline detects them and refuses the tensor.
     """
     return torch.where(amax == 0, torch.ones_like(amax), amax / qmax).to(scale_dtype)
+
+
+# fp8 -> fp32 through fp16 bit patterns: torch's own fp8 cast runs element by element on CPU
+# (1.9 ms for a 1536x576 weight on this project's machine), while int16 shifts and the
+# fp16 -> fp32 cast are vectorized (0.44 ms; tests/bench/bench_engine_cpu.py --ops).
+# e5m2 is the top byte of an fp16. e4m3 (bias 7) shifted into fp16's exponent/mantissa
+# fields (bias 15) is the value times 2^-8, subnormals included; one multiply undoes that.
+def fp8_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 values of fp8 ``codes``, bit-exact vs ``codes.float()`` for every finite code."""
+    v = codes.view(torch.int8).to(torch.int16)
+    if codes.dtype == torch.float8_e5m2:
+        return v.bitwise_left_shift_(8).view(torch.float16).float()
+    if codes.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"not an fp8 dtype: {codes.dtype}")
+    # sign-extension leaves bit 14 set for negative codes after the shift: clear it
+    v.bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return v.view(torch.float16).float().mul_(256.0)
+
+
+def codes_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 copy of int or fp8 codes, fast on CPU."""
+    if codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and codes.device.type == "cpu":
+        return fp8_to_float(codes)
+    return codes.float()
+
+
+def mul_blocks_(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """In place: multiply a 2-D fp32 ``w`` by a per-(bn, bk)-block ``scale`` (ragged edges
+    allowed), in one pass instead of materializing the expanded scale."""
+    return _blockwise_(w, scale, block, torch.Tensor.mul_)
+
+
+def sub_blocks_(w: torch.Tensor, zero: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """In place: subtract a per-block ``zero`` point from a 2-D fp32 ``w``."""
+    return _blockwise_(w, zero, block, torch.Tensor.sub_)
+
+
+def _blockwise_(w, per_block, block, op):
+    n, k = w.shape
+    bn, bk = block
+    rows = per_block.float()
+    if bn != 1:
+        rows = rows.repeat_interleave(bn, dim=0)[:n]
+    full = k // bk
+    if full:
+        op(w[:, : full * bk].view(n, full, bk), rows[:, :full, None])
+    if k % bk:
+        op(w[:, full * bk:], rows[:, full:])
+    return w

@@ -31,6 +31,24 @@ def save_tiny_llama(path: Path, intermediate: int = 384, hidden: int = 256, laye
                       vocab_size=512, tie_word_embeddings=tie)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path)
+    save_tiny_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+    """A word-level tokenizer whose words are "w0".."w{n-3}" plus <s> and </s>, so engines
+    can encode and decode text for tiny random models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(vocab_size - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}w1{% endif %}")
+    fast.save_pretrained(path)
     return path
 
 

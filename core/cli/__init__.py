@@ -17,9 +17,9 @@ def cli():
 
 
 def _build() -> click.Group:
-    from . import convert, info, quantize
+    from . import convert, generate, info, quantize
 
-    for module in (quantize, convert, info):
+    for module in (quantize, convert, info, generate):
         module.add_commands(cli)
     try:
         from ..plugin_manager import get_plugin_manager

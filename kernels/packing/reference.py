@@ -69,3 +69,20 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> 
     u = (x.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     u = u.reshape(*x.shape[:-1], -1)[..., :length]
     return (u - (1 << (bits - 1))).to(torch.int8).movedim(-1, dim)
+
+
+def pack_int4_bytes(q: torch.Tensor) -> torch.Tensor:
+    """The engine's int4 layout: ``[N, K]`` int8 codes in [-8, 7] -> ``[N, ceil(K/2)]`` uint8.
+
+    Column ``2i`` goes in the low nibble of byte ``i`` and ``2i + 1`` in the high nibble, as
+    two's-complement nibbles (a kernel sign-extends with two shifts); an odd K pads a zero.
+    """
+    u = _pad_last(q, 2).view(torch.uint8) & 0xF
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4_bytes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_bytes`: ``[N, ceil(K/2)]`` uint8 -> ``[N, K]`` int8."""
+    low = (packed << 4).view(torch.int8) >> 4  # arithmetic shift sign-extends the nibble
+    high = packed.view(torch.int8) >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)[:, :k].contiguous()

@@ -1,0 +1,127 @@
+"""``q generate`` and ``q chat``: run a checkpoint (or a model quantized online) on an engine."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..generation import SamplingParams
+from .quantize import parse_extra_args
+
+
+def _load(model, engine, scheme, args, ragged, device, impl, verbose):
+    from ..pipeline import load_engine
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    logging.getLogger("q").setLevel(logging.INFO)  # kernel paths: one line per layer kind
+    return load_engine(model, engine=engine, scheme=scheme, args=parse_extra_args(args),
+                       ragged=ragged, device=device, impl=impl)
+
+
+def engine_options(f):
+    options = [
+        click.option("--engine", default="native", show_default=True,
+                     help="engine plugin (`q plugins` lists them)"),
+        click.option("--scheme", help="quantize a bf16 model online with this scheme"),
+        click.option("--arg", "args", multiple=True, metavar="KEY=VALUE",
+                     help="scheme option for online quantization (repeatable)"),
+        click.option("--ragged", type=click.Choice(["skip", "quantize"]), default="skip",
+                     show_default=True, help="online quantization of non-aligned Linears"),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA if present), cpu, cuda, cuda:1, ..."),
+        click.option("--impl", type=click.Choice(["auto", "triton", "reference"]),
+                     default="auto", show_default=True, help="kernel implementation"),
+        click.option("--verbose", "-v", is_flag=True, help="log loading details"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_options(f):
+    options = [
+        click.option("--max-tokens", default=128, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float,
+                     help="0 = greedy"),
+        click.option("--top-p", default=1.0, show_default=True, type=float),
+        click.option("--top-k", default=0, show_default=True, type=int, help="0 = off"),
+        click.option("--seed", type=int, help="makes sampling reproducible"),
+        click.option("--stop", multiple=True, help="stop string (repeatable)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _params(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, stop=tuple(stop))
+
+
+def add_commands(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("model", type=click.Path(file_okay=False))
+    @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+                  help="prompt text (repeatable: prompts run as one batch)")
+    @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
+    @engine_options
+    @sampling_options
+    def generate(model, prompts, chat, engine, scheme, args, ragged, device, impl, verbose,
+                 max_tokens, temperature, top_p, top_k, seed, stop):
+        """Complete PROMPTs with MODEL (a q or peer checkpoint, or a bf16 model + --scheme).
+
+        One prompt streams its tokens as they come; several run as one batch.
+        """
+        params = _params(max_tokens, temperature, top_p, top_k, seed, stop)
+        session = _load(model, engine, scheme, args, ragged, device, impl, verbose)
+        encoded = [session.chat_prompt_ids([{"role": "user", "content": p}]) if chat else p
+                   for p in prompts]
+        if len(encoded) == 1:
+            for out in session.stream(encoded[0], params):
+                click.echo(out.text, nl=False)
+            click.echo()
+            return
+        for prompt, result in zip(prompts, session.generate(encoded, params)):
+            click.secho(f"--- {prompt}", bold=True)
+            click.echo(result.text)
+
+    @cli.command()
+    @click.argument("model", type=click.Path(file_okay=False))
+    @click.option("--system", help="system prompt")
+    @engine_options
+    @sampling_options
+    def chat(model, system, engine, scheme, args, ragged, device, impl, verbose,
+             max_tokens, temperature, top_p, top_k, seed, stop):
+        """Chat with MODEL in the terminal, through the model's chat template.
+
+        Type a message and press Enter; `/reset` clears the history, `/exit` or Ctrl-D quits.
+        """
+        params = _params(max_tokens, temperature, top_p, top_k, seed, stop)
+        session = _load(model, engine, scheme, args, ragged, device, impl, verbose)
+        session.apply_chat_template([{"role": "user", "content": "hi"}])  # fail early
+        history = [{"role": "system", "content": system}] if system else []
+        start = len(history)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                click.echo()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if line.strip() == "/reset":
+                del history[start:]
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            click.echo("model> ", nl=False)
+            reply = []
+            for out in session.stream(session.chat_prompt_ids(history), params):
+                click.echo(out.text, nl=False)
+                reply.append(out.text)
+            click.echo()
+            history.append({"role": "assistant", "content": "".join(reply)})

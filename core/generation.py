@@ -1,0 +1,161 @@
+"""What a generation request asks for and what comes back: engine-neutral data.
+
+``SamplingParams`` is validated once, here, with messages that name the bad field (the CLI,
+``q.pipeline`` and the server all pass through it). ``RequestOutput`` is one step's news
+about one request: the text that became final this step, the new token ids, and, when the
+request ends, why (``stop``: EOS or a stop string; ``length``: max_tokens or the context;
+``abort``: cancelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature=0`` is greedy (the default for the CLI and
+    ``q.pipeline``; the server passes OpenAI's default of 1.0). ``top_k=0`` and
+    ``top_p=1`` turn those filters off. ``seed`` makes sampling reproducible per request.
+    ``stop`` strings end the text (they are not included); ``logprobs`` asks for the
+    log-probability of each chosen token plus that many top alternatives (0 = chosen only).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self):
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(stop or ()))
+        self._check()
+
+    def _check(self) -> None:
+        def bad(field_name, value, why):
+            raise OptionError(f"invalid sampling parameter {field_name}={value!r}: {why}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens < 1:
+            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            bad("temperature", self.temperature, "must be a number in [0, 100] (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", self.seed, "must be a non-negative integer")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", self.stop, "stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+            bad("logprobs", self.logprobs, f"must be between 0 and {self.MAX_LOGPROBS}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One step's news about one request."""
+
+    request_id: str
+    text: str  # newly final text (held-back text that might start a stop string is not here)
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(repr=False)
+class Completion:
+    """A finished request (what ``generate`` returns); ``str()`` is the text."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return (f"Completion(text={self.text!r}, finish_reason={self.finish_reason!r}, "
+                f"prompt_tokens={self.prompt_tokens}, completion_tokens={len(self.token_ids)})")
+
+
+class StopStringDetector:
+    """Incremental detokenization with stop strings that may span tokens.
+
+    Each step re-decodes the completion so far, returns only text that is final: text
+    ending in an incomplete UTF-8 sequence (U+FFFD at the end) or in a prefix of any stop
+    string is held back until the next token decides it. A found stop string truncates the
+    text before it.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.emitted = 0  # characters of final text handed out so far
+        self.text = ""
+
+    def update(self, token_ids: list[int], final: bool = False) -> tuple[str, bool]:
+        """(newly final text, stop string found) after the completion grew to ``token_ids``."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        hit = self._find_stop(text)
+        if hit is not None:
+            self.text = text[:hit]
+            return self._emit(len(self.text)), True
+        self.text = text
+        if final:
+            return self._emit(len(text)), False
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        safe = min(safe, self._start_of_partial_stop(text))
+        return self._emit(max(safe, self.emitted)), False
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.emitted:upto]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+    def _find_stop(self, text: str) -> int | None:
+        # search only where a new match can start: from just before the emitted text
+        start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        hits = [i for s in self.stop if (i := text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def _start_of_partial_stop(self, text: str) -> int:
+        """Index where a suffix of ``text`` that begins some stop string starts."""
+        cut = len(text)
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    cut = min(cut, len(text) - n)
+                    break
+        return cut

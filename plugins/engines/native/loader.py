@@ -1,0 +1,174 @@
+"""Build a transformers model skeleton on the meta device and fill it from a checkpoint.
+
+Quantized Linears become :class:`QuantLinear` modules built straight from the format
+reader's QuantizedTensor (or, for online quantization, from the scheme's output for one
+bf16 tensor at a time), so no float copy of a quantized layer ever exists. Everything else
+(embeddings, norms, biases, unquantized Linears) is read tensor by tensor into the compute
+dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+import torch
+from torch import nn
+
+from q.api import detect_format, make_recipe
+from q.errors import CheckpointError, IncompatibleError
+from q.planning import build_entries
+from q.source import ModelSource, model_dtype
+
+from .layers import QuantLinear
+
+log = logging.getLogger("q.engine")
+
+# transformers model_type values the engine is tested with (tests/test_engine_archs.py).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+# Checkpoint tensors the engine does not use: static activation / KV-cache scales (the engine
+# quantizes activations dynamically) and rotary tables some exporters save.
+IGNORED_TENSORS = re.compile(r"\.(input_scale|k_scale|v_scale|output_scale|rotary_emb\.inv_freq)$")
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Create parameters on the meta device but buffers (rotary tables) for real.
+
+    ``nn.Linear`` registers an empty weight and then initializes it; moving it to meta at
+    registration makes both free, so building the skeleton of any size costs nothing.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def compute_dtype_for(device: torch.device, config: dict) -> torch.dtype:
+    """fp32 on CPU (bf16 matmul is 5-10x slower there); the model's half dtype on GPUs."""
+    if device.type == "cpu":
+        return torch.float32
+    dtype = model_dtype(config)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def build_skeleton(config: dict, dtype: torch.dtype, path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        arch = (config.get("architectures") or [model_type])[0]
+        raise IncompatibleError(
+            f"{path}: the native engine has no model skeleton for '{arch}' (model_type "
+            f"'{model_type}'); supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+            "`q export --format vllm` writes a checkpoint vLLM can serve instead"
+        )
+    clean = {k: v for k, v in config.items() if k != "quantization_config"}
+    hf_config = AutoConfig.for_model(**clean)
+    with parameters_on_meta():
+        # transformers picks SDPA where the architecture supports it (Gemma 2 is eager)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model.eval()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or attr not in module._parameters:
+        raise CheckpointError(f"checkpoint tensor '{name}' has no place in the "
+                              f"{type(model).__name__} skeleton; is config.json the right one?")
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+class LoadReport:
+    """What loading did: quantized layers, kernel paths, ignored tensors (for logs/tests)."""
+
+    def __init__(self):
+        self.quantized: dict[str, QuantLinear] = {}
+        self.ignored: list[str] = []
+        self.recipe = None
+        self.format = "unquantized"
+
+
+def load_model(path, *, device: torch.device, scheme: str | None = None,
+               args: dict | None = None, ignore=(), ragged: str = "skip", impl: str = "auto",
+               progress=None):
+    """(model, tokenizer-free config dict, LoadReport) for a checkpoint or an online recipe."""
+    source = ModelSource(path)
+    fmt, reader = detect_format(source)
+    report = LoadReport()
+    dtype = compute_dtype_for(device, source.config)
+    model = build_skeleton(source.config, dtype, source.path)
+
+    quantized: dict[str, tuple] = {}  # module -> (tensor names, make QuantizedTensor)
+    acts = None
+    if reader is not None:
+        if scheme:
+            raise IncompatibleError(
+                f"{source.path} is already quantized ({fmt.name}); drop --scheme to run it "
+                "as it is, or point at the bf16 model to quantize online")
+        report.recipe, report.format = reader.recipe, fmt.name
+        acts = reader.recipe.input_activations
+        for module, names in reader.quantized_modules().items():
+            quantized[module] = (names, lambda t, m=module: reader.decode(m, t))
+    elif scheme:
+        recipe, scheme_obj, _ = make_recipe(scheme, args, ignore=ignore, ragged=ragged,
+                                            model_dtype_=model_dtype(source.config))
+        scale_dtype = getattr(torch, recipe.scale_dtype)
+        report.recipe, report.format = recipe, f"online {recipe.scheme}"
+        acts = recipe.input_activations
+        for entry in build_entries(source, recipe, scheme_obj.alignment(recipe.args)):
+            if entry.action == "quantize":
+                quantized[entry.module] = ([entry.name], lambda t, n=entry.name: (
+                    scheme_obj.quantize_weight(n, t[n], recipe.args, scale_dtype)))
+
+    consumed = set()
+    items = list(quantized.items())
+    for module, (names, make) in (progress(items, "loading quantized layers")
+                                  if progress else items):
+        qt = make({n: source.read(n) for n in names})
+        bias_name = f"{module}.bias"
+        bias = source.read(bias_name).to(dtype) if bias_name in source.tensors else None
+        layer = QuantLinear(qt, acts, bias, device, impl, name=module)
+        _set_submodule(model, module, layer)
+        report.quantized[module] = layer
+        consumed.update(names)
+        consumed.add(bias_name)
+    for name in source.names():
+        if name in consumed:
+            continue
+        if IGNORED_TENSORS.search(name):
+            report.ignored.append(name)
+            continue
+        _set_tensor(model, name, source.read(name).to(dtype).to(device))
+    if report.ignored:
+        log.info("ignored %d tensors the engine does not use (e.g. %s)", len(report.ignored),
+                 report.ignored[0])
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{source.path}: the checkpoint has no tensor for {len(missing)} model parameters "
+            f"(first: {', '.join(missing[:3])}); is it complete?")
+    model.to(device)
+    return model, source, report

@@ -1,0 +1,66 @@
+"""The reference the native engine is checked against: transformers itself.
+
+transformers runs the *dequantized* checkpoint in fp32. For W8A8 schemes the engine also
+quantizes activations, so the reference gets the same fake quantization as a forward
+pre-hook on each quantized Linear (quantize with the reference op, dequantize in fp32):
+then both compute the same function and logits agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.numerics import codes_to_float, mul_blocks_
+
+
+def fake_quant_activation(x: torch.Tensor, acts: dict) -> torch.Tensor:
+    fp8 = torch.float8_e5m2 if acts.get("fp8_dtype") == "e5m2" else torch.float8_e4m3fn
+    qdtype = torch.int8 if acts["type"] == "int" else fp8
+    group = acts.get("group_size") if acts["strategy"] == "group" else None
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_activation(x2, group, qdtype)
+    deq = mul_blocks_(codes_to_float(xq), xs, (1, group or x2.shape[1]))
+    return deq.view(x.shape).to(x.dtype)
+
+
+def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = None):
+    """fp32 transformers model of ``model_dir``, activations fake-quantized on the inputs of
+    ``quantized_modules``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if acts is not None:
+        for name in quantized_modules:
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda mod, args: (fake_quant_activation(args[0], acts),))
+    return model
+
+
+def engine_logits(session, ids: list[int]) -> torch.Tensor:
+    """Full-sequence logits from the engine's model (fp32 on CPU)."""
+    with torch.inference_mode():
+        return session.model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def greedy_transformers(model, prompt_ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens from the transformers model with its own KV cache, not stopping
+    at EOS (the engine's ``ignore_eos``: EOS may be generated, it just does not end text).
+
+    A plain loop rather than ``generate``: generate's EOS handling and logits processors
+    differ by version, and this states exactly what is compared.
+    """
+    import inspect
+
+    from transformers import DynamicCache
+
+    kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
+        else "past_key_values"
+    cache, tokens = DynamicCache(), []
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(input_ids=ids, use_cache=True, **{kwarg: cache}).logits[0, -1]
+            tokens.append(int(logits.argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens

@@ -1,0 +1,217 @@
+"""The native engine on tiny in-process models: layers, loading, architectures, batching."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import q
+from q.errors import CheckpointError, IncompatibleError, OptionError
+from q.generation import SamplingParams
+from q.testing import sqnr
+
+from .engine_reference import engine_logits, greedy_transformers, transformers_reference
+
+SCHEMES = [  # (scheme, args, ragged)
+    ("fp8-block", None, "quantize"),
+    ("fp8-dynamic", None, "skip"),
+    ("fp8-tensor", None, "skip"),
+    ("wint8", None, "skip"),
+    ("wint4", {"group_size": 64}, "skip"),
+    ("wint4", {"group_size": 32, "symmetric": False}, "skip"),
+]
+SCHEME_IDS = ["fp8-block", "fp8-dynamic", "fp8-tensor", "wint8", "wint4-g64", "wint4-asym"]
+
+
+def _layer(scheme, args, w, acts_override=None):
+    from q.api import make_recipe
+    from q.plugins.engines.native.layers import QuantLinear
+
+    recipe, scheme_obj, _ = make_recipe(scheme, args, ragged="quantize")
+    qt = scheme_obj.quantize_weight("w", w, recipe.args, torch.float32)
+    acts = recipe.input_activations if acts_override is None else acts_override
+    return QuantLinear(qt, acts, None, torch.device("cpu"), name="w"), qt, recipe
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["aligned", "ragged"])
+@pytest.mark.parametrize("scheme,args,ragged", SCHEMES, ids=SCHEME_IDS)
+def test_quant_linear_matches_dequantized_matmul(scheme, args, ragged, shape):
+    from .engine_reference import fake_quant_activation
+
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.05
+    x = torch.randn(7, shape[1])
+    layer, qt, recipe = _layer(scheme, args, w)
+    y = layer(x)
+    w_deq = qt.dequantize(torch.float32)
+    x_ref = x if recipe.input_activations is None else \
+        fake_quant_activation(x, recipe.input_activations)
+    exact = x_ref @ w_deq.T
+    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)
+    # and against the unquantized layer, within what the scheme promises
+    assert sqnr(x @ w.T, y) > (25.0 if recipe.input_activations else 14.0)
+
+
+def test_quant_linear_keeps_weights_quantized():
+    w = torch.randn(256, 384)
+    layer, qt, _ = _layer("wint4", {"group_size": 64}, w)
+    assert layer.qdata.dtype == torch.uint8 and layer.qdata.shape == (256, 192)
+    assert not any(t.is_floating_point() and t.numel() >= w.numel() for t in layer.buffers())
+    layer, _, _ = _layer("fp8-block", None, w)
+    assert layer.kind == "block" and layer.qdata.dtype == torch.float8_e4m3fn
+
+
+def test_kernel_path_logged_once_per_kind(tiny_llama, caplog):
+    from q.plugins.engines.native import layers
+
+    layers._logged_kinds.clear()
+    with caplog.at_level(logging.INFO, logger="q.engine"):
+        q.load_engine(tiny_llama(), scheme="fp8-dynamic")
+    paths = [r.message for r in caplog.records if "scaled_gemm" in r.message]
+    assert len(paths) == 1, paths
+    assert "torch reference in fp32 (tensors are on the CPU)" in paths[0]
+
+
+def test_triton_on_cpu_falls_back_and_says_so(tiny_llama, caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from q.kernels import dispatch
+
+    dispatch._warned.clear()
+    session = q.load_engine(tiny_llama(), scheme="wint8", impl="triton")
+    with caplog.at_level(logging.WARNING, logger="q.kernels"):
+        out = session.generate([[5, 6, 7]], max_tokens=3, ignore_eos=True)
+    assert len(out[0].token_ids) == 3
+    assert any("running the torch reference" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("scheme,args,ragged", SCHEMES, ids=SCHEME_IDS)
+def test_online_quantization_equals_offline(tiny_llama, tmp_path, scheme, args, ragged):
+    model = tiny_llama(intermediate=320)  # 320: ragged for 128-blocks, fine for groups of 32/64
+    out = q.quantize(model, scheme, tmp_path / "out", args=args, ragged=ragged,
+                     progress=False).output
+    offline = q.load_engine(out)
+    online = q.load_engine(model, scheme=scheme, args=args, ragged=ragged)
+    a, b = offline.report.quantized, online.report.quantized
+    assert a.keys() == b.keys() and len(a) == 7
+    for name in a:
+        for attr in ("qdata", "scale", "zero_point"):
+            x, y = getattr(a[name], attr), getattr(b[name], attr)
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype.itemsize
+                                                          == 1 else x, y.view(torch.uint8)
+                                                          if y.dtype.itemsize == 1 else y), name
+
+
+@pytest.mark.parametrize("scheme,args,ragged", SCHEMES, ids=SCHEME_IDS)
+def test_engine_matches_transformers_on_dequantized(tiny_llama, tmp_path, scheme, args, ragged):
+    model = tiny_llama(layers=2)
+    out = q.quantize(model, scheme, tmp_path / "out", args=args, ragged=ragged,
+                     progress=False).output
+    deq = q.dequantize(out, tmp_path / "deq", dtype="float32", progress=False).output
+    session = q.load_engine(out)
+    acts = session.report.recipe.input_activations
+    ref = transformers_reference(deq, session.report.quantized, acts)
+    ids = [3, 17, 99, 250, 4, 8, 400, 21]
+    got = engine_logits(session, ids)
+    with torch.inference_mode():
+        want = ref(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    engine_tokens = session.generate([ids], max_tokens=12, ignore_eos=True)[0].token_ids
+    assert engine_tokens == greedy_transformers(ref, ids, 12)
+
+
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma": ("GemmaConfig", {}),
+    "gemma2": ("Gemma2Config", {"sliding_window": 4096}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architectures_match_transformers(arch, tmp_path):
+    import transformers
+
+    from .conftest import save_tiny_tokenizer
+
+    cls_name, extra = ARCHS[arch]
+    cfg = getattr(transformers, cls_name)(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_hidden_layers=2, vocab_size=512, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    session = q.load_engine(tmp_path, scheme="wint8")
+    deq = q.dequantize(q.quantize(tmp_path, "wint8", tmp_path / "o", progress=False).output,
+                       tmp_path / "d", dtype="float32", progress=False).output
+    ref = transformers_reference(deq)
+    ids = [5, 6, 7, 300, 2]
+    with torch.inference_mode():
+        want = ref(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(engine_logits(session, ids), want, rtol=1e-4, atol=1e-4)
+    assert session.generate([ids], max_tokens=6, ignore_eos=True)[0].token_ids == \
+        greedy_transformers(ref, ids, 6)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    from .conftest import write_safetensors
+
+    write_safetensors(tmp_path, {"wte.weight": torch.zeros(4, 4)},
+                      {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(IncompatibleError, match="GPT2LMHeadModel.*supported: llama"):
+        q.load_engine(tmp_path)
+
+
+def test_unknown_format_names_what_was_tried(tiny_llama, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_llama(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        q.load_engine(tmp_path / "m")
+    assert "awq" in str(err.value) and "hf-fp8" in str(err.value) \
+        and "compressed-tensors" in str(err.value)
+
+
+def test_not_a_model_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        q.load_engine(tmp_path)
+
+
+def test_prompt_longer_than_context(tiny_llama):
+    session = q.load_engine(tiny_llama())
+    with pytest.raises(OptionError, match="context is 2048 tokens"):
+        session.add_request([5] * 2048)
+    with pytest.raises(OptionError, match="empty"):
+        session.add_request([])
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -1}, {"top_p": 0},
+    {"top_p": 1.5}, {"top_k": -1}, {"seed": -2}, {"stop": [""]}, {"logprobs": 99},
+    {"max_tokens": 2.5},
+])
+def test_invalid_sampling_parameters(bad):
+    field = next(iter(bad))
+    with pytest.raises(OptionError, match=f"invalid sampling parameter {field}="):
+        SamplingParams(**bad)
+
+
+def test_generation_stops_at_max_tokens_and_context(tiny_llama):
+    session = q.load_engine(tiny_llama())
+    out = session.generate([[5, 6]], max_tokens=5, ignore_eos=True)[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    session.context_length = 6
+    out = session.generate([[5, 6]], max_tokens=50, ignore_eos=True)[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
