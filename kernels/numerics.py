@@ -102,8 +102,8 @@ def unit_scale_for_zero(amax: torch.Tensor, qmax: float, scale_dtype: torch.dtyp
 
 
 # fp8 -> fp32 through fp16 bit patterns: torch's own fp8 cast runs element by element on CPU
-# (1.9 ms for a 1536x576 weight on this project's machine), while int16 shifts and the
-# fp16 -> fp32 cast are vectorized (0.44 ms; tests/bench/bench_engine_cpu.py --ops).
+# (1.75 ms for a 1536x576 weight on this project's machine), while int16 shifts and the
+# fp16 -> fp32 cast are vectorized (0.33 ms; tests/bench/bench_engine_cpu.py --ops).
 # e5m2 is the top byte of an fp16. e4m3 (bias 7) shifted into fp16's exponent/mantissa
 # fields (bias 15) is the value times 2^-8, subnormals included; one multiply undoes that.
 def fp8_to_float(codes: torch.Tensor) -> torch.Tensor:

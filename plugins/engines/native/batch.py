@@ -22,11 +22,12 @@ def _left_pad(t: torch.Tensor, extra: int) -> torch.Tensor:
 
 
 class PaddedBatch:
-    """KV tensors ``[B, heads, T, head_dim]`` per layer plus each row's real length."""
+    """One transformers ``DynamicCache`` (``[B, heads, T, head_dim]`` per layer) plus each
+    row's real length. The cache object persists across steps and grows in place during
+    decode; join and leave rewrite its layer tensors."""
 
     def __init__(self):
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.cache = None
         self.lengths: list[int] = []
 
     @property
@@ -35,7 +36,7 @@ class PaddedBatch:
 
     @property
     def width(self) -> int:
-        return self.keys[0].shape[-2] if self.keys else 0
+        return self.cache.layers[0].keys.shape[-2] if self.lengths else 0
 
     def attention_mask(self, new_tokens: int, device) -> torch.Tensor:
         """``[B, T + new]`` with 1 on real positions (the new tokens included)."""
@@ -47,42 +48,34 @@ class PaddedBatch:
     def position_ids(self, device) -> torch.Tensor:
         return torch.tensor(self.lengths, device=device).unsqueeze(1)
 
-    def as_cache(self):
-        """A transformers DynamicCache over these tensors (a forward pass grows it)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values)))
-
-    def absorb(self, cache, new_tokens: int) -> None:
-        """Take the cache a forward pass grew by ``new_tokens`` columns for every row."""
-        self.keys = [layer.keys for layer in cache.layers]
-        self.values = [layer.values for layer in cache.layers]
+    def grew(self, new_tokens: int) -> None:
+        """A forward pass appended ``new_tokens`` columns to every row of the cache."""
         self.lengths = [n + new_tokens for n in self.lengths]
 
     def join(self, cache, length: int) -> None:
         """Append one request's prefill cache (``[1, heads, length, dim]`` per layer)."""
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
         if not self.lengths:
-            self.keys, self.values, self.lengths = keys, values, [length]
+            self.cache, self.lengths = cache, [length]
             return
         width = max(self.width, length)
-        self.keys = [torch.cat([_left_pad(a, width - a.shape[-2]), _left_pad(b, width - length)])
-                     for a, b in zip(self.keys, keys)]
-        self.values = [torch.cat([_left_pad(a, width - a.shape[-2]),
-                                  _left_pad(b, width - length)])
-                       for a, b in zip(self.values, values)]
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width - mine.keys.shape[-2]),
+                                   _left_pad(theirs.keys, width - length)])
+            mine.values = torch.cat([_left_pad(mine.values, width - mine.values.shape[-2]),
+                                     _left_pad(theirs.values, width - length)])
         self.lengths.append(length)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order) and drop columns no remaining row uses."""
         if not rows:
-            self.keys, self.values, self.lengths = [], [], []
+            self.cache, self.lengths = None, []
             return
         if rows == list(range(self.size)):
             return
-        index = torch.tensor(rows, device=self.keys[0].device)
+        index = torch.tensor(rows, device=self.cache.layers[0].keys.device)
+        width = self.width
         self.lengths = [self.lengths[r] for r in rows]
-        start = self.width - max(self.lengths)
-        self.keys = [k.index_select(0, index)[..., start:, :] for k in self.keys]
-        self.values = [v.index_select(0, index)[..., start:, :] for v in self.values]
+        start = width - max(self.lengths)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+            layer.values = layer.values.index_select(0, index)[..., start:, :]

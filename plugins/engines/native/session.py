@@ -154,14 +154,13 @@ class NativeSession(Session):
     def _decode(self) -> torch.Tensor:
         batch = self._batch
         last = torch.tensor([[r.out_ids[-1]] for r in self._running], device=self.device)
-        cache = batch.as_cache()
         # no padding (one row, or equal lengths): no mask, the model's own causal path
         padded = len(set(batch.lengths)) > 1
         mask = batch.attention_mask(1, self.device) if padded else None
         out = self.model(input_ids=last, attention_mask=mask,
                          position_ids=batch.position_ids(self.device), use_cache=True,
-                         **{self._cache_kwarg: cache})
-        batch.absorb(cache, 1)
+                         **{self._cache_kwarg: batch.cache})
+        batch.grew(1)
         return out.logits[:, -1].float()
 
     def _advance(self, req: _Request, logits: torch.Tensor) -> RequestOutput:
