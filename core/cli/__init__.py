@@ -17,9 +17,9 @@ def cli():
 
 
 def _build() -> click.Group:
-    from . import convert, generate, info, quantize
+    from . import client, convert, generate, info, quantize, serve
 
-    for module in (quantize, convert, info, generate):
+    for module in (quantize, convert, info, generate, serve, client):
         module.add_commands(cli)
     try:
         from ..plugin_manager import get_plugin_manager
