@@ -215,3 +215,13 @@ def test_generation_stops_at_max_tokens_and_context(tiny_llama):
     session.context_length = 6
     out = session.generate([[5, 6]], max_tokens=50, ignore_eos=True)[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_checkpoint_without_tokenizer_is_named(tiny_llama, tmp_path):
+    import shutil
+
+    for f in tiny_llama().iterdir():
+        if "token" not in f.name and f.name != "special_tokens_map.json":
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(CheckpointError, match="has no tokenizer.*copy the tokenizer files"):
+        q.load_engine(tmp_path)

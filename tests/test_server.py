@@ -261,3 +261,28 @@ def test_full_queue_answers_429(tiny_llama):
                 assert third.status_code == 429, third.text
                 assert third.json()["error"]["code"] == "queue_full"
                 assert second.status_code == 200
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(server):
+    url, app = server
+    loop = app.state.engine_loop
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", timeout=httpx.Timeout(10, read=1.0), json={
+            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
+            "ignore_eos": True})
+    deadline = time.time() + 10
+    while (loop.running() or loop.waiting()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert loop.running() == 0 and loop.waiting() == 0
+
+
+def test_serve_command_defaults_and_refusals(tiny_llama):
+    from click.testing import CliRunner
+
+    from q.cli import _build
+
+    help_text = CliRunner().invoke(_build(), ["serve", "--help"]).output
+    assert "127.0.0.1" in help_text and "23333" in help_text and "Q_API_KEY" in help_text
+    result = CliRunner().invoke(_build(), ["serve", str(tiny_llama()), "-tp", "2"])
+    assert result.exit_code != 0
+    assert "--engine vllm" in str(result.exception or result.output)
