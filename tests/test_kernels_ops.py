@@ -240,7 +240,8 @@ def test_unavailable_reason_follows_the_environment(monkeypatch):
     assert not dispatch.use_triton("reference", cpu, "op")
 
 
-def test_launch_configs_are_data_with_buckets_and_overrides():
+def test_launch_configs_are_data_with_buckets_and_overrides(monkeypatch):
+    from q.kernels import configs
     from q.kernels.configs import launch_config, m_bucket
 
     assert [m_bucket(m) for m in (1, 2, 16, 17, 128, 1000, 1024, 4096, 10**6)] == \
@@ -253,8 +254,13 @@ def test_launch_configs_are_data_with_buckets_and_overrides():
                 if key in cfg:
                     assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0, (op, m, key)
     # a per-shape entry overrides its bucket; other shapes keep the bucket's values
-    assert launch_config("weight_only_gemm", 1, 4096, 14336)["SPLIT_K"] == 4
-    assert launch_config("weight_only_gemm", 1, 4096, 4096)["SPLIT_K"] == 1
+    table = {"default": {"SPLIT_K": 1, "BLOCK_N": 64}, "m": {"1": {"BLOCK_N": 32}},
+             "nk": {"4096x14336": {"1": {"SPLIT_K": 4}}}}
+    with monkeypatch.context() as patch:
+        patch.setattr(configs, "_table", lambda op: table)
+        assert launch_config("x", 1, 4096, 14336) == {"SPLIT_K": 4, "BLOCK_N": 32}
+        assert launch_config("x", 1, 4096, 4096) == {"SPLIT_K": 1, "BLOCK_N": 32}
+        assert launch_config("x", 200, 4096, 14336) == {"SPLIT_K": 1, "BLOCK_N": 64}
     cfg = launch_config("weight_only_gemm", 1)
     cfg["BLOCK_N"] = 0  # a fresh dict each call: callers may update it
     assert launch_config("weight_only_gemm", 1)["BLOCK_N"] != 0

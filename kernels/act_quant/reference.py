@@ -43,7 +43,10 @@ def quantize_activation(
     if k % g:
         xf = torch.nn.functional.pad(xf, (0, groups * g - k))
     xg = xf.view(m, groups, g)
-    scale = xg.abs().amax(dim=-1).clamp(min=eps) / qmax
+    amax = xg.abs().amax(dim=-1).clamp(min=eps)
+    # tensor / tensor: IEEE division on every device (CUDA turns ``tensor / python_float``
+    # into a multiply by the reciprocal, which rounds differently: seen on an H200)
+    scale = amax / torch.full_like(amax, qmax)
     v = xg / scale.unsqueeze(-1)
     if qdtype == torch.int8:
         v = torch.round(v)

@@ -27,9 +27,20 @@ from ..numerics import ceil_div
 from .reference import AMAX_EPS, qmax_of
 
 # round-half-even of |v| < 2**22 in fp32: (v + 1.5 * 2**23) - 1.5 * 2**23
-_RNE_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 # (mantissa bits, smallest normal exponent) of each fp8 format
 _FP8_GRID = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even, exactly, for |v| < 2^23. No magic-number add/subtract: the GPU
+    compiler may fold ``(v + c) - c`` to ``v`` (seen on an H200: codes differed from the
+    reference), and libdevice's rint does not exist in the interpreter."""
+    f = tl.floor(v)
+    d = v - f  # exact: v and floor(v) share the exponent range
+    odd = (f.to(tl.int32) & 1) == 1
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
 
 
 @triton.jit
@@ -40,10 +51,11 @@ def _round_to_fp8_grid(v, DROP: tl.constexpr, HALF: tl.constexpr, KEEP: tl.const
     bits = v.to(tl.int32, bitcast=True)
     # normal range: round the fp32 mantissa to the fp8 width; a carry moves into the exponent
     normal = (bits + HALF + ((bits >> DROP) & 1)) & KEEP
-    # subnormal range: fixed spacing, rounded by adding and removing a magic number; keep the
-    # sign of zero
+    # subnormal range: fixed spacing SUB_MAGIC (a power of two, so the scaling is exact),
+    # rounded half to even; keep the sign of zero
     mag = tl.abs(v)
-    sub = ((mag + SUB_MAGIC) - SUB_MAGIC).to(tl.int32, bitcast=True) | (bits & -2147483648)
+    sub = (_rint(tl.math.div_rn(mag, SUB_MAGIC)) * SUB_MAGIC).to(tl.int32, bitcast=True) | \
+        (bits & -2147483648)
     return tl.where(mag < MIN_NORMAL, sub, normal).to(tl.float32, bitcast=True)
 
 
@@ -54,7 +66,7 @@ def _codes(x, scale, qmax, IS_INT: tl.constexpr, DROP: tl.constexpr, HALF: tl.co
     v = tl.clamp(v, -qmax, qmax)
     if IS_INT:
         # clamp-then-round equals the reference's round-then-clamp (integer bounds)
-        v = (v + _RNE_MAGIC) - _RNE_MAGIC
+        v = _rint(v)
     else:
         v = _round_to_fp8_grid(v, DROP, HALF, KEEP, SUB_MAGIC, MIN_NORMAL)
     return v
@@ -65,7 +77,7 @@ def _fp8_grid(qdtype: torch.dtype) -> dict:
     mant, min_exp = _FP8_GRID.get(qdtype, (2, -14))
     drop = 23 - mant
     return {"DROP": drop, "HALF": (1 << (drop - 1)) - 1, "KEEP": ~((1 << drop) - 1),
-            "SUB_MAGIC": 1.5 * 2.0 ** (23 + min_exp - mant), "MIN_NORMAL": 2.0 ** min_exp}
+            "SUB_MAGIC": 2.0 ** (min_exp - mant), "MIN_NORMAL": 2.0 ** min_exp}
 
 
 @triton.jit
