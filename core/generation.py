@@ -56,16 +56,21 @@ class SamplingParams:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", self.seed, "must be a non-negative integer")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            bad("seed", self.seed, "must be an integer in [0, 2^63)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", self.stop, "stop strings must be non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             bad("logprobs", self.logprobs, f"must be between 0 and {self.MAX_LOGPROBS}")
 
+    # below this a temperature is greedy (vLLM's _SAMPLING_EPS): dividing logits by it
+    # would overflow fp32 to inf and the distribution to NaN
+    GREEDY_BELOW = 1e-5
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < self.GREEDY_BELOW
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..interfaces import Session
 from .engine_loop import EngineFailed, EngineLoop, QueueFull
 from .metrics import Metrics
 from .responses import ChoiceState, chat_chunk, completion_chunk, final_body, usage_of
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest, _is_utf8
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ServerSettings:
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        # messages may quote user input: make them encodable (lone surrogates become escapes)
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        param = None if param is None else param.encode("utf-8", "backslashreplace").decode()
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = \
             status, message, type_, param, code
@@ -173,7 +176,40 @@ def create_app(session: Session, settings: ServerSettings):
             await merged.aclose()
         return final_body(states, meta, chat)
 
+    app.openapi = lambda: _openapi_with_openai_errors(app)
     return app
+
+
+def _openapi_with_openai_errors(app):
+    """FastAPI documents validation failures as 422 ``HTTPValidationError``; this server
+    answers 400 with OpenAI's error body, so say that in the spec (schemathesis checks it)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    errors = {str(code): {"description": why, "content": {"application/json": {
+        "schema": error_ref}}} for code, why in (
+        (400, "invalid request"), (401, "missing or wrong API key"),
+        (404, "unknown model"), (413, "request body too large"), (429, "queue full"))}
+    for path, item in schema.get("paths", {}).items():
+        for op in item.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                responses.update(errors)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components["ErrorResponse"] = {
+        "type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    app.openapi_schema = schema
+    return schema
 
 
 def _version() -> str:
@@ -197,6 +233,9 @@ def _completion_prompts(session, prompt) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
+        if isinstance(p, str) and not _is_utf8(p):
+            raise APIError(400, "prompt must be valid UTF-8 text (no unpaired surrogates)",
+                           param="prompt")
         ids = session.tokenize(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
@@ -224,7 +263,7 @@ def _sampling(body, prompt_ids, max_tokens, settings, session, i, top_logprobs):
                             f"tokens; you asked for {len(prompt_ids) + max_tokens} "
                             f"({len(prompt_ids)} in the prompt, {max_tokens} to generate)",
                        param="max_tokens", code="context_length_exceeded")
-    seed = None if body.seed is None else body.seed + i
+    seed = None if body.seed is None else (body.seed + i) % (SEED_MAX + 1)
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                               top_p=body.top_p, top_k=max(body.top_k, 0), seed=seed,

@@ -23,8 +23,12 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+SEED_MAX = 2**63 - 1  # torch generators take a signed 64-bit seed
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no silent coercion (``true`` is not a token id, ``"4"`` is not max_tokens)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -34,7 +38,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -53,6 +57,9 @@ class _Common(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for a value q cannot honour, else None."""
+        for s in self.stop_strings():
+            if not _is_utf8(s):
+                return "stop", "stop strings must be valid UTF-8 text (no unpaired surrogates)"
         if self.presence_penalty or self.frequency_penalty:
             name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             return name, "penalties are not supported; leave it at 0"
@@ -114,6 +121,11 @@ class ChatCompletionRequest(_Common):
         if not self.messages:
             return "messages", "messages must not be empty"
         for i, m in enumerate(self.messages):
+            texts = [m.content] if isinstance(m.content, str) else \
+                [p.text or "" for p in m.content or []]
+            if not all(_is_utf8(t) for t in texts):
+                return f"messages[{i}].content", \
+                    "content must be valid UTF-8 text (no unpaired surrogates)"
             if isinstance(m.content, list):
                 for part in m.content:
                     if part.type != "text":
@@ -138,3 +150,12 @@ class ChatCompletionRequest(_Common):
             role = "system" if m.role == "developer" else m.role
             out.append({"role": role, "content": content or ""})
         return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings JSON let through that no tokenizer can encode (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

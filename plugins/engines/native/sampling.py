@@ -36,6 +36,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         return int(torch.argmax(logits))
     probs = filtered_logits(logits.float(), params).softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        # degenerate logits (inf/NaN from the model): never let one request's sampling
+        # fail the whole batch; the most likely token is the safe choice
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
