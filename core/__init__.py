@@ -5,6 +5,7 @@ transformers' model code.
 """
 
 from .api import dequantize, detect_format, execute, export, inspect, plan, quantize
+from .evaluate import EvalReport, evaluate
 from .generation import Completion, SamplingParams
 from .hookspecs import hookimpl
 from .pipeline import Pipeline, load_engine, pipeline
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "hookimpl", "QuantRecipe", "QuantizedTensor", "quantize", "plan", "execute", "export",
     "dequantize", "inspect", "detect_format", "default_model", "pipeline", "load_engine",
-    "Pipeline", "SamplingParams", "Completion", "__version__",
+    "Pipeline", "SamplingParams", "Completion", "evaluate", "EvalReport", "__version__",
 ]
 
 

@@ -18,8 +18,9 @@ def cli():
 
 def _build() -> click.Group:
     from . import client, convert, generate, info, quantize, serve
+    from . import eval as eval_cmd
 
-    for module in (quantize, convert, info, generate, serve, client):
+    for module in (quantize, convert, info, generate, eval_cmd, serve, client):
         module.add_commands(cli)
     try:
         from ..plugin_manager import get_plugin_manager

@@ -1,0 +1,530 @@
+"""``q.evaluate``: how far a quantized model is from its reference, on real held-out text.
+
+    report = q.evaluate("OUT", reference="MODEL_DIR")    # a checkpoint vs its bf16 model
+    report = q.evaluate("MODEL_DIR", scheme="wint4")     # online; the reference is MODEL_DIR
+    print(report.verdict, report.reason)
+
+Both models run through q's engine (``q.load_engine``): the quantized one as it will be
+served, the reference unquantized. They are loaded one after the other, never together:
+the reference runs first and keeps, per evaluated token, its full next-token log-softmax
+(fp32, or fp16 when that would exceed ``reference_budget`` bytes), plus the inputs and
+outputs of every Linear at ``layer_rows`` positions of the first window; then it is freed
+and the quantized model loads. Peak memory is one model plus that store (SmolLM2, 8 x 256
+tokens: 400 MB of log-probs). docs/eval.md explains every number and the verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import sys
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError, OptionError
+
+log = logging.getLogger("q.eval")
+
+DEFAULT_TEXT = "lee"  # news; calibration uses Botchan, so this stays held out
+PROMPT_TOKENS = 24  # generation prompts: the first tokens of evenly spaced windows
+MAX_TEXT_CHARS = 4_000_000  # a bigger --text is cut here: tokenizing it all buys nothing
+
+
+@dataclass
+class Thresholds:
+    """FAIL / WARN limits; ppl limits are relative increases (0.25 = +25%)."""
+
+    warn_ppl: float = 0.05
+    fail_ppl: float = 0.25
+    warn_agreement: float = 0.90
+    fail_agreement: float = 0.80
+    layer_error: float = 0.25  # a layer whose isolated error exceeds this is flagged
+
+    def check(self) -> None:
+        if not 0 <= self.warn_ppl <= self.fail_ppl:
+            raise OptionError(f"need 0 <= warn ppl ({self.warn_ppl}) <= fail ppl "
+                              f"({self.fail_ppl})")
+        if not 0 <= self.fail_agreement <= self.warn_agreement <= 1:
+            raise OptionError(f"need 0 <= fail agreement ({self.fail_agreement}) <= warn "
+                              f"agreement ({self.warn_agreement}) <= 1")
+
+
+@dataclass
+class LayerError:
+    """Relative output error ||y_q - y_ref|| / ||y_ref|| of one quantized Linear."""
+
+    name: str
+    isolated: float  # the QuantLinear on the reference's own input: the layer's own damage
+    in_model: float | None  # inside the quantized model: includes every upstream error
+    flagged: bool = False
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    flags: list[str]
+    reference_text: str | None = None
+    reference_flags: list[str] = field(default_factory=list)
+    prefix_match: float | None = None  # share of the reference's tokens matched before divergence
+
+    @property
+    def degenerate(self) -> bool:
+        """Flagged, and not just as the reference itself is (small models loop on their own)."""
+        return bool(set(self.flags) - set(self.reference_flags))
+
+
+@dataclass
+class EvalReport:
+    model: str
+    reference: str | None
+    format: str
+    text: str
+    windows: int
+    window_len: int
+    ppl: float
+    ref_ppl: float | None = None
+    ppl_increase: float | None = None
+    kl_mean: float | None = None
+    kl_p95: float | None = None
+    top1_agreement: float | None = None
+    layers: list[LayerError] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    verdict: str = "PASS"
+    reason: str = ""
+    reference_store: str = "float32"
+    seconds: float = 0.0
+    card: str | None = None  # the README.md `q eval` wrote its section into, if any
+    notes: list[str] = field(default_factory=list)
+
+    def worst(self, n: int = 5) -> list[LayerError]:
+        return self.layers[:n]
+
+    @property
+    def broken(self) -> bool:
+        """Most layers flagged: a broken checkpoint, which no --ignore list would fix."""
+        return sum(e.flagged for e in self.layers) > len(self.layers) / 2
+
+    @property
+    def suggested_ignore(self) -> list[str]:
+        """Flagged layers, worst first; if none is but the verdict is not PASS, the worst 5."""
+        if self.broken:
+            return []
+        flagged = [e.name for e in self.layers if e.flagged]
+        return (flagged or [e.name for e in self.layers if self.verdict != "PASS"])[:5]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for g, d in zip(self.generations, data["generations"]):
+            d["degenerate"] = g.degenerate
+        data["degenerate"] = sum(g.degenerate for g in self.generations)
+        data["suggested_ignore"], data["broken"] = self.suggested_ignore, self.broken
+        return _finite(data)
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity: non-finite numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: int = 256,
+             generations: int = 3, gen_tokens: int = 48, prompts: list[str] | None = None,
+             scheme: str | None = None, args: dict | None = None, ragged: str = "skip",
+             ignore=(), device: str | None = None, impl: str = "auto",
+             thresholds: Thresholds | None = None, layer_rows: int = 64,
+             reference_budget: int = 1 << 30, progress: bool | None = None) -> EvalReport:
+    """Evaluate ``model`` (a checkpoint, or a plain model + ``scheme``) against ``reference``.
+
+    ``text``: a .txt path or a corpus name of ``q.textdata`` (default: ``"lee"``, news).
+    ``reference``: the unquantized model; defaults to ``model`` itself with ``scheme``, else
+    to the source in the checkpoint's q_manifest.json when it exists; without one only
+    perplexity and generations are checked. Raises QError on bad inputs before any model
+    is loaded.
+    """
+    import torch
+
+    from .convert import bound_allocator_growth
+
+    # the CPU path dequantizes every weight in every forward; with glibc's default dynamic
+    # threshold those buffers start as fresh mmaps, zero-filled a page at a time (the first
+    # generation ran several times slower here without this)
+    bound_allocator_growth()
+    start = time.perf_counter()
+    thresholds = thresholds or Thresholds()
+    thresholds.check()
+    if windows < 1 or window_len < 8 or generations < 0 or gen_tokens < 1 or layer_rows < 1:
+        raise OptionError("need windows >= 1, window_len >= 8, generations >= 0, "
+                          "gen_tokens >= 1, layer_rows >= 1")
+    model = _model_dir(model, "the model")
+    config = json.loads((model / "config.json").read_text())
+    if scheme and "quantization_config" in config:
+        raise OptionError(f"{model} is already quantized; drop --scheme to evaluate it as it is")
+    context = config.get("max_position_embeddings")
+    if context and window_len > context:
+        raise OptionError(f"window_len {window_len} is longer than the model's context {context}")
+    reference, notes = _resolve_reference(model, reference, scheme)
+    tokenizer = _tokenizer(model)
+    if reference is not None:
+        _same_tokenizer(tokenizer, _tokenizer(reference), model, reference)
+    label, raw = _read_text(text)
+    ids, notes2 = _windows(tokenizer, raw, label, windows, window_len)
+    notes += notes2
+    prompt_ids = _prompts(tokenizer, ids, prompts, generations)
+    rows = torch.linspace(1, ids.shape[1] - 1, min(layer_rows, ids.shape[1] - 1)).round().long()
+
+    ref = None
+    if reference is not None:
+        session = _load(reference, None, None, "skip", (), device, impl)
+        ref = _run(session, ids, prompt_ids, gen_tokens, rows, None, reference_budget,
+                   "reference", progress)
+        del session
+        _free(torch)
+    session = _load(model, scheme, args, ragged, ignore, device, impl)
+    out = _run(session, ids, prompt_ids, gen_tokens, rows, ref, reference_budget, "quantized",
+               progress)
+    report = EvalReport(
+        model=str(model), reference=str(reference) if reference else None,
+        format=session.report.format, text=label, windows=ids.shape[0],
+        window_len=ids.shape[1], ppl=out["ppl"], thresholds=thresholds, notes=notes,
+        reference_store=ref["store"] if ref else "none")
+    if ref is not None:
+        report.ref_ppl = ref["ppl"]
+        report.ppl_increase = out["ppl"] / ref["ppl"] - 1
+        report.kl_mean, report.kl_p95 = out["kl_mean"], out["kl_p95"]
+        report.top1_agreement = out["agreement"]
+        report.layers = _layer_errors(session, ref["io"], out["io"], thresholds.layer_error)
+        if report.broken:
+            notes.append("most quantized layers are far off: the checkpoint looks broken (wrong "
+                         "scales?), not hurt by a few sensitive layers")
+    report.generations = _generations(tokenizer, prompt_ids, out, ref)
+    del session
+    _free(torch)
+    report.verdict, report.reason = verdict(report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def _model_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{what} {path} is not a model directory (no config.json); give "
+                              "a Hugging Face model directory or a checkpoint `q quantize` wrote")
+    return path
+
+
+def _resolve_reference(model: Path, reference, scheme) -> tuple[Path | None, list[str]]:
+    if reference is not None:
+        ref = _model_dir(reference, "the reference")
+        quantized = "quantization_config" in json.loads((ref / "config.json").read_text())
+        return ref, ["the reference is itself quantized"] if quantized else []
+    if scheme is not None:  # online quantization: the unquantized model is right here
+        return model, []
+    manifest = model / "q_manifest.json"
+    source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    if source and (Path(source) / "config.json").is_file():
+        return Path(source), [f"reference taken from q_manifest.json: {source}"]
+    return None, ["no reference: KL, agreement and layer errors need --reference MODEL_DIR"]
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: the tokenizer does not load: {exc}") from None
+
+
+def _same_tokenizer(a, b, model: Path, reference: Path) -> None:
+    """KL and agreement compare distributions token by token: the vocabularies must match."""
+    if len(a) != len(b):
+        raise CheckpointError(
+            f"the tokenizers differ: {model} has {len(a)} tokens, the reference {reference} "
+            f"{len(b)}; compare a checkpoint with the model it was made from")
+    va, vb = a.get_vocab(), b.get_vocab()
+    differ = sum(va.get(tok) != i for tok, i in vb.items())
+    if differ:
+        raise CheckpointError(f"the tokenizers differ: {differ} of {len(vb)} tokens of the "
+                              f"reference {reference} have another id in {model}")
+
+
+def _read_text(text) -> tuple[str, str]:
+    from .textdata import SOURCES, real_text
+
+    if text is None or (isinstance(text, str) and text in SOURCES):
+        name = text or DEFAULT_TEXT
+        return f"{name} ({SOURCES[name].file})", real_text(name)
+    path = Path(text)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OptionError(f"--text {path}: cannot read it ({exc.strerror})") from None
+    try:
+        raw = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"--text {path} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    if not raw.strip():
+        raise OptionError(f"--text {path} is empty")
+    return str(path), raw[:MAX_TEXT_CHARS]
+
+
+def _windows(tokenizer, raw: str, label: str, windows: int, window_len: int):
+    """[n, window_len] token ids: non-overlapping windows spread evenly over the text.
+
+    Each window starts with what the tokenizer puts before any text (BOS for Llama/Gemma,
+    nothing for SmolLM2): models like Gemma are off-distribution without it.
+    """
+    import torch
+
+    prefix = tokenizer("").input_ids
+    body = window_len - len(prefix)
+    tokens = tokenizer(raw, add_special_tokens=False, verbose=False).input_ids  # no warning
+    if len(tokens) < body:
+        raise OptionError(f"--text {label} has {len(tokens)} tokens; one window needs {body} "
+                          f"(--window-len {window_len}); give a longer text or a shorter window")
+    count, notes = min(windows, len(tokens) // body), []
+    if count < windows:
+        notes.append(f"the text holds only {count} windows of {window_len} tokens, not {windows}")
+    stride = (len(tokens) - body) // (count - 1) if count > 1 else 0
+    rows = [prefix + tokens[i * stride:i * stride + body] for i in range(count)]
+    return torch.tensor(rows), notes
+
+
+def _prompts(tokenizer, ids, prompts, n) -> list[list[int]]:
+    if prompts:
+        return [tokenizer(p).input_ids for p in prompts]
+    picks = [round(i * (ids.shape[0] - 1) / max(n - 1, 1)) for i in range(n)]
+    return [ids[i, :PROMPT_TOKENS].tolist() for i in picks]
+
+
+# --- running the models ---------------------------------------------------------------------
+
+
+def _load(path, scheme, args, ragged, ignore, device, impl):
+    from .pipeline import load_engine
+
+    session = load_engine(path, scheme=scheme, args=args, ragged=ragged, ignore=ignore,
+                          device=device, impl=impl)
+    if not hasattr(session, "model"):
+        raise OptionError("q eval needs an engine that exposes its model (the native engine)")
+    return session
+
+
+def _free(torch) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _bar(enabled: bool | None, description: str, total: int):
+    """Yields ``advance(n)``: a rich bar on stderr when it is a terminal (or enabled=True)."""
+    if not (sys.stderr.isatty() if enabled is None else enabled):
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def _capture(modules: dict, rows, keep_inputs: bool, io: dict):
+    """Record each module's input (optionally) and output at ``rows`` of a [1, L, *] call."""
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            y = output.reshape(-1, output.shape[-1])
+            io[name] = (x[rows].detach().cpu() if keep_inputs else None, y[rows].detach().cpu())
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(session, ids, prompt_ids, gen_tokens, rows, ref, budget, label, progress) -> dict:
+    """Forward every window (NLL, and KL/agreement against ``ref``), then generate."""
+    import torch
+    from torch import nn
+
+    model, device = session.model, session.device
+    n, length = ids.shape
+    vocab = model.get_output_embeddings().out_features
+    store = torch.float32 if n * (length - 1) * vocab * 4 <= budget else torch.float16
+    if ref is None:  # the reference: hook every Linear, the quantized twin is not known yet
+        modules = {k: m for k, m in model.named_modules() if isinstance(m, nn.Linear)}
+    else:
+        modules = dict(session.report.quantized)
+    out = {"logprobs": [], "argmax": [], "io": {}, "store": str(store).removeprefix("torch.")}
+    nll, kls, agree = [], [], []
+    with _bar(progress, f"{label}: windows", n) as advance, torch.inference_mode():
+        for w in range(n):
+            x = ids[w:w + 1].to(device)
+            hooks = _capture(modules, rows, ref is None, out["io"]) if w == 0 else \
+                contextlib.nullcontext()
+            with hooks:
+                logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll.append(-logp.gather(1, x[0, 1:, None]).squeeze(1).cpu())
+            if ref is None:
+                out["logprobs"].append(logp.to(store).cpu())
+                out["argmax"].append(logp.argmax(-1).cpu())
+            else:
+                lp_ref = ref["logprobs"][w].to(device).float()
+                p_ref = lp_ref.exp()
+                # 0 * log 0 = 0: a token the reference rules out adds nothing (not NaN)
+                term = torch.where(p_ref > 0, p_ref * (lp_ref - logp), 0.0)
+                kls.append(term.sum(-1).cpu())
+                agree.append((logp.argmax(-1).cpu() == ref["argmax"][w]).float())
+            advance()
+    out["ppl"] = math.exp(torch.cat(nll).double().mean().item())
+    if ref is not None:
+        kl = torch.cat(kls).double()
+        out["kl_mean"], out["kl_p95"] = kl.mean().item(), kl.quantile(0.95).item()
+        out["agreement"] = torch.cat(agree).mean().item()
+    out["generated"] = _generate(session, prompt_ids, gen_tokens, label, progress)
+    return out
+
+
+def _generate(session, prompt_ids, gen_tokens, label, progress) -> list[list[int]]:
+    """Greedy continuations (EOS ends one early), batched through the session's scheduler."""
+    from .generation import SamplingParams
+
+    params = SamplingParams(max_tokens=gen_tokens, temperature=0.0)
+    rids = [session.add_request(p, params) for p in prompt_ids]
+    tokens: dict[str, list[int]] = {r: [] for r in rids}
+    pending = set(rids)
+    with _bar(progress, f"{label}: generating", len(rids) * gen_tokens) as advance:
+        while pending:
+            for o in session.step():
+                if o.request_id in tokens:
+                    tokens[o.request_id].extend(o.token_ids)
+                    advance(len(o.token_ids))
+                    if o.finished:
+                        pending.discard(o.request_id)
+    eos = session.eos_token_ids
+    return [[t for t in tokens[r] if t not in eos] for r in rids]
+
+
+# --- metrics and verdict ------------------------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+    b = b.float()
+    return ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _layer_errors(session, ref_io: dict, q_io: dict, flag_above: float) -> list[LayerError]:
+    """Isolated and in-model errors of every QuantLinear, worst isolated first."""
+    import torch
+
+    layers = []
+    with torch.inference_mode():
+        for name, layer in session.report.quantized.items():
+            if name not in ref_io:  # the reference has no such Linear (another architecture)
+                continue
+            x_ref, y_ref = ref_io[name]
+            y_iso = layer(x_ref.to(session.device)).cpu()
+            in_model = _rel(q_io[name][1], y_ref) if name in q_io else None
+            iso = _rel(y_iso, y_ref)
+            layers.append(LayerError(name, iso, in_model, not iso <= flag_above))
+    return sorted(layers, key=lambda e: -e.isolated if math.isfinite(e.isolated) else -math.inf)
+
+
+def degenerate_flags(token_ids: list[int], text: str) -> list[str]:
+    """What is wrong with one greedy continuation: empty, one-token, loop, garbage."""
+    flags = []
+    n = len(token_ids)
+    if not text.strip():
+        flags.append("empty")
+    if n >= 8 and Counter(token_ids).most_common(1)[0][1] > n / 2:
+        flags.append("one token repeated")
+    for p in range(1, min(16, n // 3) + 1):
+        run = 0  # length of the tail where every token equals the one p before it
+        while run < n - p and token_ids[n - 1 - run] == token_ids[n - 1 - run - p]:
+            run += 1
+        if run + p >= max(3 * p, n / 2):  # >= 3 repetitions covering half the output
+            flags.append(f"loop of {p} tokens")
+            break
+    chars = [c for c in text if not c.isspace()]
+    bad = sum(c == "\ufffd" or unicodedata.category(c).startswith("C") for c in chars)
+    if chars and bad > 0.1 * len(chars):
+        flags.append("garbage characters")
+    return flags
+
+
+def _generations(tokenizer, prompt_ids, out, ref) -> list[Generation]:
+    gens = []
+    for i, (prompt, toks) in enumerate(zip(prompt_ids, out["generated"])):
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        g = Generation(tokenizer.decode(prompt, skip_special_tokens=True), text,
+                       degenerate_flags(toks, text))
+        if ref is not None:
+            rtoks = ref["generated"][i]
+            g.reference_text = tokenizer.decode(rtoks, skip_special_tokens=True)
+            g.reference_flags = degenerate_flags(rtoks, g.reference_text)
+            same = next((j for j, (a, b) in enumerate(zip(toks, rtoks)) if a != b),
+                        min(len(toks), len(rtoks)))
+            g.prefix_match = same / max(len(rtoks), 1)
+        gens.append(g)
+    return gens
+
+
+def verdict(r: EvalReport) -> tuple[str, str]:
+    """PASS / WARN / FAIL and one line saying why (docs/eval.md lists the rules)."""
+    t, fails, warns = r.thresholds, [], []
+    if not math.isfinite(r.ppl):
+        fails.append("the quantized model's log-probabilities are not finite")
+    if r.ppl_increase is not None and math.isfinite(r.ppl):
+        msg = f"perplexity {100 * r.ppl_increase:+.1f}% vs the reference"
+        if r.ppl_increase > t.fail_ppl:
+            fails.append(f"{msg} (fail above +{100 * t.fail_ppl:g}%)")
+        elif r.ppl_increase > t.warn_ppl:
+            warns.append(f"{msg} (warn above +{100 * t.warn_ppl:g}%)")
+    if r.top1_agreement is not None:
+        msg = f"top-1 agreement {r.top1_agreement:.3f}"
+        if r.top1_agreement < t.fail_agreement:
+            fails.append(f"{msg} (fail below {t.fail_agreement:g})")
+        elif r.top1_agreement < t.warn_agreement:
+            warns.append(f"{msg} (warn below {t.warn_agreement:g})")
+    bad = [g for g in r.generations if g.degenerate]
+    if bad:
+        kinds = sorted({f for g in bad for f in g.flags if f not in g.reference_flags})
+        fails.append(f"{len(bad)} of {len(r.generations)} generations degenerate "
+                     f"({', '.join(kinds)})")
+    if fails or warns:
+        return ("FAIL" if fails else "WARN"), "; ".join(fails + warns)
+    parts = [f"perplexity {100 * r.ppl_increase:+.1f}%" if r.ppl_increase is not None else
+             f"perplexity {r.ppl:.2f} (no reference)"]
+    if r.top1_agreement is not None:
+        parts.append(f"top-1 agreement {r.top1_agreement:.3f}")
+    return "PASS", ", ".join(parts + ["no degenerate generations"])
