@@ -45,8 +45,6 @@ class Pipeline:
         batch = [prompts] if single else list(prompts)
         encoded = [self.session.chat_prompt_ids(p) if _is_chat(p) else p for p in batch]
         results = self.session.generate(encoded, params, **sampling)
-        for result, prompt in zip(results, batch):
-            result.prompt = prompt if isinstance(prompt, str) else ""
         return results[0] if single else results
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None,

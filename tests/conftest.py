@@ -76,3 +76,12 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], config: dict
     (path / "config.json").write_text(json.dumps(config or {"architectures": ["LlamaForCausalLM"],
                                                           "model_type": "llama"}))
     return path
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for children that a test sends Ctrl-C: a shell starts background jobs
+    with SIGINT ignored, children inherit that, and Python then never raises
+    KeyboardInterrupt, so the test would fail only because of how pytest was launched."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -50,12 +50,11 @@ def greedy_transformers(model, prompt_ids: list[int], n: int) -> list[int]:
     A plain loop rather than ``generate``: generate's EOS handling and logits processors
     differ by version, and this states exactly what is compared.
     """
-    import inspect
-
     from transformers import DynamicCache
 
-    kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
-        else "past_key_values"
+    from q.plugins.engines.native.session import cache_kwarg
+
+    kwarg = cache_kwarg(model)
     cache, tokens = DynamicCache(), []
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():

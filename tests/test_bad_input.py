@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from .conftest import write_safetensors
+from .conftest import default_sigint, write_safetensors
 
 
 def run_cli(*args):
@@ -181,7 +181,8 @@ def start_quantize_of_big_model(tmp_path, scheme):
     out_dir = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-c", "from q.cli import main; main()", "quantize",
                              str(model), "--scheme", scheme, "-o", str(out_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".o.q-partial-*")) and time.time() < deadline:
         time.sleep(0.01)

@@ -20,6 +20,8 @@ from q.cli import client as client_mod
 from q.cli.client import ClientError, _events, add_commands
 from q.errors import OptionError
 
+from .conftest import default_sigint
+
 httpx = pytest.importorskip("httpx")  # q.cli.client imports it only when the command runs
 
 
@@ -361,7 +363,8 @@ def test_interactive_ctrl_c_cancels_the_reply_and_closes_the_stream():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("Q_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=default_sigint)
     try:
         proc.stdin.write(b"slow\n")
         proc.stdin.flush()

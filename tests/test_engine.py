@@ -11,7 +11,7 @@ import torch
 import q
 from q.errors import CheckpointError, IncompatibleError, OptionError
 from q.generation import SamplingParams
-from q.testing import sqnr
+from q.testing import assert_bitwise_equal, sqnr
 
 from .engine_reference import engine_logits, greedy_transformers, transformers_reference
 
@@ -99,11 +99,10 @@ def test_online_quantization_equals_offline(tiny_llama, tmp_path, scheme, args, 
     for name in a:
         for attr in ("qdata", "scale", "zero_point"):
             x, y = getattr(a[name], attr), getattr(b[name], attr)
-            assert (x is None) == (y is None)
+            assert (x is None) == (y is None), (name, attr)
             if x is not None:
-                assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype.itemsize
-                                                          == 1 else x, y.view(torch.uint8)
-                                                          if y.dtype.itemsize == 1 else y), name
+                assert x.dtype == y.dtype, (name, attr)
+                assert_bitwise_equal(x, y, f"{name}.{attr}")
 
 
 @pytest.mark.parametrize("scheme,args,ragged", SCHEMES, ids=SCHEME_IDS)

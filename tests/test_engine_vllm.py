@@ -4,7 +4,6 @@ in for vLLM: both speak the OpenAI API)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import sys
@@ -21,7 +20,7 @@ from q.errors import IncompatibleError, OptionError, QError
 from q.plugins.engines.vllm_proxy import launch, proxy
 from q.server.app import ServerSettings
 
-from .server_fixtures import running_server
+from .server_fixtures import running_app, running_server
 
 MODEL = "tiny"
 KEY = "sekret"
@@ -29,27 +28,6 @@ _real_find_spec = importlib.util.find_spec
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def running_app(app):
-    """Any ASGI app under uvicorn on 127.0.0.1 (a free port) in a background thread."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not (server.started and server.servers):
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def settings(**kw):

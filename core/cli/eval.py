@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 
 from ..errors import OptionError
-from .generate import engine_options
+from .generate import engine_options, setup_logging
 from .quantize import parse_extra_args
 from .render import console
 
@@ -201,8 +201,7 @@ def add_commands(cli: click.Group) -> None:
             raise OptionError("q eval runs the native engine only (it reads the model's logits)")
         if json_path not in (None, "-") and not Path(json_path).resolve().parent.is_dir():
             raise OptionError(f"--json {json_path}: its directory does not exist")
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                            format="%(message)s", stream=sys.stderr)
+        setup_logging(verbose)
         thresholds = Thresholds(warn_ppl=warn_ppl / 100, fail_ppl=fail_ppl / 100,
                                 warn_agreement=warn_agreement, fail_agreement=fail_agreement,
                                 layer_error=layer_error)

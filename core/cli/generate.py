@@ -11,12 +11,18 @@ from ..generation import SamplingParams
 from .quantize import parse_extra_args
 
 
+def setup_logging(verbose: bool) -> None:
+    """q's own INFO lines always (which kernel path each layer kind runs, load time);
+    other libraries' INFO lines only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    logging.getLogger("q").setLevel(logging.INFO)
+
+
 def _load(model, engine, scheme, args, ragged, device, impl, verbose):
     from ..pipeline import load_engine
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
-    logging.getLogger("q").setLevel(logging.INFO)  # kernel paths: one line per layer kind
+    setup_logging(verbose)
     return load_engine(model, engine=engine, scheme=scheme, args=parse_extra_args(args),
                        ragged=ragged, device=device, impl=impl)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 import click
 
 from ..errors import QError
-from .generate import engine_options
+from .generate import engine_options, setup_logging
 from .quantize import parse_extra_args
 
 DEFAULT_PORT = 23333
@@ -58,9 +56,7 @@ def add_commands(cli: click.Group) -> None:
         from ..server.app import ServerSettings
 
         _need_serve_extra()
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                            format="%(message)s", stream=sys.stderr)
-        logging.getLogger("q").setLevel(logging.INFO)
+        setup_logging(verbose)
         name = served_model_name or os.path.basename(os.path.normpath(model))
         settings = ServerSettings(model_name=name, api_key=api_key,
                                   max_tokens_limit=max_tokens_limit,

@@ -231,7 +231,7 @@ def _completion_prompts(session, prompt) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
-    out = []
+    out, vocab = [], len(session.tokenizer)
     for p in prompt:
         if isinstance(p, str) and not _is_utf8(p):
             raise APIError(400, "prompt must be valid UTF-8 text (no unpaired surrogates)",
@@ -239,7 +239,6 @@ def _completion_prompts(session, prompt) -> list[list[int]]:
         ids = session.tokenize(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        vocab = len(session.tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         out.append(ids)

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 
 from ..generation import RequestOutput, SamplingParams
@@ -55,7 +54,7 @@ class EngineLoop:
         if self.waiting() >= self.max_queue:
             raise QueueFull(f"the server is at capacity ({self.max_queue} requests waiting); "
                             "retry later")
-        rid = f"q-{next(self._ids)}-{int(time.time() * 1000) % 100000}"
+        rid = f"q-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._queues[rid] = (asyncio.get_running_loop(), queue)

@@ -20,28 +20,11 @@ import triton
 import triton.language as tl
 
 from ..configs import launch_config
+from ..triton_common import (
+    k_tile_range, load_ab_tiles, reduce_splits, split_output, store_tile, tile_ids,
+    tile_offsets,
+)
 from .reference import check_block_operands
-
-
-@triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in the tutorial's grouped order: GROUP_M row tiles share B tiles in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _round_bf16(v):
-    """fp32 ``v`` rounded half to even to bf16 precision, still fp32, so the cast after it is
-    exact: Triton 3.9's interpreter truncates its own fp32 -> bf16 cast."""
-    bits = v.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -49,35 +32,22 @@ def _fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                            stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                            SCALE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows_a = offs_m.to(tl.int64)[:, None] * stride_am
     rows_b = offs_n.to(tl.int64)[None, :] * stride_bn
     a_scales = as_ptr + offs_m * stride_asm
     b_scales = bs_ptr + (offs_n // SCALE_N) * stride_bsn
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    kt_end = min(k_tiles, (pid_k + 1) * per_split)
+    kt_start, kt_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(pid_k * per_split, kt_end):
+    for kt in range(kt_start, kt_end):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + rows_a + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        # B tile [BLOCK_K, BLOCK_N] read K-contiguous from the [N, K] weight
-        b = tl.load(b_ptr + rows_b + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
+        a, b = load_ab_tiles(a_ptr, b_ptr, rows_a, rows_b, mask_m, mask_n, offs_k, K)
         sa = tl.load(a_scales + kt, mask=mask_m, other=0.0)
         sb = tl.load(b_scales + kt, mask=mask_n, other=0.0)
         acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
-    c = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if c_ptr.dtype.element_ty == tl.bfloat16:
-        acc = _round_bf16(acc)
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, pid_k, stride_cs, stride_cm)
 
 
 def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
@@ -104,10 +74,7 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
     cfg = launch_config("block_gemm", m, n, k)
     cfg.update(config or {})
     split = max(1, min(int(cfg["SPLIT_K"]), triton.cdiv(k, bk)))
-    if split == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
+    out = split_output(split, m, n, out_dtype, xq.device)
     bm, bn_tile = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn_tile), split)
     _fp8_block_gemm_kernel[grid](
@@ -116,7 +83,7 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: tor
         out.stride(0) if split > 1 else 0, out.stride(-2),
         SCALE_N=bn, BLOCK_M=bm, BLOCK_N=bn_tile, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out if split == 1 else out.sum(0).to(out_dtype)
+    return reduce_splits(out, split, out_dtype)
 
 
 __all__ = ["fp8_block_gemm"]

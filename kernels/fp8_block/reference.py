@@ -68,19 +68,14 @@ def quantize_act_per_token_group(
     x: torch.Tensor,
     group: int = 128,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-    eps: float = 1e-10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic activation quantization: one fp32 scale per token and ``group`` columns.
+    """Dynamic 1 x ``group`` activation quantization of ``x [..., K]`` with ``K % group == 0``
+    (every peer kernel requires it); scales ``[..., K // group]``. The math is
+    :func:`q.kernels.act_quant.reference.quantize_activation`'s (which also takes ragged K)."""
+    from ..act_quant.reference import quantize_activation
 
-    ``x`` is ``[..., K]`` with ``K % group == 0`` (every peer kernel requires it). Returns
-    ``(xq, scales)`` with ``scales`` of shape ``[..., K // group]``. ``eps`` floors amax as
-    vLLM's ``per_token_group_quant_fp8`` does, so all-zero groups stay finite.
-    """
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"activation width {k} is not a multiple of the group size {group}")
-    fmax = FP8_MAX[fp8_dtype]
-    xg = x.float().reshape(*x.shape[:-1], k // group, group)
-    scale = xg.abs().amax(dim=-1).clamp(min=eps) / fmax
-    xq = (xg / scale.unsqueeze(-1)).clamp(-fmax, fmax).to(fp8_dtype)
-    return xq.reshape(x.shape), scale
+    q, scale = quantize_activation(x.reshape(-1, k), group, fp8_dtype)
+    return q.view(x.shape), scale.view(*x.shape[:-1], k // group)

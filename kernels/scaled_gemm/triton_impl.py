@@ -19,28 +19,10 @@ import triton
 import triton.language as tl
 
 from ..configs import launch_config
+from ..triton_common import (
+    k_tile_range, load_ab_tiles, split_output, store_tile, tile_ids, tile_offsets,
+)
 from .reference import check_scaled_operands
-
-
-@triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in the tutorial's grouped order: GROUP_M row tiles share B tiles in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _round_bf16(v):
-    """fp32 ``v`` rounded half to even to bf16 precision, still fp32, so the cast after it is
-    exact: Triton 3.9's interpreter truncates its own fp32 -> bf16 cast."""
-    bits = v.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -49,46 +31,32 @@ def _scaled_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                         IS_INT: tl.constexpr, PROMOTE_K: tl.constexpr, EPILOGUE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows_a = offs_m.to(tl.int64)[:, None] * stride_am
     rows_b = offs_n.to(tl.int64)[None, :] * stride_bn
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    kt_end = min(k_tiles, (pid_k + 1) * per_split)
+    kt_start, kt_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
     if IS_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(pid_k * per_split, kt_end):
+    for kt in range(kt_start, kt_end):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + rows_a + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        # B tile [BLOCK_K, BLOCK_N] read K-contiguous from the [N, K] weight
-        b = tl.load(b_ptr + rows_b + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0)
+        a, b = load_ab_tiles(a_ptr, b_ptr, rows_a, rows_b, mask_m, mask_n, offs_k, K)
         if IS_INT:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         elif PROMOTE_K > 0:
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_K)
         else:
             acc = tl.dot(a, b, acc)
-    c = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    mask_c = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE:
         sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
         y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-        if c_ptr.dtype.element_ty == tl.bfloat16:
-            y = _round_bf16(y)
-        tl.store(c, y.to(c_ptr.dtype.element_ty), mask=mask_c)
-    else:
-        tl.store(c, acc, mask=mask_c)
+        store_tile(c_ptr, y, offs_m, offs_n, mask_m, mask_n, pid_k, stride_cs, stride_cm)
+    else:  # raw partials (int32 or fp32): the host applies the epilogue after the sum
+        store_tile(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, pid_k, stride_cs, stride_cm)
 
 
 def scaled_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
@@ -115,11 +83,8 @@ def scaled_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.
     cfg.update(config or {})
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     split = max(1, min(int(cfg["SPLIT_K"]), triton.cdiv(k, bk)))
-    if split == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    else:
-        acc_dtype = torch.int32 if is_int else torch.float32
-        out = torch.empty((split, m, n), dtype=acc_dtype, device=xq.device)
+    out = split_output(split, m, n, out_dtype, xq.device,
+                       acc_dtype=torch.int32 if is_int else torch.float32)
     promote = 0 if is_int else min(int(cfg.get("FP8_PROMOTE_K", 0)), bk)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
     _scaled_gemm_kernel[grid](

@@ -25,32 +25,15 @@ import triton
 import triton.language as tl
 
 from ..configs import launch_config
+from ..triton_common import (
+    k_tile_range, reduce_splits, split_output, store_tile, tile_ids,
+    tile_offsets,
+)
 from .reference import check_weight_only_operands
 
 # fp8 weight codes reach the kernel as bytes: 1 = e4m3fn, 2 = e5m2
 _FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-@triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in the tutorial's grouped order: GROUP_M row tiles share B tiles in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _round_bf16(v):
-    """fp32 ``v`` rounded half to even to bf16 precision, still fp32, so the cast after it is
-    exact: Triton 3.9's interpreter truncates its own fp32 -> bf16 cast."""
-    bits = v.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -77,21 +60,16 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, M, N, K, GS,
                         TILE_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     rows_x = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     rows_w = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     rows_s = s_ptr + offs_n.to(tl.int64) * stride_sn
     rows_z = z_ptr + offs_n.to(tl.int64) * stride_zn
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    kt_end = min(k_tiles, (pid_k + 1) * per_split)
+    kt_start, kt_end = k_tile_range(K, BLOCK_K, SPLIT_K, pid_k)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(pid_k * per_split, kt_end):
+    for kt in range(kt_start, kt_end):
         k0 = kt * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -128,10 +106,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, M, N, K, GS,
                 w -= tl.load(rows_z[:, None] + g[None, :], mask=mask_g, other=0).to(tl.float32)
             w *= tl.load(rows_s[:, None] + g[None, :], mask=mask_g, other=0.0).to(tl.float32)
             acc = tl.dot(x, tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
-    c = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if c_ptr.dtype.element_ty == tl.bfloat16:
-        acc = _round_bf16(acc)
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(c_ptr, acc, offs_m, offs_n, mask_m, mask_n, pid_k, stride_cs, stride_cm)
 
 
 def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group_size: int,
@@ -169,10 +144,7 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group_
         bk = gs  # a smaller power-of-two group: shrink the K tile to one group
     tile_scale = gs % bk == 0 or gs >= k
     split = max(1, min(int(cfg["SPLIT_K"]), triton.cdiv(k, bk)))
-    if split == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    out = split_output(split, m, n, out_dtype, x.device)
     # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 bits: on CPU
     # tensors (the interpreter) a bf16 dot runs in fp32, which is exact for bf16 products
     interpreted = x.device.type == "cpu" and x.dtype == torch.bfloat16
@@ -186,7 +158,7 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, group_
         DOT_DTYPE=tl.float32 if interpreted else _TL_DTYPES[x.dtype],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out if split == 1 else out.sum(0).to(out_dtype)
+    return reduce_splits(out, split, out_dtype)
 
 
 __all__ = ["weight_only_gemm"]

@@ -9,7 +9,6 @@ dtype.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 
@@ -19,6 +18,7 @@ from torch import nn
 from q.api import detect_format, make_recipe
 from q.errors import CheckpointError, IncompatibleError
 from q.planning import build_entries
+from q.modeling import parameters_on_meta
 from q.source import ModelSource, model_dtype
 
 from .layers import QuantLinear
@@ -31,27 +31,6 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
 # Checkpoint tensors the engine does not use: static activation / KV-cache scales (the engine
 # quantizes activations dynamically) and rotary tables some exporters save.
 IGNORED_TENSORS = re.compile(r"\.(input_scale|k_scale|v_scale|output_scale|rotary_emb\.inv_freq)$")
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Create parameters on the meta device but buffers (rotary tables) for real.
-
-    ``nn.Linear`` registers an empty weight and then initializes it; moving it to meta at
-    registration makes both free, so building the skeleton of any size costs nothing.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=False)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def compute_dtype_for(device: torch.device, config: dict) -> torch.dtype:

@@ -26,6 +26,13 @@ from .batch import PaddedBatch
 from .sampling import make_generator, sample_row, token_logprob
 
 
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: transformers 5.2x renamed
+    ``past_key_values`` to ``cache``; take whichever this model class has."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @dataclass
 class _Request:
     id: str
@@ -56,9 +63,7 @@ class NativeSession(Session):
         self._running: list[_Request] = []
         self._batch = PaddedBatch()
         self._ids = itertools.count()
-        # transformers 5.2x renamed ``past_key_values`` to ``cache``; take whichever it has
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     # --- requests (any thread) ------------------------------------------------------------
 
@@ -183,7 +188,6 @@ class NativeSession(Session):
                              completion_tokens=len(req.out_ids), logprobs=new_logprobs)
 
     def _finish(self, req: _Request, reason: str, text: str, tokens=(), logprobs=()):
-        req.finish_reason = reason
         return RequestOutput(req.id, text, list(tokens), finished=True, finish_reason=reason,
                              prompt_tokens=len(req.prompt_ids),
                              completion_tokens=len(req.out_ids), logprobs=list(logprobs))

@@ -158,19 +158,18 @@ def create_proxy_app(upstream_url: str, settings, *, process=None) -> FastAPI:
         check_key(request)
         return await forward(request, "/v1/models")
 
-    @app.post("/v1/completions", openapi_extra=JSON_BODY)
-    async def completions(request: Request):
-        check_key(request)
-        body = await read_body(request)
-        check_max_tokens(body)
-        return await forward(request, "/v1/completions", body)
+    def generation_route(path: str):
+        async def handler(request: Request):
+            check_key(request)
+            body = await read_body(request)
+            check_max_tokens(body)
+            return await forward(request, path, body)
 
-    @app.post("/v1/chat/completions", openapi_extra=JSON_BODY)
-    async def chat_completions(request: Request):
-        check_key(request)
-        body = await read_body(request)
-        check_max_tokens(body)
-        return await forward(request, "/v1/chat/completions", body)
+        app.add_api_route(path, handler, methods=["POST"], openapi_extra=JSON_BODY,
+                          name=path.rsplit("/", 1)[-1].replace(".", "_"))
+
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        generation_route(path)
 
     return app
 
