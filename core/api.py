@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .calibdata import load_calibration
 from .convert import DEFAULT_SHARD_BYTES, Job, bound_allocator_growth, plan_layout, run_jobs
 from .errors import BadTensorError, CheckpointError, IncompatibleError, OptionError
-from .planning import Plan, PlanEntry, build_entries
+from .planning import Plan, PlanEntry, build_entries, mark_transformed
 from .progress import byte_progress
 from .recipe import RECIPE_FILE, QuantRecipe
 from .source import ModelSource, model_dtype
@@ -78,10 +80,20 @@ def detect_format(source: ModelSource):
 
 def make_recipe(scheme: str, args: dict | None = None, *, targets=("Linear",), ignore=(),
                 ragged: str = "skip", format: str | None = None,
-                model_dtype_: torch.dtype = torch.bfloat16):
-    """Validate a scheme + options + format choice; returns (recipe, scheme, format)."""
+                model_dtype_: torch.dtype = torch.bfloat16, calibrating: bool = False):
+    """Validate a scheme + options + format choice; returns (recipe, scheme, format).
+
+    Calibrated schemes are refused unless ``calibrating`` (only :func:`plan` calibrates;
+    online quantization in an engine has no data, and would silently skip the smoothing).
+    """
     regs = _registries()
     scheme_obj = regs.schemes.get(scheme)
+    if scheme_obj.requires_calibration and not calibrating:
+        raise IncompatibleError(
+            f"scheme '{scheme_obj.name}' needs calibration data, which online quantization "
+            f"does not have: quantize first (`q quantize MODEL --scheme {scheme_obj.name} -o "
+            "OUT`) and load OUT, or use a data-free scheme such as w8a8-int8"
+        )
     clean = scheme_obj.validate_args({k: v for k, v in (args or {}).items() if v is not None})
     if ragged not in ("skip", "quantize"):
         raise OptionError(f"--ragged must be 'skip' or 'quantize', got '{ragged}'")
@@ -99,21 +111,53 @@ def make_recipe(scheme: str, args: dict | None = None, *, targets=("Linear",), i
     return recipe, scheme_obj, fmt
 
 
-def _quantize_job(source, entry: PlanEntry, scheme_obj, fmt, recipe: QuantRecipe) -> Job:
+def _encoder(fmt, recipe: QuantRecipe):
+    """``fmt.encode``, or ``fmt.encode_for(recipe)`` for formats whose tensor layout depends on
+    the recipe and not only on the QuantizedTensor (compressed-tensors W8A8 vs W8A16)."""
+    encode_for = getattr(fmt, "encode_for", None)
+    return encode_for(recipe) if encode_for is not None else fmt.encode
+
+
+def _quantize_job(source, entry: PlanEntry, scheme_obj, encode, recipe: QuantRecipe,
+                  transform=None) -> Job:
     scale_dtype = getattr(torch, recipe.scale_dtype)
     name, module = entry.name, entry.module
 
     def run(tensors):
         w = tensors[name]
+        if transform is not None:  # calibrated schemes: e.g. SmoothQuant's column scaling
+            w = transform.apply(name, w)
         qt = scheme_obj.quantize_weight(name, w, recipe.args, scale_dtype)
         if w.device.type != "meta" and not bool(torch.isfinite(qt.scale.float()).all()):
             raise BadTensorError(
                 f"{source.path}: tensor '{name}' contains NaN or Inf; q refuses to quantize "
                 f"it. Repair the checkpoint, or keep the layer with --ignore {module}"
             )
-        return fmt.encode(module, qt)
+        return encode(module, qt)
 
     return Job([name], run)
+
+
+def _transform_job(name: str, transform) -> Job:
+    """A tensor a calibrated scheme rewrites but does not quantize (a smoothed norm, a kept
+    consumer of one): written in its own dtype."""
+
+    def run(tensors):
+        t = tensors[name]
+        return {name: transform.apply(name, t).to(t.dtype)}
+
+    return Job([name], run)
+
+
+@dataclass
+class _Context:
+    """What executing a plan needs; ``calibrate(progress) -> report`` for calibrated schemes."""
+
+    source: ModelSource
+    fmt: Any
+    jobs: list[Job]
+    layout: Any
+    calibrate: Callable[[bool | None], dict] | None = None
 
 
 def _open(path) -> ModelSource:
@@ -124,26 +168,54 @@ def _open(path) -> ModelSource:
 
 def plan(model: str | Path, scheme: str, *, format: str | None = None, args: dict | None = None,
          targets=("Linear",), ignore=(), ragged: str = "skip",
-         shard_size: int = DEFAULT_SHARD_BYTES):
+         shard_size: int = DEFAULT_SHARD_BYTES, calib: str | Path | None = None,
+         calib_samples: int | None = None, calib_seqlen: int | None = None):
     """Build the plan (every tensor's decision and output sizes) without writing anything.
 
     The returned Plan can be executed with :func:`execute` (``q quantize`` prints it first).
+    For schemes that need calibration (``smoothquant``) the calibration text is loaded and
+    checked here (``calib``: a built-in corpus name, a .txt/.jsonl file or a directory;
+    default ``botchan``); the calibration pass itself runs in :func:`execute`.
     """
     source = _open(model)
     _refuse_quantized(source)
     recipe, scheme_obj, fmt = make_recipe(
         scheme, args, targets=targets, ignore=ignore, ragged=ragged, format=format,
-        model_dtype_=model_dtype(source.config))
+        model_dtype_=model_dtype(source.config), calibrating=True)
     entries = build_entries(source, recipe, scheme_obj.alignment(recipe.args))
-    jobs = [
-        _quantize_job(source, e, scheme_obj, fmt, recipe) if e.action == "quantize"
-        else Job([e.name], None, copy=True)
-        for e in entries
-    ]
+    transform, calibrate, notes = None, None, []
+    if scheme_obj.requires_calibration:
+        transform = scheme_obj.plan_calibration(source, recipe, entries)
+        data = load_calibration(source.path, calib, calib_samples, calib_seqlen)
+        notes = list(data.warnings)
+        mark_transformed(entries, transform.reasons)
+
+        def calibrate(progress):
+            return {**data.describe(),
+                    **scheme_obj.calibrate(transform, source, recipe, data, progress)}
+    elif calib is not None or calib_samples is not None or calib_seqlen is not None:
+        raise OptionError(f"scheme '{recipe.scheme}' is data-free and takes no calibration "
+                          "data; drop --calib/--calib-samples/--calib-seqlen")
+    encode = _encoder(fmt, recipe)
+    targets_ = transform.reasons if transform is not None else {}
+    jobs = []
+    for e in entries:
+        if e.action == "quantize":
+            jobs.append(_quantize_job(source, e, scheme_obj, encode, recipe,
+                                      transform if e.name in targets_ else None))
+        elif e.name in targets_:
+            jobs.append(_transform_job(e.name, transform))
+        else:
+            jobs.append(Job([e.name], None, copy=True))
     layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
     _fill_outputs(entries, metas)
-    return Plan(recipe=recipe, format=fmt.name, entries=entries,
-                context=(source, fmt, jobs, layout))
+    return Plan(recipe=recipe, format=fmt.name, entries=entries, warnings=notes,
+                context=_Context(source, fmt, jobs, layout, calibrate))
+
+
+def scheme_options(scheme: str) -> set[str]:
+    """The option names scheme ``scheme`` takes (for the CLI's shared flags)."""
+    return set(_registries().schemes.get(scheme).Args.model_fields)
 
 
 def _fill_outputs(entries, metas):
@@ -167,27 +239,39 @@ def _refuse_quantized(source: ModelSource) -> None:
 def quantize(model: str | Path, scheme: str, output: str | Path, *, format: str | None = None,
              args: dict | None = None, targets=("Linear",), ignore=(), ragged: str = "skip",
              overwrite: bool = False, shard_size: int = DEFAULT_SHARD_BYTES,
-             progress: bool | None = None) -> Result:
-    """Quantize ``model`` with ``scheme`` into ``output`` (streaming, atomic)."""
+             progress: bool | None = None, calib: str | Path | None = None,
+             calib_samples: int | None = None, calib_seqlen: int | None = None) -> Result:
+    """Quantize ``model`` with ``scheme`` into ``output`` (streaming, atomic).
+
+    Calibrated schemes (``smoothquant``) first run the model one decoder layer at a time
+    over ``calib`` (see :func:`plan`); the manifest records the data and the factors' alphas.
+    """
     the_plan = plan(model, scheme, format=format, args=args, targets=targets, ignore=ignore,
-                    ragged=ragged, shard_size=shard_size)
+                    ragged=ragged, shard_size=shard_size, calib=calib,
+                    calib_samples=calib_samples, calib_seqlen=calib_seqlen)
     return execute(the_plan, output, overwrite=overwrite, progress=progress)
 
 
 def execute(the_plan: Plan, output: str | Path, *, overwrite: bool = False,
             progress: bool | None = None) -> Result:
-    """Run a plan made by :func:`plan` into ``output``."""
-    source, fmt, jobs, layout = the_plan.context
-    qcfg = fmt.quantization_config(the_plan.recipe, the_plan.skipped_modules, source.config)
+    """Run a plan made by :func:`plan` into ``output`` (calibrating first if it needs to)."""
+    ctx = the_plan.context
+    source = ctx.source
+    qcfg = ctx.fmt.quantization_config(the_plan.recipe, the_plan.skipped_modules, source.config)
     config = {**source.config, "quantization_config": qcfg}
     manifest = _manifest(source, the_plan, "quantize")
-    out = _write(source, jobs, layout, output, overwrite, config, the_plan.recipe, manifest,
-                 progress, f"quantize {the_plan.recipe.scheme}")
+    out = _write(source, ctx.jobs, ctx.layout, output, overwrite, config, the_plan.recipe,
+                 manifest, progress, f"quantize {the_plan.recipe.scheme}", ctx.calibrate)
     return Result(out, the_plan, manifest)
 
 
-def _write(source, jobs, layout, output, overwrite, config, recipe, manifest, progress, label):
-    with AtomicOutput(output, overwrite=overwrite, protect=[source.path]) as tmp:
+def _write(source, jobs, layout, output, overwrite, config, recipe, manifest, progress, label,
+           calibrate=None):
+    # checks the output path before minutes of calibration, creates nothing yet
+    atomic = AtomicOutput(output, overwrite=overwrite, protect=[source.path])
+    if calibrate is not None:
+        manifest["calibration"] = calibrate(progress)
+    with atomic as tmp:
         with byte_progress(label, source.total_bytes(), progress) as advance:
             run_jobs(source, jobs, layout, tmp, advance)
         copy_side_files(source.path, tmp)
@@ -260,8 +344,8 @@ def export(checkpoint: str | Path, format: str, output: str | Path, *, overwrite
     reason = fmt_out.supports(reader.recipe)
     if reason:
         raise IncompatibleError(f"format '{fmt_out.name}' cannot store this checkpoint: {reason}")
-    jobs, the_plan = _conversion(source, reader, fmt_out.encode, "convert", reader.recipe,
-                                 fmt_out.name)
+    jobs, the_plan = _conversion(source, reader, _encoder(fmt_out, reader.recipe), "convert",
+                                 reader.recipe, fmt_out.name)
     layout, metas = plan_layout(source, jobs, shard_size, {"format": "pt", "producer": "q"})
     _fill_outputs(the_plan.entries, metas)
     scale_dtypes = {d for e in the_plan.entries for n, (d, _) in e.outputs.items()

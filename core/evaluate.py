@@ -217,6 +217,29 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
     return report
 
 
+def perplexity(model, ids, *, batch: int = 4, device: str | None = None,
+               impl: str = "auto") -> float:
+    """exp(mean next-token NLL) of ``ids`` (``[windows, length]``, each window independent),
+    run by q's engine: ``model`` is a checkpoint or model directory, or an engine session.
+
+    Only perplexity, no reference: what benchmarks comparing many checkpoints need.
+    """
+    import torch
+
+    session = model if hasattr(model, "model") else _load(
+        _model_dir(model, "the model"), None, None, "skip", (), device, impl)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for chunk in ids.split(batch):
+            chunk = chunk.to(session.device)
+            logits = session.model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                reduction="sum"))
+            count += chunk[:, 1:].numel()
+    return math.exp(nll / count)
+
+
 # --- inputs -------------------------------------------------------------------------------
 
 

@@ -58,7 +58,7 @@ def match_pattern(pattern: str, module: str) -> bool:
 @dataclass
 class PlanEntry:
     name: str
-    action: str  # "quantize" | "skip" | "copy"
+    action: str  # "quantize" | "skip" | "copy" | "rewrite" (changed, not quantized)
     reason: str
     shape: tuple[int, ...]
     dtype: str
@@ -81,6 +81,8 @@ class Plan:
     recipe: QuantRecipe
     format: str
     entries: list[PlanEntry]
+    # things the user should know before running it (e.g. too little calibration data)
+    warnings: list[str] = field(default_factory=list)
     # what executing the plan needs (source, format, jobs, output layout); set by q.plan()
     context: Any = field(default=None, repr=False, compare=False)
 
@@ -164,3 +166,19 @@ def build_entries(source, recipe: QuantRecipe, alignment: tuple[int, int]) -> li
         ))
     apply_fused_groups(entries)
     return entries
+
+
+def mark_transformed(entries: list[PlanEntry], reasons: dict[str, str]) -> None:
+    """Record what a calibrated scheme does to tensors besides quantizing them.
+
+    Quantized and skipped Linears keep their action and gain the reason; copied tensors
+    (norms) become ``rewrite``: they are written in their dtype with new values.
+    """
+    for entry in entries:
+        reason = reasons.get(entry.name)
+        if reason is None:
+            continue
+        if entry.action == "copy":
+            entry.action, entry.reason = "rewrite", reason
+        else:
+            entry.reason = f"{entry.reason}; {reason}"

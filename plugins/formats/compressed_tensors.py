@@ -7,6 +7,8 @@ Per quantized Linear (formats.md 2):
 - int weight-only (``pack-quantized``): ``weight_packed`` int32 ``[N, ceil(K*b/32)]``,
   ``weight_scale`` ``[N, groups]``, ``weight_shape`` int64 ``[2]``; symmetric checkpoints
   omit ``weight_zero_point``.
+- int8 W8A8 (``int-quantized``, formats.md 2.4): ``weight`` int8 ``[N, K]``, ``weight_scale``
+  ``[N, 1]``; activations are quantized per token at run time, so no ``input_scale``.
 Scales are stored in the model dtype, as compressed-tensors does. A checkpoint converted
 from fp32 scales keeps them fp32 and says so with ``scale_dtype`` (exact, no re-rounding).
 The config is what compressed-tensors itself writes; tests validate it with the version
@@ -57,13 +59,21 @@ def ct_format_of(recipe) -> tuple[str | None, str]:
             return None, f"no layout for int{w.get('num_bits')} per {w.get('strategy')}"
         if acts is None:
             return "pack-quantized", ""
-        return None, "int8 weights with quantized activations (W8A8) are not written yet"
+        if (w.get("num_bits") != 8 or w.get("strategy") != "channel"
+                or not w.get("symmetric", True)):
+            return None, "int W8A8 is stored as int8 per-channel symmetric weights only"
+        if (acts.get("type") != "int" or acts.get("num_bits") != 8
+                or acts.get("strategy") != "token" or not acts.get("dynamic")):
+            return None, ("int8 weights need dynamic per-token int8 activations (the W8A8 "
+                          "preset) to be stored as int-quantized")
+        return "int-quantized", ""
     return None, f"unknown weight type {w.get('type')!r} in recipe '{recipe.scheme}'"
 
 
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
-    description = "vLLM / llm-compressor compressed-tensors (float-quantized, pack-quantized)"
+    description = ("vLLM / llm-compressor compressed-tensors (float-quantized, int-quantized, "
+                   "pack-quantized)")
 
     def supports(self, recipe):
         fmt, reason = ct_format_of(recipe)
@@ -71,6 +81,18 @@ class CompressedTensorsFormat(Format):
 
     def scale_dtype(self, recipe, model_dtype_):
         return model_dtype_
+
+    def encode_for(self, recipe):
+        """The encoder for ``recipe``: the same int8 codes are ``weight`` (W8A8,
+        int-quantized) or ``weight_packed`` (W8A16, pack-quantized) depending on whether the
+        activations are quantized, which a QuantizedTensor alone does not say."""
+        if ct_format_of(recipe)[0] == "int-quantized":
+            return self._encode_int_quantized
+        return self.encode
+
+    @staticmethod
+    def _encode_int_quantized(module, qt):
+        return {f"{module}.weight": qt.qdata, f"{module}.weight_scale": qt.scale}
 
     def encode(self, module, qt):
         if qt.qdtype.startswith("float8"):
@@ -177,6 +199,8 @@ class CompressedTensorsReader(CheckpointReader):
         elif act_spec is None:
             scheme = f"wint{bits}"
             args = {"group_size": spec.get("group_size"), "symmetric": spec["symmetric"]}
+        elif bits == 8 and act_spec.get("type") == "int":
+            scheme, args = "w8a8-int8", {}
         else:
             scheme, args = f"w{bits}a{act_spec.get('num_bits')}-int", {}
         return QuantRecipe(scheme, args, ignore=tuple(self.skipped), weights=spec,
