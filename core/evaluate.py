@@ -542,8 +542,11 @@ def verdict(r: EvalReport) -> tuple[str, str]:
     bad = [g for g in r.generations if g.degenerate]
     if bad:
         kinds = sorted({f for g in bad for f in g.flags if f not in g.reference_flags})
-        fails.append(f"{len(bad)} of {len(r.generations)} generations degenerate "
-                     f"({', '.join(kinds)})")
+        msg = f"{len(bad)} of {len(r.generations)} generations degenerate ({', '.join(kinds)})"
+        # a minority is a WARN: once a greedy continuation leaves the reference's text, a small
+        # model can fall into a loop the reference happened to miss (SmolLM2 wint8 did on 1 of
+        # 3 with KL 0.003); broken checkpoints degenerate on most prompts
+        (fails if 2 * len(bad) > len(r.generations) else warns).append(msg)
     if fails or warns:
         return ("FAIL" if fails else "WARN"), "; ".join(fails + warns)
     parts = [f"perplexity {100 * r.ppl_increase:+.1f}%" if r.ppl_increase is not None else

@@ -11,10 +11,11 @@ import torch
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in FP8_DTYPES.values()}
 
-# Symmetric integer weight-only numerics follow FastDeploy/Paddle ``weight_quantize``:
-# scale = amax / qmax and the codes are clamped to [-qmax, qmax]; the most negative code
-# (-128 / -8) is never produced, so the values are symmetric around zero.
+# Largest positive code per bit width. Activations (and "restricted" weights, Paddle's
+# ``weight_quantize``) use [-qmax, qmax] with scale amax / qmax; "full" weights
+# (compressed-tensors) also use -qmax - 1 with scale amax / (qmax + 0.5). See int_weight.
 INT_QMAX = {8: 127, 4: 7}
+INT_RANGES = ("full", "restricted")
 
 # Elements processed at once (whole rows). A 4 MiB fp32 stripe stays in cache across a
 # quantizer's passes instead of streaming the whole weight through memory once per op:

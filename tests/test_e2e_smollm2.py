@@ -39,11 +39,11 @@ CASES = [
     ("wint8", "wint8", None, "skip", "compressed-tensors", 0.01, False),
     # The issue asked for 30%. Unreachable by symmetric rounding: the embedded "bf16" model
     # is itself a dequantized Q4_1 GGUF (16 levels per 32 weights), so wint4 stacks a second,
-    # misaligned 4-bit grid on it. Measured: g64 +53%, g128 +75%; ct-style [-8, 7] levels
-    # +34%, MSE-clipped scales +38%, asymmetric g32 +24% (tests/bench/wint4_variants.py). The bounds
-    # below are those measurements plus margin, so a regression still fails.
-    ("wint4-g64", "wint4", {"group_size": 64}, "skip", "compressed-tensors", 0.60, True),
-    ("wint4-g128", "wint4", {"group_size": 128}, "quantize", "compressed-tensors", 0.85, False),
+    # misaligned 4-bit grid on it. Measured with the default full range ([-8, 7], amax/7.5):
+    # g64 +34%, g128 +45% (Paddle's restricted [-7, 7]: +53% and +75%); asymmetric g32 +24%
+    # (tests/bench/wint4_variants.py). The bounds are those measurements plus margin.
+    ("wint4-g64", "wint4", {"group_size": 64}, "skip", "compressed-tensors", 0.40, True),
+    ("wint4-g128", "wint4", {"group_size": 128}, "quantize", "compressed-tensors", 0.52, False),
     # the issue's 30% holds with a zero point per 32 weights (W4A16_ASYM numerics)
     ("wint4-asym-g32", "wint4", {"group_size": 32, "symmetric": False}, "skip",
      "compressed-tensors", 0.30, True),

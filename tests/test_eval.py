@@ -236,6 +236,10 @@ def test_verdict_thresholds():
     looping = Generation("p", "a a a", ["loop of 1 tokens"])
     assert verdict(_report(generations=[looping])) == (
         "FAIL", "1 of 1 generations degenerate (loop of 1 tokens)")
+    fine = Generation("p", "a b c", [])
+    assert verdict(_report(generations=[looping, fine, fine])) == (
+        "WARN", "1 of 3 generations degenerate (loop of 1 tokens)")
+    assert verdict(_report(generations=[looping, looping, fine]))[0] == "FAIL"
     # the reference loops the same way: the model's habit, not quantization damage
     same = Generation("p", "a a a", ["loop of 1 tokens"], "a a a", ["loop of 1 tokens"])
     assert verdict(_report(generations=[same]))[0] == "PASS"

@@ -17,15 +17,20 @@ CT_CASES = [
     ("fp8-dynamic", {}), ("fp8-tensor", {}), ("fp8-block", {}), ("wint8", {}),
     ("wint4", {"group_size": 128}), ("wint4", {}), ("wint8", {"group_size": 64}),
     ("wint4", {"group_size": 32, "symmetric": False}),
+    ("wint4", {"group_size": 64, "range": "restricted"}),
 ]
 
 
-def q_dequantized(out_dir) -> dict[str, torch.Tensor]:
-    """q's own view of the weights it wrote: reader -> QuantizedTensor -> dequantize."""
+def q_decoded(out_dir) -> dict:
+    """q's own view of the weights it wrote: reader -> QuantizedTensor per weight name."""
     source = ModelSource(out_dir)
     _, reader = q.detect_format(source)
-    return {f"{m}.weight": reader.decode(m, {n: source.read(n) for n in names}).dequantize()
+    return {f"{m}.weight": reader.decode(m, {n: source.read(n) for n in names})
             for m, names in reader.quantized_modules().items()}
+
+
+def q_dequantized(out_dir) -> dict[str, torch.Tensor]:
+    return {name: qt.dequantize() for name, qt in q_decoded(out_dir).items()}
 
 
 def transformers_weights(path, **kwargs) -> dict[str, torch.Tensor]:
@@ -33,6 +38,24 @@ def transformers_weights(path, **kwargs) -> dict[str, torch.Tensor]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kwargs)
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_wint4_code_range(tiny_llama, tmp_path):
+    """Default full range reaches code -8; range=restricted (Paddle) stays within +-7."""
+    from q.errors import QError
+
+    model = tiny_llama()
+    lows = {}
+    for rng in ("full", "restricted"):
+        out = q.quantize(model, "wint4", tmp_path / rng, args={"group_size": 64, "range": rng},
+                         progress=False).output
+        codes = [qt.qdata for qt in q_decoded(out).values()]
+        lows[rng] = min(int(c.min()) for c in codes)
+        assert max(int(c.max()) for c in codes) == 7
+    assert lows == {"full": -8, "restricted": -7}
+    with pytest.raises(QError, match="range"):
+        q.quantize(model, "wint4", tmp_path / "bad",
+                   args={"symmetric": False, "range": "restricted"}, progress=False)
 
 
 def test_hf_fp8_loads_in_transformers_exactly(tiny_llama, tmp_path):

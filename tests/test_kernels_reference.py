@@ -124,23 +124,70 @@ def numpy_weight_quantize(w: np.ndarray, bits: int, group: int | None):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [None, 64, 128], ids=lambda g: f"g{g}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_int_weight_matches_numpy(shape, bits, group):
+def test_int_weight_restricted_matches_paddle_numpy(shape, bits, group):
     w = weight(shape)
-    q, s = quantize_int_weight(w, bits, group)
+    q, s = quantize_int_weight(w, bits, group, int_range="restricted")
     q_ref, s_ref = numpy_weight_quantize(w.float().numpy(), bits, group)
     assert_bitwise_equal(s, torch.from_numpy(s_ref), f"scale {shape} bits={bits} g={group}")
     assert_bitwise_equal(q, torch.from_numpy(q_ref), f"codes {shape} bits={bits} g={group}")
     assert int(q.abs().max()) <= {8: 127, 4: 7}[bits]
     gauss = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    deq = dequantize_int_weight(*quantize_int_weight(gauss, bits, group), group, torch.float32)
+    deq = dequantize_int_weight(*quantize_int_weight(gauss, bits, group, int_range="restricted"),
+                                group, torch.float32)
     assert sqnr(gauss, deq) > {8: 38, 4: 14}[bits], f"{shape} bits={bits} g={group}"
 
 
-def test_round_half_away_from_zero():
+def compressed_tensors_int_quantize(w: torch.Tensor, bits: int, group: int | None):
+    """compressed-tensors' own symmetric qparams and quantize (what llm-compressor's RTN
+    runs), fp32, with q's zero-padded ragged last group."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    n, k = w.shape
+    g = group or k
+    pad = -k % g
+    v = torch.nn.functional.pad(w.float(), (0, pad)).view(n, -1, g)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
+                            strategy="group" if group else "channel", group_size=group)
+    scale, zero = calculate_qparams(v.amin(-1), v.amax(-1), args)
+    codes = quantize(v, scale[..., None], zero[..., None], args, dtype=torch.int8)
+    return codes.view(n, -1)[:, :k], scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 64, 128], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int_weight_full_range_matches_compressed_tensors(shape, bits, group):
+    """The default: llm-compressor's RTN numerics bit for bit (fp32 weights and scales)."""
+    w = weight(shape).float()
+    w[1, 0] = -w[1].abs().max() * 2  # a row whose largest magnitude is negative: code -2^(b-1)
+    q, s = quantize_int_weight(w, bits, group)
+    q_ref, s_ref = compressed_tensors_int_quantize(w, bits, group)
+    assert_bitwise_equal(s, s_ref, f"scale {shape} bits={bits} g={group}")
+    assert_bitwise_equal(q, q_ref, f"codes {shape} bits={bits} g={group}")
+    assert int(q.min()) == -(1 << (bits - 1))
+    gauss = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    full = dequantize_int_weight(*quantize_int_weight(gauss, bits, group), group, torch.float32)
+    restricted = dequantize_int_weight(
+        *quantize_int_weight(gauss, bits, group, int_range="restricted"), group, torch.float32)
+    if bits == 4:  # 16 levels against 15: about 0.5 dB on Gaussians
+        assert sqnr(gauss, full) > sqnr(gauss, restricted) + 0.2, f"{shape} g={group}"
+    else:  # 256 against 255 levels: no worse, within rounding noise
+        assert sqnr(gauss, full) > sqnr(gauss, restricted) - 0.3, f"{shape} g={group}"
+
+
+def test_int_range_rounding():
     w = torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 63.5]])
-    q, s = quantize_int_weight(w, 8)
+    q, s = quantize_int_weight(w, 8, int_range="restricted")  # Paddle: half away from zero
     assert s.item() == 1.0
     assert q.tolist() == [[127, 1, -1, 2, -3, 64]]
+    w[0, 0] = 127.5  # full: s = 127.5 / 127.5, half to even, 127.5 clipped to 127
+    q, s = quantize_int_weight(w, 8)
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 0, 0, 2, -2, 64]]
+    with pytest.raises(ValueError, match="int_range"):
+        quantize_int_weight(w, 8, int_range="wide")
 
 
 @pytest.mark.parametrize("bits", [4, 8])

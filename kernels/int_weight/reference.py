@@ -1,9 +1,18 @@
 """Pure-torch spec of symmetric weight-only integer quantization (WINT8 / WINT4).
 
-Numerics follow Paddle ``weight_quantize`` as FastDeploy uses it: per output channel (or per
-``group_size`` input columns), ``s = amax / qmax`` with qmax 127 (int8) or 7 (int4),
-``q = round_half_away_from_zero(w / s)`` clamped to ``[-qmax, qmax]``. Scales multiply and
-are rounded to their storage dtype before dividing. All-zero rows/groups get scale 1.
+Per output channel (or per ``group_size`` input columns), two conventions (``int_range``):
+
+- ``"full"`` (default), compressed-tensors / llm-compressor and GPTQ numerics: every code of
+  the type, ``[-2^(b-1), 2^(b-1) - 1]``, with ``s = amax / (2^(b-1) - 0.5)`` (amax/7.5 for
+  int4, amax/127.5 for int8) and ``q = round_half_even(w / s)`` clamped to that range. The
+  largest magnitude lands on -8 or on 7 (clipped by half a step), so the step is 7% smaller
+  than with 15 levels: 0.3-0.6 dB more SQNR on Gaussian, Laplace and Student-t weights.
+- ``"restricted"``, Paddle ``weight_quantize`` as FastDeploy uses it (and LMDeploy,
+  SmoothQuant): ``s = amax / qmax`` with qmax 127 or 7, ``q = round_half_away_from_zero(w /
+  s)`` clamped to ``[-qmax, qmax]``.
+
+Scales are rounded to their storage dtype before dividing, and the division is in fp32.
+All-zero rows/groups get scale 1.
 
 Group-wise with ``K % group_size != 0``: the last group is ragged and takes amax over its
 real columns (scale grid ``[N, ceil(K / g)]``). Formats that cannot store this refuse it.
@@ -15,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics import (
-    INT_QMAX, block_amax, ceil_div, expand_blocks, padded_blocks, stripe_rows, unit_scale_for_zero,
+    INT_QMAX, INT_RANGES, block_amax, ceil_div, expand_blocks, padded_blocks, stripe_rows, unit_scale_for_zero,
 )
 
 
@@ -30,6 +39,7 @@ def quantize_int_weight(
     bits: int = 8,
     group_size: int | None = None,
     scale_dtype: torch.dtype = torch.float32,
+    int_range: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, K]`` -> int8 codes ``[N, K]`` (int4 values kept unpacked in int8) and scales.
 
@@ -37,7 +47,11 @@ def quantize_int_weight(
     """
     if bits not in INT_QMAX:
         raise ValueError(f"bits must be one of {sorted(INT_QMAX)}, got {bits}")
+    if int_range not in INT_RANGES:
+        raise ValueError(f"int_range must be one of {INT_RANGES}, got {int_range!r}")
     qmax = INT_QMAX[bits]
+    full = int_range == "full"
+    qmin, divisor = (-qmax - 1, qmax + 0.5) if full else (-qmax, qmax)
     n, k = w.shape
     block = (1, k if group_size is None else group_size)
     q = torch.empty((n, k), dtype=torch.int8, device=w.device)
@@ -46,9 +60,10 @@ def quantize_int_weight(
         return q, scale
     for r0, r1 in stripe_rows(n, k):
         v = padded_blocks(w[r0:r1], block)  # (rows, 1, groups, g), our own fp32 copy
-        s = unit_scale_for_zero(block_amax(v), qmax, scale_dtype)
+        s = unit_scale_for_zero(block_amax(v), divisor, scale_dtype)
         scale[r0:r1] = s
-        _round_half_away_(v.div_(s.float()[:, None, :, None])).clamp_(-qmax, qmax)
+        v.div_(s.float()[:, None, :, None])
+        (v.round_() if full else _round_half_away_(v)).clamp_(qmin, qmax)
         q[r0:r1] = v.reshape(r1 - r0, -1)[:, :k]
     return q, scale
 

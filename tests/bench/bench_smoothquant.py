@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
+
+from llmc_peer import default_python, llmc_quantize, run_child, value
 
 Q_CHILD = r"""
 import sys, warnings, q
@@ -43,24 +43,6 @@ model, calib, n, length, alpha, out = sys.argv[1:7]
 q.quantize(model, "smoothquant", out, calib=calib, calib_samples=int(n),
            calib_seqlen=int(length), args={"alpha": float(alpha)}, overwrite=True,
            progress=False)
-print("VmHWM_KiB", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-"""
-
-LLMC_CHILD = r"""
-import json, sys
-from datasets import Dataset
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
-model, windows, alpha, out, quantizer = sys.argv[1:6]
-ids = json.load(open(windows))
-ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
-# "rtn": round to nearest, what q does; "gptq": llm-compressor's own W8A8 int8 example
-quant = {"rtn": QuantizationModifier, "gptq": GPTQModifier}[quantizer]
-oneshot(model=model, dataset=ds,
-        recipe=[SmoothQuantModifier(smoothing_strength=float(alpha)),
-                quant(targets="Linear", scheme="W8A8", ignore=["lm_head"])],
-        num_calibration_samples=len(ids), max_seq_length=len(ids[0]), output_dir=out)
 print("VmHWM_KiB", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 """
 
@@ -76,21 +58,6 @@ print("PPL", perplexity(path, ids))
 """
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}); see {log}")
-    return wall, proc.stdout
-
-
-def value(stdout: str, key: str) -> float:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith(key + " "))
-    return float(line.split()[1])
-
-
 def main() -> int:
     import q
     from q.calibdata import load_calibration
@@ -104,8 +71,7 @@ def main() -> int:
     parser.add_argument("--tools", default="q,llmc")
     parser.add_argument("--ppl", action="store_true", help="perplexity of each output")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/q-bench-smoothquant"))
-    parser.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON",
-                                                                ".bench-venv/bin/python"))
+    parser.add_argument("--llmc-python", default=default_python())
     args = parser.parse_args()
     model = Path(args.model or q.default_model())
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,12 +88,16 @@ def main() -> int:
         if tool == "q":
             cmd = [sys.executable, "-c", Q_CHILD, str(model), args.calib, str(args.samples),
                    str(args.seqlen), str(args.alpha), str(out)]
+            wall, stdout = run_child(cmd, args.workdir / f"{tool}.log")
+            row = {"tool": tool, "wall_s": wall,
+                   "peak_rss_mib": value(stdout, "VmHWM_KiB") / 1024}
         else:
             quantizer = "gptq" if tool == "llmc-gptq" else "rtn"
-            cmd = [args.llmc_python, "-c", LLMC_CHILD, str(model), str(windows),
-                   str(args.alpha), str(out), quantizer]
-        wall, stdout = run_child(cmd, args.workdir / f"{tool}.log")
-        row = {"tool": tool, "wall_s": wall, "peak_rss_mib": value(stdout, "VmHWM_KiB") / 1024}
+            recipe = [{"kind": "smoothquant", "kwargs": {"smoothing_strength": args.alpha}},
+                      {"kind": quantizer, "kwargs": {"targets": "Linear", "scheme": "W8A8",
+                                                     "ignore": ["lm_head"]}}]
+            row = {"tool": tool, **llmc_quantize(args.llmc_python, model, out, recipe,
+                                                 windows, args.workdir / f"{tool}.log")}
         if args.ppl:
             _, ppl_out = run_child([sys.executable, "-c", PPL_CHILD, str(out), str(model)],
                                    args.workdir / f"{tool}-ppl.log")

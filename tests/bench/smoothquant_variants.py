@@ -32,9 +32,8 @@ CASES = [  # (label, scheme, args, calibrated)
 def main() -> None:
     import q
     from q.evaluate import perplexity
-    from transformers import AutoTokenizer
-
     from q.textdata import real_text
+    from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=16)

@@ -49,26 +49,28 @@ def fq_symmetric(w, g, scale_div, lo, hi, half_away, ratios=(1.0,)):
 
 
 def variants():
-    def q_sym(g):
-        return lambda w: quantize_and_back(w, g, symmetric=True)
+    def q_sym(g, int_range="full"):
+        return lambda w: quantize_and_back(w, g, symmetric=True, int_range=int_range)
 
     def q_asym(g):
         return lambda w: quantize_and_back(w, g, symmetric=False)
 
     return {
-        "q wint4 g64 (FastDeploy: amax/7, -7..7)": q_sym(64),
+        "q wint4 g64 (default full range: amax/7.5, -8..7)": q_sym(64),
         "q wint4 g32": q_sym(32),
-        "ct-style symmetric g64 (amax/7.5, -8..7)": lambda w: fq_symmetric(w, 64, 7.5, -8, 7, False),
-        "q numerics + MSE clipping g64": lambda w: fq_symmetric(w, 64, 7, -7, 7, True, MSE_RATIOS),
-        "ct-style + MSE clipping g64": lambda w: fq_symmetric(w, 64, 7.5, -8, 7, False, MSE_RATIOS),
+        "q wint4 g64 range=restricted (Paddle: amax/7, -7..7)": q_sym(64, "restricted"),
+        "q wint4 g32 range=restricted": q_sym(32, "restricted"),
+        "restricted + MSE clipping g64": lambda w: fq_symmetric(w, 64, 7, -7, 7, True, MSE_RATIOS),
+        "full range + MSE clipping g64": lambda w: fq_symmetric(w, 64, 7.5, -8, 7, False,
+                                                                MSE_RATIOS),
         "q wint4 symmetric=false g64": q_asym(64),
         "q wint4 symmetric=false g32": q_asym(32),
     }
 
 
-def quantize_and_back(w, g, symmetric):
+def quantize_and_back(w, g, symmetric, int_range="full"):
     if symmetric:
-        codes, scale = quantize_int_weight(w, 4, g, torch.bfloat16)
+        codes, scale = quantize_int_weight(w, 4, g, torch.bfloat16, int_range=int_range)
         qt = QuantizedTensor(codes, scale, (1, g), torch.float32, bits=4)
     else:
         codes, scale, zero = quantize_int_weight_asym(w, 4, g, torch.bfloat16)
