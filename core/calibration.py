@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import BadTensorError, CheckpointError
 from .modeling import parameters_on_meta
+from .moe_experts import checkpoint_name, fused_expert_tensor
 
 
 class _HeapTrimmer:
@@ -153,13 +154,20 @@ def _load_layer(source, layer: nn.Module, prefix: str, cache: dict) -> None:
     """
     for pname, param in list(layer.named_parameters()):
         full = f"{prefix}.{pname}"
-        if full not in source.tensors:
-            raise CheckpointError(
-                f"{source.path}: decoder layer '{prefix}' ({type(layer).__name__}) needs "
-                f"'{full}', which the checkpoint lacks. Calibration reads layers by their "
-                "transformers parameter names; checkpoints that store MoE experts one tensor "
-                "per expert are not supported yet"
-            )
+        stored = checkpoint_name(source, full)
+        if stored is None:
+            fused = fused_expert_tensor(source, full, tuple(param.shape))
+            if fused is None:
+                raise CheckpointError(
+                    f"{source.path}: decoder layer '{prefix}' ({type(layer).__name__}) needs "
+                    f"'{full}', which the checkpoint lacks (nor has it per-expert tensors to "
+                    "build it from). Calibration reads layers by their transformers parameter "
+                    "names; is this checkpoint for another transformers version?")
+            owner, _, attr = pname.rpartition(".")
+            module = layer.get_submodule(owner) if owner else layer
+            module._parameters[attr] = nn.Parameter(fused, requires_grad=False)
+            continue
+        full = stored
         info = source.info(full)
         if tuple(info.shape) != tuple(param.shape):
             raise CheckpointError(f"{source.path}: '{full}' is {list(info.shape)}, the "

@@ -15,7 +15,6 @@ float model computes the same function while activation outliers move into the w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -74,7 +73,6 @@ _GEMMA2 = ArchSmoothing((_ATTN, SmoothMapping("pre_feedforward_layernorm", GATE_
 # MoE: attention only. One factor shared by every expert unbalances them, and the router
 # must stay exact (llm-compressor's mappings make the same choice).
 _ATTN_ONLY = ArchSmoothing((_ATTN,), moe=True)
-PER_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 
 ARCH_SMOOTHING: dict[str, ArchSmoothing] = {
     "llama": _DENSE, "mistral": _DENSE, "qwen2": _DENSE, "qwen3": _DENSE,
@@ -261,13 +259,6 @@ def plan_smoothing(source, entries, arch: ArchSmoothing) -> Smoothing:
     change rounding). A kept consumer of a smoothed mapping still gets its columns scaled,
     since its norm changes.
     """
-    per_expert = next((n for n in source.tensors if PER_EXPERT_TENSOR.search(n)), None)
-    if arch.moe and per_expert:
-        raise IncompatibleError(
-            f"{source.path}: this MoE checkpoint stores one tensor per expert ('{per_expert}'); "
-            "transformers fuses them when it loads, and q's layer-by-layer calibration cannot "
-            "rebuild that yet. Use a data-free scheme: --scheme w8a8-int8 or fp8-dynamic"
-        )
     actions = {e.name: e.action for e in entries}
     layers = int(source.config.get("num_hidden_layers") or 0)
     planned = []

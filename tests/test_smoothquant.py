@@ -7,6 +7,7 @@ every bad input. The SmolLM2 accuracy and memory tests are in test_smoothquant_s
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ def tiny_config(model_type: str):
     extra = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
              "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                decoder_sparse_step=1, mlp_only_layers=[]),
+             "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                               shared_expert_intermediate_size=64, decoder_sparse_step=1,
+                               mlp_only_layers=[]),
              "gemma2": dict(sliding_window=8, query_pre_attn_scalar=16),
              "gemma3_text": dict(sliding_window=8, query_pre_attn_scalar=16)}
     return AutoConfig.for_model(model_type, **common, **extra.get(model_type, {}))
@@ -157,11 +161,16 @@ def save_tiny(model_type: str, path):
 
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
-@pytest.mark.parametrize("model_type", DENSE)
+@pytest.mark.parametrize("model_type", DENSE + MOE)
 def test_statistics_match_a_full_model_computation(model_type, tmp_path):
-    """Layer by layer == hooks on the whole fp32 transformers model, for every Linear."""
+    """Layer by layer == hooks on the whole fp32 transformers model, for every Linear.
+
+    MoE checkpoints as transformers saves them hold one tensor per expert; calibration
+    fuses them the way transformers' loading does (q.moe_experts), so the layer outputs and
+    hence the next layers' statistics match."""
     from transformers import AutoModelForCausalLM
 
     from q.calibration import run_layers
@@ -181,7 +190,11 @@ def test_statistics_match_a_full_model_computation(model_type, tmp_path):
                     name, a[0].reshape(-1, a[0].shape[-1]).abs().amax(0))))
     with torch.inference_mode():
         full(ids)
-    assert sorted(ours) == sorted(theirs) and len(ours) == 2 * 7
+    assert sorted(ours) == sorted(theirs)
+    if model_type in DENSE:
+        assert len(ours) == 2 * 7
+    else:  # q, k, v, o (+ shared expert); the fused experts are not Linears
+        assert len(ours) >= 2 * 4
     for name, amax in theirs.items():
         torch.testing.assert_close(ours[name], amax, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -406,14 +419,26 @@ def test_architecture_without_mapping(tmp_path):
         q.plan(model, "smoothquant")
 
 
-def test_moe_with_per_expert_tensors_is_refused_when_planning(tmp_path):
-    tensors = {"model.layers.0.self_attn.q_proj.weight": torch.ones(8, 8),
-               "model.layers.0.block_sparse_moe.experts.0.w1.weight": torch.ones(8, 8)}
-    model = write_safetensors(tmp_path / "moe", tensors, {
-        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
-        "num_hidden_layers": 1})
-    with pytest.raises(IncompatibleError, match="one tensor per expert.*w8a8-int8"):
-        q.plan(model, "smoothquant", calib="botchan")
+@pytest.mark.parametrize("model_type", MOE)
+def test_moe_smoothquant_end_to_end(model_type, tmp_path):
+    """Per-expert checkpoints calibrate; attention is smoothed, experts quantized, routers
+    and norms of the MLP left as they were."""
+    from q.source import ModelSource as Source
+
+    model_dir = save_tiny(model_type, tmp_path / model_type)
+    with pytest.warns(CalibrationWarning):
+        result = q.quantize(model_dir, "smoothquant", tmp_path / "sq",
+                            calib=str(calib_text(tmp_path)), calib_samples=4,
+                            calib_seqlen=64, progress=False)
+    out, src = Source(result.output), Source(model_dir)
+    experts = [n for n in src.tensors if ".experts.0." in n and n.endswith(".weight")]
+    assert experts and all(out.info(n).dtype == torch.int8 for n in experts), experts
+    routers = [n for n in src.tensors if re.search(r"\.(mlp|block_sparse_moe)\.gate\.weight$", n)]
+    assert routers and all(torch.equal(out.read(n), src.read(n)) for n in routers)
+    post = [n for n in src.tensors if n.endswith("post_attention_layernorm.weight")]
+    assert all(torch.equal(out.read(n), src.read(n)) for n in post)
+    pre = [n for n in src.tensors if n.endswith("input_layernorm.weight")]
+    assert not any(torch.equal(out.read(n), src.read(n)) for n in pre)  # smoothed
 
 
 def test_nan_in_activations_names_the_layer(tiny_llama, tmp_path):
