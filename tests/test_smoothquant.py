@@ -322,6 +322,38 @@ def test_lmdeploy_layout_round_trips(tiny_llama, tmp_path, dtype):
     assert q.load_engine(lm).report.format == "lmdeploy"
 
 
+def test_lmdeploy_skip_list_uses_its_fused_names(tmp_path):
+    """Kept q/k/v: LMDeploy's own config must leave its fused qkv_proj and the norm that
+    feeds it unquantized (Qwen3 is built with module prefixes), and quantize the rest."""
+    from types import SimpleNamespace
+
+    lmdeploy_config = pytest.importorskip("lmdeploy.pytorch.config")
+    model_dir = save_tiny("qwen3", tmp_path / "qwen3")
+    out = tmp_path / "lm"
+    sq_quantize(model_dir, out, tmp_path, format="lmdeploy",
+                ignore=["model.layers.0.self_attn.q_proj"])
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = lmdeploy_config.QuantizationConfig.from_config(
+        SimpleNamespace(quantization_config=cfg))
+    for prefix, kind in [("model.layers.0.self_attn.qkv_proj", "linear"),
+                         ("model.layers.0.input_layernorm", "norm")]:
+        assert parsed.get_quant_method(prefix, module_kind=kind) is None, prefix
+    for prefix, kind in [("model.layers.1.self_attn.qkv_proj", "linear"),
+                         ("model.layers.0.mlp.gate_up_proj", "linear"),
+                         ("model.layers.0.self_attn.o_proj", "linear"),
+                         ("model.layers.0.post_attention_layernorm", "norm"),
+                         ("model.layers.1.input_layernorm", "norm")]:
+        assert parsed.get_quant_method(prefix, module_kind=kind) == "smooth_quant", prefix
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_lmdeploy_warns_where_it_ignores_the_skip_list(tiny_llama, tmp_path):
+    with pytest.warns(UserWarning, match="will not load there"):
+        sq_quantize(tiny_llama(), tmp_path / "lm", tmp_path, format="lmdeploy",
+                    ignore=["model.layers.0.mlp.down_proj"])
+
+
 def test_plain_w8a8_is_data_free(tiny_llama, tmp_path):
     from transformers import CompressedTensorsConfig
 

@@ -8,8 +8,16 @@ Per quantized Linear (InternLM/lmdeploy ``lmdeploy/pytorch/nn/linear/w8a8.py``
 Norms keep their names and hold the smoothed weights in the model dtype. config.json gets
 ``{"quant_method": "smooth_quant", "quant_dtype": "int8" | "float8_e4m3fn"}`` (the torch
 dtype name, as ``lite/apis/smooth_quant.py`` writes it) plus ``modules_to_not_convert``
-when Linears were kept unquantized. LMDeploy matches that list by reversed substring
-(``prefix in entry``), so q writes full module names.
+when Linears were kept unquantized.
+
+LMDeploy matches that list by reversed substring (``prefix in entry``) against the module
+prefixes of *its* model, which fuses q/k/v into ``self_attn.qkv_proj`` and gate/up into
+``mlp.gate_up_proj`` and fuses each norm with the int8 quantization of its consumers'
+input. So for a kept consumer q lists the HF name, LMDeploy's fused name and the norm that
+feeds it (the smoothing mappings say which). LMDeploy 0.18 passes those prefixes only for
+some models (Qwen3 among q's); Llama, Mistral, Qwen2 and Gemma are built without them and
+quantize every decoder Linear whatever the list says, so q warns that such a checkpoint
+with kept decoder Linears will not load there.
 
 Only LMDeploy's PyTorch engine reads this. TurboMind, vLLM, SGLang and transformers do not
 (transformers warns "Unknown quantization type" and would load raw codes): for a portable
@@ -48,6 +56,45 @@ def lmdeploy_dtype(recipe: QuantRecipe) -> tuple[str | None, str]:
     return None, "LMDeploy smooth_quant takes int8 or e4m3 weights with matching activations"
 
 
+# LMDeploy's fused module for each HF Linear it packs together
+_FUSED = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+          "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj",
+          "mlp.up_proj": "mlp.gate_up_proj"}
+# model types whose LMDeploy 0.18 model passes module prefixes (so honors the list)
+PREFIXED_MODEL_TYPES = {"qwen3"}
+
+
+def lmdeploy_skip_list(skipped, model_config: dict) -> list[str]:
+    """``modules_to_not_convert`` for LMDeploy: each kept module, its fused name and its norm."""
+    import warnings
+
+    from q.smoothing import ARCH_SMOOTHING
+
+    arch = ARCH_SMOOTHING.get(model_config.get("model_type"))
+    norms = {c: m.norm for m in (arch.mappings if arch else ()) for c in m.consumers}
+    out, decoder = [], []
+    for name in skipped:
+        out.append(name)
+        layer, _, rel = name.partition(".layers.")
+        index, _, rel = rel.partition(".")
+        if not rel:
+            continue  # not inside a decoder layer (lm_head): LMDeploy keeps those in bf16
+        decoder.append(name)
+        prefix = f"{layer}.layers.{index}"
+        if rel in _FUSED:
+            out.append(f"{prefix}.{_FUSED[rel]}")
+        if rel in norms:
+            out.append(f"{prefix}.{norms[rel]}")
+    if decoder and model_config.get("model_type") not in PREFIXED_MODEL_TYPES:
+        warnings.warn(
+            f"LMDeploy (0.18) builds {model_config.get('model_type')} without module prefixes "
+            f"and quantizes every decoder Linear whatever modules_to_not_convert says, so this "
+            f"checkpoint, which keeps {len(decoder)} decoder Linears in bf16 (first: "
+            f"{decoder[0]}), will not load there; drop --ignore for them, or write "
+            "--format compressed-tensors (vLLM, SGLang, transformers)", stacklevel=2)
+    return list(dict.fromkeys(out))
+
+
 class LmdeploySmoothQuantFormat(Format):
     name = "lmdeploy"
     description = "LMDeploy smooth_quant W8A8 (weight + scale; LMDeploy's PyTorch engine only)"
@@ -72,7 +119,7 @@ class LmdeploySmoothQuantFormat(Format):
             raise CheckpointError(reason)
         cfg = {"quant_method": QUANT_METHOD, "quant_dtype": dtype}
         if skipped:
-            cfg["modules_to_not_convert"] = list(dict.fromkeys(skipped))
+            cfg["modules_to_not_convert"] = lmdeploy_skip_list(skipped, model_config)
         return cfg
 
     def detect(self, config):
