@@ -205,7 +205,8 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
         report.ppl_increase = out["ppl"] / ref["ppl"] - 1
         report.kl_mean, report.kl_p95 = out["kl_mean"], out["kl_p95"]
         report.top1_agreement = out["agreement"]
-        report.layers = _layer_errors(session, ref["io"], out["io"], thresholds.layer_error)
+        report.layers = _layer_errors(session, ref["io"], out["io"], thresholds.layer_error,
+                                      _smoothing_factors(session, ref["norms"]))
         if report.broken:
             notes.append("most quantized layers are far off: the checkpoint looks broken (wrong "
                          "scales?), not hurt by a few sensitive layers")
@@ -408,6 +409,9 @@ def _run(session, ids, prompt_ids, gen_tokens, rows, ref, budget, label, progres
     else:
         modules = dict(session.report.quantized)
     out = {"logprobs": [], "argmax": [], "io": {}, "store": str(store).removeprefix("torch.")}
+    if ref is None:  # norm weights, to undo SmoothQuant factors in the isolated layer errors
+        out["norms"] = {n: p.detach().float().cpu() for n, p in model.named_parameters()
+                        if p.dim() == 1 and n.endswith("norm.weight")}
     nll, kls, agree = [], [], []
     with _bar(progress, f"{label}: windows", n) as advance, torch.inference_mode():
         for w in range(n):
@@ -466,16 +470,49 @@ def _rel(a, b) -> float:
     return ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _layer_errors(session, ref_io: dict, q_io: dict, flag_above: float) -> list[LayerError]:
+def _smoothing_factors(session, ref_norms: dict) -> dict:
+    """Per quantized Linear that reads a smoothed norm: its input factors ``s``.
+
+    SmoothQuant divides a norm's weight by ``s`` and multiplies its consumers' columns by
+    ``s``, so the quantized Linear expects ``x / s`` where the reference Linear gets ``x``.
+    ``s`` is recovered from the two models' norm weights, ``(offset + w_ref) / (offset +
+    w_q)``, which is exactly the ratio the quantized model applies (rounding included).
+    """
+    import torch
+
+    from .smoothing import ARCH_SMOOTHING
+
+    arch = ARCH_SMOOTHING.get(getattr(session.model.config, "model_type", None))
+    if arch is None:
+        return {}
+    params = dict(session.model.named_parameters())
+    norm_of = {c: m.norm for m in arch.mappings for c in m.consumers}
+    factors = {}
+    for name in session.report.quantized:
+        index, _, rel = name.removeprefix(arch.layers + ".").partition(".")
+        norm = f"{arch.layers}.{index}.{norm_of.get(rel)}.weight"
+        if rel not in norm_of or norm not in ref_norms or norm not in params:
+            continue
+        a = ref_norms[norm] + arch.norm_offset
+        b = params[norm].detach().float().cpu() + arch.norm_offset
+        if not torch.equal(a, b):
+            factors[name] = torch.where(b != 0, a / b, torch.ones_like(a))
+    return factors
+
+
+def _layer_errors(session, ref_io: dict, q_io: dict, flag_above: float,
+                  factors: dict | None = None) -> list[LayerError]:
     """Isolated and in-model errors of every QuantLinear, worst isolated first."""
     import torch
 
-    layers = []
+    layers, factors = [], factors or {}
     with torch.inference_mode():
         for name, layer in session.report.quantized.items():
             if name not in ref_io:  # the reference has no such Linear (another architecture)
                 continue
             x_ref, y_ref = ref_io[name]
+            if name in factors:  # a smoothed consumer: feed it what the model feeds it
+                x_ref = (x_ref.float() / factors[name]).to(x_ref.dtype)
             y_iso = layer(x_ref.to(session.device)).cpu()
             in_model = _rel(q_io[name][1], y_ref) if name in q_io else None
             iso = _rel(y_iso, y_ref)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -352,6 +353,27 @@ def test_lmdeploy_warns_where_it_ignores_the_skip_list(tiny_llama, tmp_path):
     with pytest.warns(UserWarning, match="will not load there"):
         sq_quantize(tiny_llama(), tmp_path / "lm", tmp_path, format="lmdeploy",
                     ignore=["model.layers.0.mlp.down_proj"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_eval_layer_errors_undo_the_smoothing(model_type, tmp_path, monkeypatch):
+    """q eval's isolated layer error feeds a smoothed consumer x / s, as the model does:
+    without that, every q/k/v/gate/up looks broken (factor-sized errors)."""
+    ev = sys.modules["q.evaluate"]  # the package attribute is the function
+
+    model_dir = save_tiny(model_type, tmp_path / model_type)
+    out = tmp_path / "sq"
+    sq_quantize(model_dir, out, tmp_path)
+    tiny = dict(text=str(calib_text(tmp_path)), windows=2, window_len=32, generations=0,
+                progress=False)
+    report = ev.evaluate(out, reference=model_dir, **tiny)
+    smoothed = [e for e in report.layers if e.name.rsplit(".", 1)[-1] in
+                ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    assert smoothed and max(e.isolated for e in smoothed) < 0.05, smoothed
+    assert not report.broken
+    monkeypatch.setattr(ev, "_smoothing_factors", lambda session, norms: {})
+    naive = ev.evaluate(out, reference=model_dir, **tiny)
+    assert max(e.isolated for e in naive.layers) > 10 * max(e.isolated for e in smoothed)
 
 
 def test_plain_w8a8_is_data_free(tiny_llama, tmp_path):
