@@ -116,32 +116,42 @@ class Completion:
 class StopStringDetector:
     """Incremental detokenization with stop strings that may span tokens.
 
-    Each step re-decodes the completion so far, returns only text that is final: text
-    ending in an incomplete UTF-8 sequence (U+FFFD at the end) or in a prefix of any stop
-    string is held back until the next token decides it. A found stop string truncates the
-    text before it.
+    Each step decodes only a short window, the tokens since the last complete text plus the
+    chunk before them as context (vLLM's prefix/read offsets), so a step costs the same at
+    token 10 and token 10,000; re-decoding the whole completion every step was O(n^2). Text
+    ending in an incomplete UTF-8 sequence (U+FFFD at the end) is not taken until the next
+    token completes it; text ending in a prefix of any stop string is held back until the
+    next token decides it. A found stop string truncates the text before it.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.emitted = 0  # characters of final text handed out so far
-        self.text = ""
+        self.text = ""  # decoded text of the tokens before read_offset
+        self.prefix_offset = 0  # first token of the decoding window (context only)
+        self.read_offset = 0  # tokens whose text is in self.text
+
+    def _decode_new(self, token_ids: list[int], final: bool) -> None:
+        decode = self.tokenizer.decode
+        window = token_ids[self.prefix_offset:]
+        prefix = decode(window[:self.read_offset - self.prefix_offset], skip_special_tokens=True)
+        full = decode(window, skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
 
     def update(self, token_ids: list[int], final: bool = False) -> tuple[str, bool]:
         """(newly final text, stop string found) after the completion grew to ``token_ids``."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        self._decode_new(token_ids, final)
+        text = self.text
         hit = self._find_stop(text)
         if hit is not None:
             self.text = text[:hit]
             return self._emit(len(self.text)), True
-        self.text = text
         if final:
             return self._emit(len(text)), False
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        safe = min(safe, self._start_of_partial_stop(text))
+        safe = min(len(text), self._start_of_partial_stop(text))
         return self._emit(max(safe, self.emitted)), False
 
     def _emit(self, upto: int) -> str:

@@ -145,6 +145,36 @@ def test_incomplete_utf8_is_held_back():
     assert pieces[1] == "" and "\ufffd" not in "".join(pieces[:2])
 
 
+def test_detokenization_decodes_a_bounded_window():
+    """Each step decodes a few tokens, not the whole completion (was O(n^2))."""
+    class Counting(_CharTokenizer):
+        longest = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            Counting.longest = max(Counting.longest, len(ids))
+            return super().decode(ids)
+
+    ids = [i % 24 for i in range(2000)]
+    pieces, _ = _run(StopStringDetector(Counting(), ("zz",)), ids)
+    assert "".join(pieces) == _CharTokenizer().decode(ids)
+    assert Counting.longest <= 3
+
+
+def test_incremental_text_equals_full_decode_on_a_real_tokenizer():
+    """SmolLM2's byte-level BPE, text with multi-byte characters split across tokens."""
+    from transformers import AutoTokenizer
+
+    import q
+
+    tok = AutoTokenizer.from_pretrained(q.default_model())
+    text = "Grüße aus 東京 🚀🎉 — naïve café, ünïcödé; emoji 👩‍💻 end.\n\tTabs  and  spaces"
+    ids = tok(text, add_special_tokens=False).input_ids
+    pieces, _ = _run(StopStringDetector(tok, ()), ids)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # a character split across tokens was held back a step
+
+
 def test_stop_string_in_generation(session):
     full = session.generate([PROMPTS[0]], max_tokens=8, ignore_eos=True)[0]
     words = full.text.split()
