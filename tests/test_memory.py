@@ -35,7 +35,11 @@ def test_peak_rss_independent_of_model_size(tmp_path, scheme):
         tensors = {f"model.layers.{i}.mlp.up_proj.weight":
                    torch.randn(1024, 2048, generator=g).bfloat16() for i in range(layers)}
         model = write_safetensors(tmp_path / f"m{layers}", tensors)
-        sizes[layers] = peak_rss_kib(model, scheme, tmp_path / f"o{layers}")
+        # the smaller of two runs: a peak can only be inflated by timing (a writer that
+        # falls behind while the suite's other processes hold the cores: once 38 MiB, where
+        # a quiet run grows 8-14 MiB), never hidden, so growth with model size shows in both
+        sizes[layers] = min(peak_rss_kib(model, scheme, tmp_path / f"o{layers}-{run}")
+                            for run in range(2))
     model_growth_mib = 32 * 1024 * 2048 * 2 / 2**20  # 128 MiB more weights
     rss_growth_mib = (sizes[40] - sizes[8]) / 1024
     assert rss_growth_mib < 0.25 * model_growth_mib, (
