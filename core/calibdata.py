@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import OptionError, QError
+from .modeling import load_tokenizer
 
 DEFAULT_CALIB = "botchan"
 DEFAULT_SAMPLES = 128
@@ -114,16 +115,6 @@ def _documents(spec: str, tokenizer):
             yield from _jsonl_documents(f, tokenizer)
         else:
             yield _read_text(f), True
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise QError(f"{model_dir}: calibration needs the model's tokenizer files, which "
-                     f"could not be loaded ({exc})") from None
 
 
 def load_calibration(model_dir: Path, spec: str | None = None, samples: int | None = None,

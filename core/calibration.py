@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from torch import nn
 from .errors import BadTensorError, CheckpointError
 from .modeling import parameters_on_meta
 from .moe_experts import checkpoint_name, fused_expert_tensor
+from .progress import count_progress
 
 
 class _HeapTrimmer:
@@ -256,30 +256,6 @@ def _first_windows(obj, n: int, batch: int):
     return obj
 
 
-@contextlib.contextmanager
-def layer_progress(total: int, enabled: bool | None):
-    """Yields ``advance(label)``; a per-layer bar on stderr when it is a terminal."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield lambda label: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("calibrate", total=total)
-        yield lambda label: bar.update(task, advance=1, description=f"calibrate {label}")
-
-
 def run_layers(source, input_ids: torch.Tensor, on_layer: Callable[[LayerCalibration], None],
                *, sample_modules=(), sample_tokens: int = 512, progress: bool | None = None,
                batch_tokens: int = CALIB_BATCH_TOKENS) -> None:
@@ -304,7 +280,7 @@ def run_layers(source, input_ids: torch.Tensor, on_layer: Callable[[LayerCalibra
         out = torch.empty_like(hidden)
         weights: dict = {}
         trim_heap = _HeapTrimmer()
-        with layer_progress(len(layers), progress) as advance:
+        with count_progress("calibrate", len(layers), progress) as advance:
             for i, layer in enumerate(layers):
                 name = f"{prefix}.{i}"
                 _load_layer(source, layer, name, weights)
@@ -325,7 +301,7 @@ def run_layers(source, input_ids: torch.Tensor, on_layer: Callable[[LayerCalibra
                 layer.to("meta")  # drops the module's references; the buffers are reused
                 trim_heap(sum(t.nbytes for k, t in weights.items() if k != "scratch"))
                 hidden, out = out, hidden
-                advance(name)
+                advance(description=f"calibrate {name}")
 
 
 def _check_finite(source, name: str, act_max: dict, out: torch.Tensor) -> None:

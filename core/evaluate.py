@@ -20,7 +20,6 @@ import gc
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from .eval_report import (  # re-exported: q.evaluate is the public module
     degenerate_flags,
     verdict,
 )
+from .modeling import load_tokenizer
+from .progress import count_progress
 
 log = logging.getLogger("q.eval")
 
@@ -77,9 +78,9 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
     if context and window_len > context:
         raise OptionError(f"window_len {window_len} is longer than the model's context {context}")
     reference, notes = _resolve_reference(model, reference, scheme)
-    tokenizer = _tokenizer(model)
+    tokenizer = load_tokenizer(model)
     if reference is not None:
-        _same_tokenizer(tokenizer, _tokenizer(reference), model, reference)
+        _same_tokenizer(tokenizer, load_tokenizer(reference), model, reference)
     label, raw = _read_text(text)
     ids, notes2 = _windows(tokenizer, raw, label, windows, window_len)
     notes += notes2
@@ -169,15 +170,6 @@ def _resolve_reference(model: Path, reference, scheme) -> tuple[Path | None, lis
     return None, ["no reference: KL, agreement and layer errors need --reference MODEL_DIR"]
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: the tokenizer does not load: {exc}") from None
-
-
 def _same_tokenizer(a, b, model: Path, reference: Path) -> None:
     """KL and agreement compare distributions token by token: the vocabularies must match."""
     if len(a) != len(b):
@@ -261,28 +253,6 @@ def _free(torch) -> None:
 
 
 @contextlib.contextmanager
-def _bar(enabled: bool | None, description: str, total: int):
-    """Yields ``advance(n)``: a rich bar on stderr when it is a terminal (or enabled=True)."""
-    if not (sys.stderr.isatty() if enabled is None else enabled):
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
-
-
-@contextlib.contextmanager
 def _capture(modules: dict, rows, keep_inputs: bool, io: dict):
     """Record each module's input (optionally) and output at ``rows`` of a [1, L, *] call."""
     def hook(name):
@@ -318,7 +288,7 @@ def _run(session, ids, prompt_ids, gen_tokens, rows, ref, budget, label, progres
         out["norms"] = {n: p.detach().float().cpu() for n, p in model.named_parameters()
                         if p.dim() == 1 and n.endswith("norm.weight")}
     nll, kls, agree = [], [], []
-    with _bar(progress, f"{label}: windows", n) as advance, torch.inference_mode():
+    with count_progress(f"{label}: windows", n, progress) as advance, torch.inference_mode():
         for w in range(n):
             x = ids[w:w + 1].to(device)
             hooks = _capture(modules, rows, ref is None, out["io"]) if w == 0 else \
@@ -355,7 +325,7 @@ def _generate(session, prompt_ids, gen_tokens, label, progress) -> list[list[int
     rids = [session.add_request(p, params) for p in prompt_ids]
     tokens: dict[str, list[int]] = {r: [] for r in rids}
     pending = set(rids)
-    with _bar(progress, f"{label}: generating", len(rids) * gen_tokens) as advance:
+    with count_progress(f"{label}: generating", len(rids) * gen_tokens, progress) as advance:
         while pending:
             for o in session.step():
                 if o.request_id in tokens:

@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from .errors import CheckpointError
+
 # (checkpoint container, gate, up, down) per naming family
 _FAMILIES = (("mlp.experts", "gate_proj", "up_proj", "down_proj"),
              ("block_sparse_moe.experts", "w1", "w3", "w2"))
@@ -48,8 +50,6 @@ def fused_expert_tensor(source, name: str, shape: tuple[int, ...]) -> torch.Tens
                      ((gate, up) if which == "gate_up_proj" else (down,))]
             missing = [n for n in names if n not in source.tensors]
             if missing:
-                from .errors import CheckpointError
-
                 raise CheckpointError(f"{source.path}: '{missing[0]}' is missing; the config "
                                       f"says {experts} experts per layer")
             parts.append(torch.cat([source.read(n).float() for n in names], dim=0))

@@ -173,6 +173,17 @@ def test_int_weight_full_range_matches_compressed_tensors(shape, bits, group):
         *quantize_int_weight(gauss, bits, group, int_range="restricted"), group, torch.float32)
     if bits == 4:  # 16 levels against 15: about 0.5 dB on Gaussians
         assert sqnr(gauss, full) > sqnr(gauss, restricted) + 0.2, f"{shape} g={group}"
+        gen = torch.Generator().manual_seed(4)
+        heavy = {"laplace": torch.distributions.Laplace(0.0, 1.0),
+                 "student-t3": torch.distributions.StudentT(3.0)}
+        for label, dist in heavy.items():  # heavier tails: still ahead
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            w = dist.sample(shape)
+            errs = {r: sqnr(w, dequantize_int_weight(*quantize_int_weight(w, 4, group,
+                                                                          int_range=r),
+                                                     group, torch.float32))
+                    for r in ("full", "restricted")}
+            assert errs["full"] > errs["restricted"], f"{label} {shape} g={group}: {errs}"
     else:  # 256 against 255 levels: no worse, within rounding noise
         assert sqnr(gauss, full) > sqnr(gauss, restricted) - 0.3, f"{shape} g={group}"
 

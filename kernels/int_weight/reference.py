@@ -6,7 +6,8 @@ Per output channel (or per ``group_size`` input columns), two conventions (``int
   the type, ``[-2^(b-1), 2^(b-1) - 1]``, with ``s = amax / (2^(b-1) - 0.5)`` (amax/7.5 for
   int4, amax/127.5 for int8) and ``q = round_half_even(w / s)`` clamped to that range. The
   largest magnitude lands on -8 or on 7 (clipped by half a step), so the step is 7% smaller
-  than with 15 levels: 0.3-0.6 dB more SQNR on Gaussian, Laplace and Student-t weights.
+  than with 15 levels: more SQNR on Gaussian (about 0.5 dB), Laplace and Student-t weights
+  (tests/test_kernels_reference.py asserts it).
 - ``"restricted"``, Paddle ``weight_quantize`` as FastDeploy uses it (and LMDeploy,
   SmoothQuant): ``s = amax / qmax`` with qmax 127 or 7, ``q = round_half_away_from_zero(w /
   s)`` clamped to ``[-qmax, qmax]``.

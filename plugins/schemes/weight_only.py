@@ -25,8 +25,8 @@ class WeightOnlyArgs(pydantic.BaseModel):
     group_size: pydantic.PositiveInt | None = None
     # False: min-max with a zero point per group (compressed-tensors W4A16_ASYM numerics)
     symmetric: bool = True
-    # symmetric codes: "full" [-8, 7] with amax/7.5 (compressed-tensors, GPTQ), 0.3-0.6 dB
-    # more SQNR than "restricted" [-7, 7] with amax/7 (Paddle / FastDeploy)
+    # symmetric codes: "full" [-8, 7] with amax/7.5 (compressed-tensors, GPTQ) gives more
+    # SQNR than "restricted" [-7, 7] with amax/7 (Paddle / FastDeploy)
     range: Literal["full", "restricted"] = "full"
 
     @pydantic.model_validator(mode="after")

@@ -82,22 +82,30 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
 
 
+def decoded(out: Path) -> dict:
+    """Module name -> the QuantizedTensor q's reader makes of ``out``'s tensors."""
+    import q
+    from q.source import ModelSource
+
+    source = ModelSource(out)
+    _, reader = q.detect_format(source)
+    return {m: reader.decode(m, {n: source.read(n) for n in names})
+            for m, names in reader.quantized_modules().items()}
+
+
 def weight_sqnr(out: Path, model: Path) -> float:
     """SQNR (dB) of every quantized Linear's dequantized weight against the source weight,
     pooled: a noise-free measure of the rounding itself (not for smoothed weights)."""
     import torch
 
-    import q
     from q.source import ModelSource
 
-    source, original = ModelSource(out), ModelSource(model)
-    _, reader = q.detect_format(source)
+    original = ModelSource(model)
     signal = noise = 0.0
-    for module, names in reader.quantized_modules().items():
+    for module, qt in decoded(out).items():
         w = original.read(f"{module}.weight").double()
-        deq = reader.decode(module, {n: source.read(n) for n in names}).dequantize(torch.float64)
         signal += float(w.square().sum())
-        noise += float((deq - w).square().sum())
+        noise += float((qt.dequantize(torch.float64) - w).square().sum())
     return 10 * math.log10(signal / noise)
 
 

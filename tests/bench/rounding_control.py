@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from accuracy_table import weight_sqnr
+from accuracy_table import decoded, weight_sqnr
 
 CASES = {"wint4 g64": ("wint4", {"group_size": 64}), "wint4": ("wint4", {}),
          "fp8-dynamic": ("fp8-dynamic", {})}
@@ -87,20 +87,9 @@ def main() -> int:
 
 def _differing(outs: dict) -> float:
     """Share of weight codes that differ between the two checkpoints."""
-    import q
-    from q.source import ModelSource
-
-    decoded = []
-    for out in outs.values():
-        source = ModelSource(out)
-        _, reader = q.detect_format(source)
-        decoded.append({m: reader.decode(m, {n: source.read(n) for n in names}).qdata.float()
-                        for m, names in reader.quantized_modules().items()})
-    same = total = 0
-    for name, codes in decoded[0].items():
-        same += int((codes == decoded[1][name]).sum())
-        total += codes.numel()
-    return 1 - same / total
+    first, second = (decoded(out) for out in outs.values())
+    same = sum(int((qt.qdata == second[m].qdata).sum()) for m, qt in first.items())
+    return 1 - same / sum(qt.qdata.numel() for qt in first.values())
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ import json
 import logging
 import time
 
-import torch
-
 import q
+import torch
 from q.interfaces import Engine
 
 log = logging.getLogger("q.engine")
@@ -29,18 +28,6 @@ def _eos_ids(path, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-def _load_tokenizer(auto_tokenizer, path):
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((path / n).exists() for n in names):
-        raise q.errors.CheckpointError(
-            f"{path} has no tokenizer ({', '.join(names)}); copy the tokenizer files of the "
-            "original model into it (`q quantize` does this itself)")
-    try:
-        return auto_tokenizer.from_pretrained(path)
-    except (ValueError, OSError) as exc:
-        raise q.errors.CheckpointError(f"{path}: the tokenizer does not load: {exc}") from None
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -59,7 +46,7 @@ class NativeEngine(Engine):
 
     def load(self, path, *, scheme=None, args=None, ignore=(), ragged="skip", device=None,
              impl="auto", max_batch: int = 32, **options):
-        from transformers import AutoTokenizer
+        from q.modeling import load_tokenizer
 
         from .loader import load_model
         from .session import NativeSession
@@ -71,7 +58,7 @@ class NativeEngine(Engine):
         start = time.perf_counter()
         model, source, report = load_model(path, device=dev, scheme=scheme, args=args,
                                            ignore=ignore, ragged=ragged, impl=impl)
-        tokenizer = _load_tokenizer(AutoTokenizer, source.path)
+        tokenizer = load_tokenizer(source.path)
         context = int(source.config.get("max_position_embeddings") or 2048)
         log.info("loaded %s (%s, %d quantized Linears) on %s in %.1f s", source.path,
                  report.format, len(report.quantized), dev, time.perf_counter() - start)
