@@ -30,6 +30,13 @@ def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # Weights read from safetensors can sit at any offset; MKL's M=1 GEMV rounds differently
+    # for a matrix that is not 64-byte aligned (seen on AMD EPYC: 1 ulp, enough to flip an
+    # fp8 activation code in decode). Fresh torch allocations are 64-byte aligned, like the
+    # engine's dequantized weights, so both sides take the same BLAS path.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     if acts is not None:
         for name in quantized_modules:
             model.get_submodule(name).register_forward_pre_hook(
