@@ -400,10 +400,22 @@ def inspect(checkpoint: str | Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "path": str(source.path), "format": fmt.name if fmt else "unquantized",
         "architecture": (source.config.get("architectures") or ["?"])[0],
+        "model_type": source.config.get("model_type"),
         "bytes": source.total_bytes(), "tensors": len(source.tensors), "layers": [],
     }
-    if reader is None:
-        return report
+    if reader is not None:
+        _describe_quantization(report, source, reader)
+    report["engines"] = engine_support(report)
+    return report
+
+
+def engine_support(report: dict) -> list[dict]:
+    """What each registered engine says about running the checkpoint ``report`` describes."""
+    return [{"engine": name, "target": s.target, "runs": s.runs, "reason": s.reason}
+            for name, entry in _registries().engines for s in entry.obj.support(report)]
+
+
+def _describe_quantization(report: dict, source: ModelSource, reader) -> None:
     report["recipe"] = reader.recipe.to_dict()
     report["skipped"] = list(reader.skipped)
     for module, names in sorted(reader.quantized_modules().items(), key=_natural_key):
@@ -415,4 +427,3 @@ def inspect(checkpoint: str | Path) -> dict[str, Any]:
             "scale_dtype": str(qt.scale.dtype).removeprefix("torch."),
             "bytes": sum(source.info(n).nbytes for n in names),
         })
-    return report

@@ -47,14 +47,16 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
              scheme: str | None = None, args: dict | None = None, ragged: str = "skip",
              ignore=(), device: str | None = None, impl: str = "auto",
              thresholds: Thresholds | None = None, layer_rows: int = 64,
-             reference_budget: int = 1 << 30, progress: bool | None = None) -> EvalReport:
+             reference_budget: int = 1 << 30, progress: bool | None = None,
+             engine: str = "native", engine_options: dict | None = None) -> EvalReport:
     """Evaluate ``model`` (a checkpoint, or a plain model + ``scheme``) against ``reference``.
 
     ``text``: a .txt path or a corpus name of ``q.textdata`` (default: ``"lee"``, news).
     ``reference``: the unquantized model; defaults to ``model`` itself with ``scheme``, else
     to the source in the checkpoint's q_manifest.json when it exists; without one only
     perplexity and generations are checked. Raises QError on bad inputs before any model
-    is loaded.
+    is loaded. ``engine``: another engine than the native one (``vllm``) scores both models
+    itself (:mod:`q.eval_scored`: no KL or per-layer errors); ``engine_options`` go to it.
     """
     import torch
 
@@ -70,6 +72,14 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
     if windows < 1 or window_len < 8 or generations < 0 or gen_tokens < 1 or layer_rows < 1:
         raise OptionError("need windows >= 1, window_len >= 8, generations >= 0, "
                           "gen_tokens >= 1, layer_rows >= 1")
+    scorer = None
+    if engine != "native":
+        from .eval_scored import scoring_engine
+
+        scorer = scoring_engine(engine)
+        if scheme:
+            raise OptionError(f"the {engine} engine does not quantize online: `q quantize` "
+                              "first, then evaluate the output")
     model = _model_dir(model, "the model")
     config = json.loads((model / "config.json").read_text())
     if scheme and "quantization_config" in config:
@@ -85,6 +95,14 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
     ids, notes2 = _windows(tokenizer, raw, label, windows, window_len)
     notes += notes2
     prompt_ids = _prompts(tokenizer, ids, prompts, generations)
+    if scorer is not None:
+        from .api import inspect
+        from .eval_scored import evaluate_scored
+
+        return evaluate_scored(scorer, model, reference, ids=ids, prompt_ids=prompt_ids,
+                               tokenizer=tokenizer, label=label, gen_tokens=gen_tokens,
+                               thresholds=thresholds, notes=notes,
+                               fmt=inspect(model)["format"], options=engine_options or {})
     rows = torch.linspace(1, ids.shape[1] - 1, min(layer_rows, ids.shape[1] - 1)).round().long()
 
     ref = None

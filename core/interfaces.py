@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pydantic
@@ -213,11 +214,34 @@ class Session(ABC):
         pass
 
 
+@dataclass(frozen=True)
+class EngineSupport:
+    """Whether an engine runs a checkpoint on one target (a device, a build), and why."""
+
+    target: str
+    runs: bool
+    reason: str
+
+
 class Engine(ABC):
     """Runs checkpoints: ``load(path, scheme=None, **options) -> Session``."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def support(self, report: dict) -> list[EngineSupport]:
+        """Whether this engine runs the checkpoint ``report`` (from ``q.inspect``) describes,
+        per target; ``q inspect`` and ``q quantize`` show it. Empty: the engine does not say."""
+        return []
+
+    def score(self, checkpoints: dict[str, str], windows: list[list[int]],
+              prompts: list[list[int]], *, max_tokens: int, **options) -> dict[str, dict]:
+        """For ``q eval`` on engines that expose no model: per checkpoint name, ``{"top1":
+        [[id]], "logprob": [[float]], "greedy": [[id]]}``: the most likely token and the
+        log-probability of the real next token at each position of each window after the
+        first, and greedy continuations of ``prompts`` (EOS ends one). Not overridden: the
+        engine cannot score."""
+        raise NotImplementedError
 
     @abstractmethod
     def load(self, path: str, *, scheme: str | None = None, args: dict | None = None,

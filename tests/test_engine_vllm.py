@@ -30,6 +30,13 @@ _real_find_spec = importlib.util.find_spec
 # --- helpers --------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def vllm_in_this_interpreter(monkeypatch):
+    """These tests fake vLLM in q's own interpreter; tests/run.sh points Q_VLLM_PYTHON at the
+    real one (tests/interop uses it)."""
+    monkeypatch.delenv("Q_VLLM_PYTHON", raising=False)
+
+
 def settings(**kw):
     kw.setdefault("model_name", MODEL)
     return ServerSettings(**kw)

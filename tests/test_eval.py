@@ -204,6 +204,20 @@ def test_scheme_on_a_checkpoint_is_refused_early(tiny_llama, words, tmp_path):
         evaluate(tmp_path / "w8", text=words, scheme="wint4", **TINY)
 
 
+def test_other_engines(tiny_llama, words, tmp_path, monkeypatch):
+    from q.errors import QError
+
+    with pytest.raises(OptionError, match="does not quantize online"):
+        evaluate(tiny_llama(), text=words, scheme="wint4", engine="vllm", **TINY)
+    monkeypatch.setenv("Q_VLLM_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(QError, match="no-python does not exist; install vLLM"):
+        evaluate(tiny_llama(), tiny_llama(), text=words, engine="vllm", **TINY)
+    result = run_cli(tiny_llama(), "--engine", "vllm", "--vllm-python", tmp_path / "none",
+                     "--text", words)
+    assert isinstance(result.exception, QError)
+    assert "none does not exist; install vLLM" in str(result.exception)
+
+
 # --- pieces --------------------------------------------------------------------------------
 
 

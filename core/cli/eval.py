@@ -175,10 +175,13 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--progress/--no-progress", default=None,
                   help="progress bars (default: on a terminal)")
     @engine_options
+    @click.option("--vllm-python", envvar="Q_VLLM_PYTHON", show_envvar=True,
+                  type=click.Path(dir_okay=False),
+                  help="Python interpreter that has vLLM (--engine vllm; default: q's own)")
     def eval_(model, reference, text, windows, window_len, generations, gen_tokens, prompts,
               ignore, json_path, no_card, top, fail_ppl, warn_ppl, fail_agreement,
               warn_agreement, layer_error, strict, progress, engine, scheme, args, ragged,
-              device, impl, verbose):
+              device, impl, verbose, vllm_python):
         """Compare MODEL (a checkpoint, or a bf16 model + --scheme) with its reference.
 
         Runs both through q's engine on held-out text: perplexity of each, KL divergence
@@ -190,6 +193,7 @@ def add_commands(cli: click.Group) -> None:
         q eval OUT --reference MODEL_DIR
         q eval OUT --reference MODEL_DIR --text my.txt --json report.json
         q eval MODEL_DIR --scheme wint4 --arg group_size=64
+        q eval OUT --reference MODEL_DIR --engine vllm   # as vLLM runs it (no KL, no layers)
 
         \b
         Exit codes: 0 PASS or WARN, 3 FAIL, 4 WARN with --strict,
@@ -197,8 +201,6 @@ def add_commands(cli: click.Group) -> None:
         """
         from ..evaluate import Thresholds, evaluate
 
-        if engine != "native":
-            raise OptionError("q eval runs the native engine only (it reads the model's logits)")
         if json_path not in (None, "-") and not Path(json_path).resolve().parent.is_dir():
             raise OptionError(f"--json {json_path}: its directory does not exist")
         setup_logging(verbose)
@@ -209,7 +211,9 @@ def add_commands(cli: click.Group) -> None:
                           generations=generations, gen_tokens=gen_tokens,
                           prompts=list(prompts) or None, scheme=scheme,
                           args=parse_extra_args(args), ragged=ragged, ignore=ignore,
-                          device=device, impl=impl, thresholds=thresholds, progress=progress)
+                          device=device, impl=impl, thresholds=thresholds, progress=progress,
+                          engine=engine, engine_options={"vllm_python": vllm_python}
+                          if engine == "vllm" else None)
         if not no_card and scheme:  # MODEL is the bf16 model: its card is not about this run
             click.echo("note: no model card written (MODEL was quantized online)", err=True)
         elif not no_card:

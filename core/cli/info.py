@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from .. import api
-from .render import console, human, inspect_table
+from .render import console, engine_lines, human, inspect_table
 
 
 def add_commands(cli: click.Group) -> None:
@@ -32,6 +32,9 @@ def add_commands(cli: click.Group) -> None:
             click.echo(f"quantized Linears: {len(report['layers'])}  kept in model dtype: "
                        f"{len(report['skipped'])}")
         click.echo(f"tensors: {report['tensors']}  size: {human(report['bytes'])}")
+        if report["engines"]:
+            click.echo("runs on:")
+            click.echo("\n".join(engine_lines(report)))
 
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")

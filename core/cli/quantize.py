@@ -10,7 +10,7 @@ import click
 from .. import api
 from ..calibdata import CalibrationWarning
 from ..errors import OptionError
-from .render import console, human, plan_detail, plan_summary
+from .render import console, engine_lines, human, plan_detail, plan_summary
 
 
 def parse_size(text: str) -> int:
@@ -167,3 +167,6 @@ def add_commands(cli: click.Group) -> None:
         total_in, total_out = result.plan.totals()
         click.echo(f"wrote {result.output} ({human(total_out)} from {human(total_in)}, "
                    f"format {result.plan.format})")
+        lines = engine_lines(api.inspect(result.output))
+        if lines:
+            click.echo("runs on:\n" + "\n".join(lines))

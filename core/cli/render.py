@@ -59,3 +59,9 @@ def inspect_table(report: dict) -> Table:
                       "x".join(map(str, layer["shape"])),
                       f"{layer['scale_dtype']}{layer['scale_shape']}", human(layer["bytes"]))
     return table
+
+
+def engine_lines(report: dict) -> list[str]:
+    """One line per engine target: does it run this checkpoint, and why (q.inspect's data)."""
+    return [f"  {'yes' if e['runs'] else 'no '}  {e['engine']}: {e['target']}: {e['reason']}"
+            for e in report.get("engines", [])]

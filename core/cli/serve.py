@@ -43,9 +43,12 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--max-request-bytes", default=2 << 20, show_default=True, type=int)
     @click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=int,
                   help="GPUs per model (--engine vllm)")
+    @click.option("--vllm-python", envvar="Q_VLLM_PYTHON", show_envvar=True,
+                  type=click.Path(dir_okay=False),
+                  help="Python interpreter that has vLLM (--engine vllm; default: q's own)")
     def serve(model, engine, scheme, args, ragged, device, impl, verbose, host, port, api_key,
               served_model_name, max_batch, max_queue, max_tokens_limit, max_request_bytes,
-              tensor_parallel_size):
+              tensor_parallel_size, vllm_python):
         """Serve MODEL over an OpenAI-compatible API (completions, chat, streaming).
 
         MODEL is a q or peer checkpoint, or a bf16 model with --scheme for online
@@ -65,7 +68,8 @@ def add_commands(cli: click.Group) -> None:
         options = dict(scheme=scheme, args=parse_extra_args(args), ragged=ragged)
         if hasattr(engine_obj, "serve"):  # engines with a server of their own (vllm)
             return engine_obj.serve(model, settings=settings, host=host, port=port,
-                                    tensor_parallel_size=tensor_parallel_size, **options)
+                                    tensor_parallel_size=tensor_parallel_size,
+                                    vllm_python=vllm_python, **options)
         if tensor_parallel_size != 1:
             raise QError(f"the {engine} engine runs on one device; --tensor-parallel-size "
                          "needs --engine vllm")

@@ -14,7 +14,7 @@ import time
 
 import q
 import torch
-from q.interfaces import Engine
+from q.interfaces import Engine, EngineSupport
 
 log = logging.getLogger("q.engine")
 
@@ -43,6 +43,15 @@ def pick_device(device: str | None) -> torch.device:
 class NativeEngine(Engine):
     name = "native"
     description = "q's own engine: q.kernels (Triton on GPU, torch on CPU), continuous batching"
+
+    def support(self, report):
+        from .loader import SUPPORTED_ARCHITECTURES
+
+        model_type = report.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            return [EngineSupport("CPU, CUDA", False, f"no model skeleton for '{model_type}' "
+                                  f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")]
+        return [EngineSupport("CPU, CUDA", True, "every format and scheme q reads")]
 
     def load(self, path, *, scheme=None, args=None, ignore=(), ragged="skip", device=None,
              impl="auto", max_batch: int = 32, **options):

