@@ -61,10 +61,13 @@ from enum import Enum  # noqa: E402
 
 
 class Impl(str, Enum):
-    """Which implementation of an op to run: ``auto`` picks Triton on a capable GPU."""
+    """Which implementation of an op to run: ``auto`` picks Triton on a capable GPU and
+    torch's built-in CPU kernels on a CPU where they are fast (``kernels/configs/cpu.json``);
+    ``reference`` is the pure-torch spec everywhere."""
 
     auto = "auto"
     triton = "triton"
+    torch = "torch"
     reference = "reference"
 
 

@@ -48,13 +48,30 @@ def triton_unavailable_reason(device: torch.device, *, fp8: bool = False) -> str
     return None
 
 
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU instructions torch's CPU kernels are fast with: ``bf16`` (AVX-512 BF16 or AMX),
+    ``vnni`` (int8 dot products). torch's own probes, private API: none if they move."""
+    probes = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              "vnni": ("_is_vnni_supported", "_is_amx_tile_supported")}
+    found = set()
+    for feature, names in probes.items():
+        for name in names:
+            try:
+                if getattr(torch.cpu, name)():
+                    found.add(feature)
+            except (AttributeError, RuntimeError):
+                continue
+    return frozenset(found)
+
+
 _warned: set[tuple[str, str]] = set()
 
 
 def use_triton(impl: Impl | str, device: torch.device, op: str, *, fp8: bool = False) -> bool:
     """True to run ``op``'s Triton kernel; an explicit ``triton`` that cannot run warns once."""
     impl = Impl(impl)
-    if impl is Impl.reference:
+    if impl in (Impl.reference, Impl.torch):
         return False
     reason = triton_unavailable_reason(device, fp8=fp8)
     if impl is Impl.auto:

@@ -4,6 +4,10 @@ Each ``<op>.json`` holds a ``default`` entry, per-M-bucket entries under ``m`` (
 128, 1024 and 4096, the last covering every larger M), and optional per-shape overrides under
 ``nk`` keyed ``"NxK"`` and then by bucket. :func:`launch_config` merges them in that order.
 A ``_note`` key says where the numbers came from. Reading the files needs no Triton.
+
+``cpu.json`` is different: per op that torch's CPU kernels run with more than one candidate
+kernel, ``[largest M, kernel]`` buckets (:func:`cpu_choice`), measured and written by
+``tests/bench/tune_kernels_cpu.py``.
 """
 
 from __future__ import annotations
@@ -43,4 +47,18 @@ def launch_config(op: str, m: int, n: int | None = None, k: int | None = None) -
     return cfg
 
 
-__all__ = ["M_BUCKETS", "launch_config", "m_bucket"]
+@functools.cache
+def _cpu_table() -> dict:
+    return _table("cpu")
+
+
+def cpu_choice(op: str, m: int) -> str:
+    """Which torch CPU kernel runs ``op`` for ``m`` rows, from ``cpu.json``: a list of
+    ``[largest m, kernel]`` buckets per op, the last one open-ended (``null``)."""
+    for largest, kernel in _cpu_table()[op]:
+        if largest is None or m <= largest:
+            return kernel
+    raise ValueError(f"cpu.json: the buckets of {op} end before m={m}")
+
+
+__all__ = ["M_BUCKETS", "cpu_choice", "launch_config", "m_bucket"]

@@ -1,0 +1,78 @@
+"""W8A8 GEMMs on torch's built-in CPU kernels.
+
+- int8 (:class:`Int8Scaled`): activations quantized per token by the reference op, then one
+  of two kernels, by M (``kernels/configs/cpu.json``, measured by
+  ``tests/bench/tune_kernels_cpu.py``):
+
+  - ``int_mm``: ``torch._int_mm(xq, w^T)`` in int32 (AVX-512 VNNI), scaled by ``xs * ws``
+    in fp32. The integer sum is exact, so this is the reference's result up to fp32
+    rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view.
+  - ``int8pack``: at decode sizes ``_int_mm`` is slower than bf16 GEMV (about 2 ms against
+    0.35 ms on a 5632x2048 weight at M = 1, 2 threads), so the int8 activation codes go in
+    as bf16 (exact: |code| <= 127) to ``_weight_int8pack_mm`` with the weight scales in
+    bf16, and the result is scaled by ``xs``. Sums accumulate in fp32 inside the kernel;
+    the bf16 weight scales and the bf16 product before ``xs`` add two roundings of 2^-9
+    relative each to the reference's result. K must be a multiple of 16 (see
+    ``weight_only_gemm.torch_impl.INT8PACK_K_MULTIPLE``); other weights use ``int_mm``.
+- fp8 (:class:`Fp8Dequantized`, per channel, per tensor or in 128x128 blocks): CPUs have no
+  fp8 GEMM worth using (``_scaled_mm`` on fp8 runs 20-70x slower than bf16 GEMM on this
+  project's CPU), so the weight is dequantized once, when the model loads, into the compute
+  dtype: 2 bytes per weight, twice the fp8 checkpoint. Activations are quantized to fp8 and
+  back exactly as the reference does, then multiplied by bf16 GEMM: the same math as the
+  reference with operands rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..act_quant.reference import quantize_activation
+from ..configs import cpu_choice
+from ..numerics import codes_to_float, mul_blocks_
+from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
+
+
+class Int8Scaled:
+    """int8 W8A8: ``wq [N, K]`` int8 codes, ``ws [N, 1]`` or ``[1, 1]`` scales."""
+
+    def __init__(self, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype):
+        self.kernels = ("int8pack", "int_mm") if wq.shape[1] % INT8PACK_K_MULTIPLE == 0 \
+            else ("int_mm",)
+        self.wq = wq.contiguous()
+        self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
+        self.ws_bf16 = self.ws[0].bfloat16()
+        self.out_dtype = out_dtype
+
+    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """One named kernel (the tuner times each; :meth:`__call__` picks)."""
+        xq, xs = quantize_activation(x, None, torch.int8)
+        if kernel not in self.kernels:
+            raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
+                             f"{', '.join(self.kernels)}")
+        if kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), self.wq, self.ws_bf16)
+            return y.mul_(xs.to(torch.bfloat16)).to(self.out_dtype)
+        return (torch._int_mm(xq, self.wq.t()).float().mul_(xs).mul_(self.ws)).to(self.out_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_dtype == torch.float32 or len(self.kernels) == 1:
+            return self.run(x, "int_mm")  # fp32 asks for accuracy: the exact int32 sum
+        return self.run(x, cpu_choice("scaled_int8", x.shape[0]))
+
+
+class Fp8Dequantized:
+    """fp8 W8A8 with the weight dequantized at load: ``block`` is the weight's scale block
+    (``(1, K)`` per channel, ``(N, K)`` per tensor, ``(128, 128)``), ``act_group`` the
+    activation group (None: per token)."""
+
+    def __init__(self, wq: torch.Tensor, ws: torch.Tensor, block: tuple[int, int],
+                 act_group: int | None, act_dtype: torch.dtype, out_dtype: torch.dtype):
+        self.weight = mul_blocks_(codes_to_float(wq), ws, block).to(out_dtype)
+        self.act_group, self.act_dtype, self.out_dtype = act_group, act_dtype, out_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_activation(x, self.act_group, self.act_dtype)
+        group = self.act_group or x.shape[1]
+        a = mul_blocks_(codes_to_float(xq), xs, (1, group)).to(self.out_dtype)
+        return F.linear(a, self.weight)

@@ -1,0 +1,167 @@
+"""Weight-only GEMM on torch's built-in CPU kernels, with bf16 activations.
+
+Prepared once from the codes and scales :func:`reference.weight_only_gemm` takes (int4
+codes unpacked, one int8 per value), into the layout each kernel wants, and nothing else:
+the weight stays 1 byte (int8) or half a byte (int4) per value in memory.
+
+- int8, per-channel scales: ``aten._weight_int8pack_mm(x, w [N, K] int8, scales [N])``.
+  Its inner loop is a GEMV: from M ~ 32 on, dequantizing the weight to bf16 for the call
+  and running bf16 GEMM (``dequantize``) is faster. ``kernels/configs/cpu.json`` holds the
+  crossover, measured by ``tests/bench/tune_kernels_cpu.py``. Zero points and int8 groups
+  always take ``dequantize``, and so does a K that is not a multiple of 16 (the packed
+  kernel silently computes garbage there, see ``INT8PACK_K_MULTIPLE``): folding a zero point in as ``- rowsum(x) * zp * s`` after the
+  packed kernel would subtract two rounded bf16 numbers.
+- int4, groups of 32/64/128/256 dividing K (per channel: the channel's scale repeated over
+  groups of the largest such size), N a multiple of 16: ``_convert_weight_to_int4pack_for_cpu``
+  + ``_weight_int4pack_mm_for_cpu``. Its ``scales_and_zeros [K/g, N, 2]`` puts the zero in
+  the float domain, ``w = (q - 8) * s + z``: q's codes c (-8..7) give ``q = c + 8``, and a
+  zero point zp gives ``z = -zp * s``. Above the crossover the weight is unpacked from that
+  same packed tensor (:func:`unpack_int4pack`) and multiplied by bf16 GEMM.
+
+Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says why and the
+caller keeps the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..configs import cpu_choice
+
+INT4_GROUPS = (32, 64, 128, 256)
+# _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
+# other K gives wrong sums or a segfault (K=72, 136 measured), so such weights never use it
+INT8PACK_K_MULTIPLE = 16
+KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
+
+
+def _int4_group(k: int, group_size: int) -> int | None:
+    if group_size >= k:  # per channel
+        return next((g for g in reversed(INT4_GROUPS) if k % g == 0), None)
+    return group_size if group_size in INT4_GROUPS and k % group_size == 0 else None
+
+
+def unsupported(bits: int, n: int, k: int, group_size: int) -> str | None:
+    """None if a torch kernel runs this weight, else why not."""
+    if bits == 8:
+        return None
+    if bits != 4:
+        return f"{bits}-bit weights"
+    if _int4_group(k, group_size) is None:
+        return (f"int4 groups of {group_size} over K={k}: torch's int4 kernel takes groups "
+                "of 32, 64, 128 or 256 that divide K")
+    if n % 16:
+        return f"N={n} is not a multiple of 16 (torch's int4 packing)"
+    return None
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` unsigned codes 0..15 (int32) -> torch's CPU int4 layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+
+
+@functools.cache
+def int4pack_block_n() -> int | None:
+    """Rows per block of torch's CPU int4 layout, found by packing a probe; None if the layout
+    is not the one :func:`unpack_int4pack` reads (then int4 stays on the packed kernel).
+
+    torch (2.13, AVX-512) stores ``[N, K]`` as ``[N / B, K, B / 2]`` bytes, B = 64: byte
+    ``(b, k, j)`` holds row ``b*B + j`` in its low nibble and row ``b*B + B/2 + j`` in its high
+    nibble. The layout is private to torch and B follows the CPU's vector width, so it is
+    checked here rather than assumed."""
+    n, k = 128, 64
+    probe = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    packed = _pack_int4(probe)
+    for block in (64, 32, 16):
+        try:
+            if torch.equal(_unpack(packed, n, k, block), probe.to(torch.uint8)):
+                return block
+        except RuntimeError:
+            continue
+    return None
+
+
+def _unpack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    b = packed.reshape(n // block, k, block // 2)
+    return torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Unsigned codes ``[N, K]`` (uint8, 0..15) back out of torch's CPU int4 layout."""
+    block = int4pack_block_n()
+    if block is None or n % block:
+        raise ValueError(f"torch's int4 layout cannot be unpacked here (N={n}, block {block})")
+    return _unpack(packed, n, k, block)
+
+
+class WeightOnlyTorch:
+    """``y = x @ ((w - zero) * scale)^T`` for ``x [M, K]`` in ``dtype`` (bf16)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int,
+                 zero: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        n, k = codes.shape
+        reason = unsupported(bits, n, k, group_size)
+        if reason:
+            raise ValueError(reason)
+        self.bits, self.dtype, self.shape = bits, dtype, (n, k)
+        if bits == 8:
+            self.codes = codes.contiguous()
+            self.group_size = min(group_size, k)
+            self.scale = scale.to(dtype)  # [N, groups]
+            self.zero = None if zero is None else zero.to(dtype)
+            packable = self.group_size == k and zero is None and k % INT8PACK_K_MULTIPLE == 0
+            self.kernels = KERNELS[8] if packable else ("dequantize",)
+            return
+        self.group = _int4_group(k, group_size)
+        groups = k // self.group
+        s = scale.float().expand(n, groups) if scale.shape[1] == 1 else scale.float()
+        z = torch.zeros_like(s) if zero is None else \
+            -(zero.float().expand(n, groups) if zero.shape[1] == 1 else zero.float()) * s
+        self.packed = _pack_int4(codes.to(torch.int32) + 8)
+        self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
+        block = int4pack_block_n()
+        self.kernels = KERNELS[4] if block and n % block == 0 else ("int4pack",)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight in ``dtype``. int8: exact codes (and codes - zero points, |.| <= 255,
+        which bf16's 8 significant bits hold), then one rounding by the scale. int4: ``(q - 8)
+        * s + z`` with the packed kernel's bf16 scales and zeros."""
+        n, k = self.shape
+        if self.bits == 4:
+            w = unpack_int4pack(self.packed, n, k).to(self.dtype).sub_(8)
+            sz = self.scales_and_zeros  # [K/g, N, 2]
+            w = w.view(n, k // self.group, self.group)
+            w.mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
+            return w.view(n, k)
+        w = self.codes.to(self.dtype)
+
+        def per_column(t):
+            return t if t.shape[1] == 1 else t.repeat_interleave(self.group_size, 1)[:, :k]
+
+        if self.zero is not None:
+            w.sub_(per_column(self.zero))
+        return w.mul_(per_column(self.scale))
+
+    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """One named kernel (the tuner times each; :meth:`__call__` picks)."""
+        x = x.to(self.dtype)
+        if kernel not in self.kernels:
+            raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
+                             f"{', '.join(self.kernels)}")
+        if kernel == "int4pack":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
+                                                              self.scales_and_zeros)
+        if kernel == "int8pack":
+            return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale[:, 0])
+        return F.linear(x, self.dequantized())
+
+    def choose(self, m: int) -> str:
+        if len(self.kernels) == 1:
+            return self.kernels[0]
+        return cpu_choice(f"weight_only_int{self.bits}", m)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.choose(x.shape[0]))

@@ -1,0 +1,163 @@
+"""torch's built-in CPU kernels (``q.kernels.<op>.torch_impl``) against the fp32 references.
+
+Each candidate kernel runs on aligned and ragged shapes. Bounds: the references compute in
+fp32 on the same (bf16-representable) activations; the torch paths round the scales to
+bf16, may round the dequantized weight to bf16, and round the output to bf16: three
+roundings of at most 2^-9 relative each, so 8e-3 in relative Frobenius norm is a ceiling a
+real bug (a wrong group, zero point or layout, errors of order 1) cannot hide under. With
+fp32 compute the int8 paths are exact up to fp32 rounding (1e-5). Layout unpacking is
+bit-exact.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from q.kernels.block_gemm.reference import fp8_block_gemm
+from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.configs import cpu_choice
+from q.kernels.packing.reference import pack_int4_bytes
+from q.kernels.scaled_gemm.reference import scaled_gemm
+from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
+from q.kernels.weight_only_gemm import torch_impl as wo
+from q.kernels.weight_only_gemm.reference import weight_only_gemm
+
+BF16_BOUND = 8e-3
+MS = (1, 3, 17, 40)
+
+
+def gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def rel_err(y, ref):
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def acts(m, k, *key):
+    return torch.randn(m, k, generator=gen("x", m, k, *key)).bfloat16()
+
+
+def int_weight(n, k, bits, group, asym, *key):
+    g = gen("w", n, k, bits, group, asym, *key)
+    lo, hi = (-127, 128) if bits == 8 else (-8, 8)
+    codes = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8)
+    groups = -(-k // group)
+    scale = (torch.rand(n, groups, generator=g) / 50 + 1e-3).bfloat16().float()
+    zero = torch.randint(-3, 4, (n, groups), generator=g).float() if asym else None
+    return codes, scale, zero
+
+
+@pytest.mark.parametrize("n,k", [(128, 64), (192, 256), (64, 1024)])
+def test_int4pack_layout_unpacks_bit_exactly(n, k):
+    assert wo.int4pack_block_n() is not None, "torch's CPU int4 layout changed: re-derive it"
+    u = torch.randint(0, 16, (n, k), generator=gen("u", n, k), dtype=torch.int32)
+    assert torch.equal(wo.unpack_int4pack(wo._pack_int4(u), n, k), u.to(torch.uint8))
+
+
+@pytest.mark.parametrize("n,k,group,asym", [
+    (256, 512, 512, False),   # aligned, per channel: int8pack + dequantize
+    (200, 72, 72, False),     # ragged N and K
+    (96, 256, 64, False),     # int8 groups: dequantize only
+    (96, 200, 64, True),      # ragged groups, zero points: dequantize only
+])
+def test_weight_only_int8_kernels_match_reference(n, k, group, asym):
+    codes, scale, zero = int_weight(n, k, 8, group, asym)
+    impl = wo.WeightOnlyTorch(codes, scale, group, 8, zero)
+    packable = group == k and not asym and k % 16 == 0  # torch's int8pack needs K % 16
+    expect = ("int8pack", "dequantize") if packable else ("dequantize",)
+    assert impl.kernels == expect
+    for m in MS:
+        x = acts(m, k, n)
+        ref = weight_only_gemm(x.float(), codes, scale, group, 8, zero)
+        for kernel in impl.kernels:
+            assert rel_err(impl.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
+        assert rel_err(impl(x), ref) < BF16_BOUND
+
+
+def test_weight_only_int8_in_fp32_is_the_reference():
+    codes, scale, zero = int_weight(64, 96, 8, 32, True)
+    impl = wo.WeightOnlyTorch(codes, scale, 32, 8, zero, torch.float32)
+    x = acts(5, 96).float()
+    ref = weight_only_gemm(x, codes, scale, 32, 8, zero)
+    assert rel_err(impl(x), ref) < 1e-6
+
+
+@pytest.mark.parametrize("n,k,group,asym", [
+    (128, 256, 32, False), (128, 256, 64, True), (192, 512, 128, False),
+    (64, 512, 256, True), (128, 384, 384, False),  # per channel: groups of 128
+    (80, 128, 64, False),  # N not a multiple of torch's 64-row blocks: int4pack only
+])
+def test_weight_only_int4_kernels_match_reference(n, k, group, asym):
+    codes, scale, zero = int_weight(n, k, 4, group, asym)
+    impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
+    assert impl.kernels == (("int4pack", "dequantize") if n % 64 == 0 else ("int4pack",))
+    for m in MS:
+        x = acts(m, k, n, group)
+        ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
+        for kernel in impl.kernels:
+            assert rel_err(impl.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
+
+
+@pytest.mark.parametrize("n,k,group,reason", [
+    (128, 256, 48, "groups of 48"), (128, 200, 64, "groups of 64 over K=200"),
+    (72, 256, 64, "N=72 is not a multiple of 16"),
+])
+def test_int4_shapes_without_a_torch_kernel_say_why(n, k, group, reason):
+    assert reason in wo.unsupported(4, n, k, group)
+    codes, scale, _ = int_weight(n, k, 4, group, False)
+    with pytest.raises(ValueError, match=reason):
+        wo.WeightOnlyTorch(codes, scale, group, 4)
+
+
+def test_a_kernel_a_weight_cannot_take_is_refused():
+    codes, scale, zero = int_weight(64, 64, 8, 32, True)
+    with pytest.raises(ValueError, match="int8pack"):
+        wo.WeightOnlyTorch(codes, scale, 32, 8, zero).run(acts(1, 64), "int8pack")
+
+
+@pytest.mark.parametrize("n,k,tensor_scale", [(256, 512, False), (200, 72, False),
+                                              (96, 130, True)])
+def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
+    g = gen("w8a8", n, k)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = (torch.rand(1 if tensor_scale else n, 1, generator=g) / 50 + 1e-3).bfloat16().float()
+    bf16, fp32 = Int8Scaled(wq, ws, torch.bfloat16), Int8Scaled(wq, ws, torch.float32)
+    assert bf16.kernels == (("int8pack", "int_mm") if k % 16 == 0 else ("int_mm",))
+    for m in MS:
+        x = acts(m, k, n)
+        xq, xs = quantize_activation(x.float(), None, torch.int8)
+        ref = scaled_gemm(xq, xs, wq, ws.expand(n, 1), torch.float32)
+        for kernel in bf16.kernels:
+            assert rel_err(bf16.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
+        assert rel_err(bf16(x), ref) < BF16_BOUND
+        # fp32 compute always takes _int_mm: the exact int32 sum, fp32 scaling
+        assert rel_err(fp32(x.float()), ref) < 1e-6
+
+
+@pytest.mark.parametrize("block,act_group", [((128, 128), 128), ((1, 200), None)])
+def test_fp8_weights_dequantized_at_load_match_reference(block, act_group):
+    n, k = 256, 200
+    g = gen("fp8", block)
+    wq = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ws = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=g) / 100 + 1e-3
+    impl = Fp8Dequantized(wq, ws, block, act_group, torch.float8_e4m3fn, torch.bfloat16)
+    for m in MS:
+        x = acts(m, k)
+        xq, xs = quantize_activation(x.float(), act_group, torch.float8_e4m3fn)
+        if act_group:
+            ref = fp8_block_gemm(xq, xs, wq, ws, block, torch.float32)
+        else:
+            ref = scaled_gemm(xq, xs, wq, ws.reshape(n, 1), torch.float32)
+        assert rel_err(impl(x), ref) < BF16_BOUND, m
+
+
+def test_cpu_table_names_real_kernels_for_every_m():
+    kernels = {"weight_only_int8": wo.KERNELS[8], "weight_only_int4": wo.KERNELS[4],
+               "scaled_int8": ("int8pack", "int_mm")}
+    for op, names in kernels.items():
+        for m in (1, 2, 16, 33, 100, 4096, 10**6):
+            assert cpu_choice(op, m) in names, (op, m)
