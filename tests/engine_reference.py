@@ -45,9 +45,32 @@ def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = 
 
 
 def engine_logits(session, ids: list[int]) -> torch.Tensor:
-    """Full-sequence logits from the engine's model (fp32 on CPU)."""
+    """Logits at every position of ``ids``, computed the way the engine runs a prompt
+    (paged KV cache and attention)."""
+    return session.prompt_logits(ids)
+
+
+def teacher_forced_agreement(model, prompt_ids: list[int],
+                             tokens: list[int]) -> tuple[float, float]:
+    """``model`` reads prompt + ``tokens`` (a greedy continuation) in one pass: the share of
+    ``tokens`` it ranks first, and the largest gap in log-probability between its first
+    choice and the token that was taken."""
     with torch.inference_mode():
-        return session.model(input_ids=torch.tensor([ids])).logits[0].float()
+        logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0]
+    logp = logits[len(prompt_ids) - 1:-1].float().log_softmax(-1)
+    taken = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    best = logp.max(-1)
+    agree = (best.indices == torch.tensor(tokens)).float().mean().item()
+    return agree, (best.values - taken).max().item()
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: transformers 5.2x renamed
+    ``past_key_values`` to ``cache``; take whichever this model class has."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def greedy_transformers(model, prompt_ids: list[int], n: int) -> list[int]:
@@ -58,8 +81,6 @@ def greedy_transformers(model, prompt_ids: list[int], n: int) -> list[int]:
     differ by version, and this states exactly what is compared.
     """
     from transformers import DynamicCache
-
-    from q.plugins.engines.native.session import cache_kwarg
 
     kwarg = cache_kwarg(model)
     cache, tokens = DynamicCache(), []

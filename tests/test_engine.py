@@ -64,27 +64,34 @@ def test_quant_linear_keeps_weights_quantized():
     assert layer.kind == "block" and layer.qdata.dtype == torch.float8_e4m3fn
 
 
-def test_kernel_path_logged_once_per_kind(tiny_llama, caplog):
+@pytest.mark.parametrize("dtype,path", [
+    ("float32", "torch reference in fp32 (the compute dtype is float32"),
+    ("bfloat16", "torch built-in kernels (fp8 weights dequantized to bf16 at load")])
+def test_kernel_path_logged_once_per_kind(tiny_llama, caplog, dtype, path):
     from q.plugins.engines.native import layers
 
     layers._logged_kinds.clear()
     with caplog.at_level(logging.INFO, logger="q.engine"):
-        q.load_engine(tiny_llama(), scheme="fp8-dynamic")
+        q.load_engine(tiny_llama(), scheme="fp8-dynamic", dtype=dtype)
     paths = [r.message for r in caplog.records if "scaled_gemm" in r.message]
     assert len(paths) == 1, paths
-    assert "torch reference in fp32 (tensors are on the CPU)" in paths[0]
+    assert path in paths[0]
 
 
-def test_triton_on_cpu_falls_back_and_says_so(tiny_llama, caplog, monkeypatch):
+def test_a_forced_implementation_that_cannot_run_a_layer_is_an_error(tiny_llama, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from q.kernels import dispatch
-
-    dispatch._warned.clear()
-    session = q.load_engine(tiny_llama(), scheme="wint8", impl="triton")
-    with caplog.at_level(logging.WARNING, logger="q.kernels"):
-        out = session.generate([[5, 6, 7]], max_tokens=3, ignore_eos=True)
-    assert len(out[0].token_ids) == 3
-    assert any("running the torch reference" in r.message for r in caplog.records)
+    with pytest.raises(IncompatibleError, match=r"model\.layers\.0\..*: --impl triton cannot "
+                                                r"run this layer: tensors are on the CPU"):
+        q.load_engine(tiny_llama(), scheme="wint8", impl="triton")
+    # int4 in groups of 48: torch's int4 kernel takes 32, 64, 128 or 256
+    with pytest.raises(IncompatibleError, match=r"--impl torch cannot run this layer: int4 "
+                                                r"groups of 48"):
+        q.load_engine(tiny_llama(), scheme="wint4", args={"group_size": 48}, impl="torch",
+                      dtype="bfloat16")
+    session = q.load_engine(tiny_llama(), scheme="wint4", args={"group_size": 48},
+                            dtype="bfloat16")  # auto: the reference runs what torch cannot
+    layer = next(iter(session.report.quantized.values()))
+    assert layer.backend == "reference" and "groups of 48" in layer.path
 
 
 @pytest.mark.parametrize("scheme,args,ragged", SCHEMES, ids=SCHEME_IDS)
@@ -92,8 +99,9 @@ def test_online_quantization_equals_offline(tiny_llama, tmp_path, scheme, args, 
     model = tiny_llama(intermediate=320)  # 320: ragged for 128-blocks, fine for groups of 32/64
     out = q.quantize(model, scheme, tmp_path / "out", args=args, ragged=ragged,
                      progress=False).output
-    offline = q.load_engine(out)
-    online = q.load_engine(model, scheme=scheme, args=args, ragged=ragged)
+    # the reference layout keeps the codes and scales as they are: compare those
+    offline = q.load_engine(out, impl="reference")
+    online = q.load_engine(model, scheme=scheme, args=args, ragged=ragged, impl="reference")
     a, b = offline.report.quantized, online.report.quantized
     assert a.keys() == b.keys() and len(a) == 7
     for name in a:
@@ -111,7 +119,7 @@ def test_engine_matches_transformers_on_dequantized(tiny_llama, tmp_path, scheme
     out = q.quantize(model, scheme, tmp_path / "out", args=args, ragged=ragged,
                      progress=False).output
     deq = q.dequantize(out, tmp_path / "deq", dtype="float32", progress=False).output
-    session = q.load_engine(out)
+    session = q.load_engine(out, dtype="float32")
     acts = session.report.recipe.input_activations
     ref = transformers_reference(deq, session.report.quantized, acts)
     ids = [3, 17, 99, 250, 4, 8, 400, 21]
@@ -147,7 +155,7 @@ def test_architectures_match_transformers(arch, tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     save_tiny_tokenizer(tmp_path)
-    session = q.load_engine(tmp_path, scheme="wint8")
+    session = q.load_engine(tmp_path, scheme="wint8", dtype="float32")
     deq = q.dequantize(q.quantize(tmp_path, "wint8", tmp_path / "o", progress=False).output,
                        tmp_path / "d", dtype="float32", progress=False).output
     ref = transformers_reference(deq)

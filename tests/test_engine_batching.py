@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -11,10 +13,15 @@ from q.generation import SamplingParams, StopStringDetector
 
 @pytest.fixture(scope="module")
 def session(tiny_llama):
-    return q.load_engine(tiny_llama(layers=2), scheme="fp8-dynamic")
+    return q.load_engine(tiny_llama(layers=2), scheme="fp8-dynamic", dtype="float32")
 
 
 PROMPTS = [[5, 6, 7], [9], [300, 301, 302, 303, 304, 305], [42, 43]]
+
+
+def assert_all_blocks_free(session):
+    allocator = session.scheduler.allocator
+    assert allocator.num_free == allocator.num_blocks
 
 
 def _solo(session, prompt, **kw):
@@ -42,7 +49,7 @@ def test_requests_join_and_leave_a_running_batch(session):
         steps += 1
         assert session.num_running <= 4
     assert {ids[r]: toks for r, toks in got.items()} == solo
-    assert session._batch.size == 0  # every finished row left the batch
+    assert_all_blocks_free(session)  # every finished request gave its cache back
 
 
 def test_abort_frees_the_slot_at_once(session):
@@ -54,7 +61,7 @@ def test_abort_frees_the_slot_at_once(session):
     outs = session.step()
     aborted = [o for o in outs if o.request_id == a]
     assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
-    assert session.num_running == 1 and session._batch.size == 1
+    assert session.num_running == 1
     session.abort(b)
     session.step()
     assert not session.has_unfinished()
@@ -200,7 +207,7 @@ def test_stopping_a_stream_early_frees_its_slot(session):
 
 
 def test_pipeline_strings_and_chat(tiny_llama):
-    llm = q.pipeline(tiny_llama())
+    llm = q.pipeline(tiny_llama(), dtype="float32")
     one = llm("w5 w6 w7", max_tokens=4, ignore_eos=True)
     many = llm(["w5 w6 w7", "w9"], max_tokens=4, ignore_eos=True)
     assert isinstance(one, q.Completion) and one.text == many[0].text
@@ -221,3 +228,23 @@ def test_cli_generate(tiny_llama):
     bad = CliRunner().invoke(_build(), ["generate", str(tiny_llama()), "-p", "w5",
                                         "--top-p", "0"])
     assert bad.exit_code != 0 and "top_p" in str(bad.exception or bad.output)
+
+
+def test_cli_engine_options_reach_the_engine(tiny_llama, caplog):
+    from click.testing import CliRunner
+
+    from q.cli import _build
+
+    args = ["generate", str(tiny_llama()), "-p", "w5 w6", "--max-tokens", "4"]
+    with caplog.at_level(logging.INFO, logger="q.engine"):
+        result = CliRunner().invoke(_build(), args + ["--dtype", "float32",
+                                                      "--kv-cache-tokens", "128"])
+    assert result.exit_code == 0, result.output
+    loaded = [r.getMessage() for r in caplog.records if "KV cache" in r.getMessage()]
+    assert "float32 compute" in loaded[-1] and "KV cache 128 tokens" in loaded[-1]
+    small = CliRunner().invoke(_build(), args + ["--kv-cache-tokens", "64", "--max-tokens",
+                                                 "100"])
+    assert small.exit_code != 0 and "tokens of KV cache (prompt" in str(small.exception)
+    other = CliRunner().invoke(_build(), args + ["--engine", "vllm", "--dtype", "float32"])
+    assert other.exit_code != 0
+    assert "--dtype: options of the native engine, not of --engine vllm" in str(other.exception)

@@ -252,8 +252,9 @@ def _sampling(body, prompt_ids, max_tokens, settings, session, i, top_logprobs):
                             f"tokens; the prompt has {len(prompt_ids)}", param="messages"
                        if isinstance(body, ChatCompletionRequest) else "prompt",
                        code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(room, settings.max_tokens_limit)
+    if max_tokens is None:  # as much as the context, this server and the engine's KV cache allow
+        capacity = getattr(session, "kv_cache_tokens", None) or session.context_length
+        max_tokens = max(1, min(room, settings.max_tokens_limit, capacity - len(prompt_ids)))
     if max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of "
                             f"{settings.max_tokens_limit}", param="max_tokens")

@@ -54,9 +54,17 @@ class NativeEngine(Engine):
         return [EngineSupport("CPU, CUDA", True, "every format and scheme q reads")]
 
     def load(self, path, *, scheme=None, args=None, ignore=(), ragged="skip", device=None,
-             impl="auto", max_batch: int = 32, **options):
+             impl="auto", dtype="auto", max_batch: int = 32, max_step_tokens: int = 2048,
+             kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None,
+             **options):
+        """Options: ``dtype`` (compute dtype: auto, bfloat16, float32), ``max_batch``
+        (requests running at once), ``max_step_tokens`` (tokens per forward pass: prompt
+        chunks plus one per decoding request), ``kv_cache_tokens`` or ``kv_cache_memory``
+        (the KV cache's size in tokens, or as a fraction of the memory free at load;
+        default 0.2, never more than ``max_batch`` full contexts)."""
         from q.modeling import load_tokenizer
 
+        from .kv_cache import KVCache, bytes_per_token, cache_blocks
         from .loader import load_model
         from .session import NativeSession
 
@@ -66,14 +74,27 @@ class NativeEngine(Engine):
         dev = pick_device(device)
         start = time.perf_counter()
         model, source, report = load_model(path, device=dev, scheme=scheme, args=args,
-                                           ignore=ignore, ragged=ragged, impl=impl)
+                                           ignore=ignore, ragged=ragged, impl=impl,
+                                           dtype=dtype)
         tokenizer = load_tokenizer(source.path)
         context = int(source.config.get("max_position_embeddings") or 2048)
-        log.info("loaded %s (%s, %d quantized Linears) on %s in %.1f s", source.path,
-                 report.format, len(report.quantized), dev, time.perf_counter() - start)
+        cfg = model.config
+        layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = bytes_per_token(layers, kv_heads, head_dim, report.dtype)
+        blocks = cache_blocks(kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory,
+                              per_token=per_token, device=dev,
+                              largest_request=max_batch * context)
+        cache = KVCache(layers=layers, blocks=blocks, kv_heads=kv_heads, head_dim=head_dim,
+                        dtype=report.dtype, device=dev)
+        log.info("loaded %s (%s, %d quantized Linears, %s compute) on %s in %.1f s; KV cache "
+                 "%d tokens (%.0f MiB)", source.path, report.format, len(report.quantized),
+                 str(report.dtype).removeprefix("torch."), dev, time.perf_counter() - start,
+                 cache.tokens, cache.nbytes / 2**20)
         return NativeSession(model, tokenizer, device=dev, context_length=context,
-                             eos_token_ids=_eos_ids(source.path, tokenizer),
-                             max_batch=max_batch, name=source.path.name, report=report)
+                             eos_token_ids=_eos_ids(source.path, tokenizer), cache=cache,
+                             max_batch=max_batch, max_step_tokens=max_step_tokens,
+                             name=source.path.name, report=report)
 
 
 @q.hookimpl

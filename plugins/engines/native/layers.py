@@ -1,7 +1,7 @@
 """QuantLinear: a Linear whose weight stays quantized and whose forward calls a q.kernels op.
 
-Which op runs is decided once per layer from the QuantizedTensor and the recipe's
-activation spec, and logged once per kind of layer with the reason:
+Which op family runs is decided once per layer from the QuantizedTensor and the recipe's
+activation spec:
 
 ===================================  ========================================================
 weights / activations                op
@@ -13,8 +13,11 @@ int4|int8 (any) / none               weight_only_gemm (dequantizes inside the ke
 fp8 (any) on a GPU without fp8 MMA   weight_only_gemm with fp8 codes (weights stay fp8)
 ===================================  ========================================================
 
-On CPU every op is its torch reference, computed in fp32. Weights are never expanded to a
-float copy that outlives a forward call.
+and which implementation runs it (:func:`choose_backend`): Triton on a capable GPU, torch's
+built-in CPU kernels on a CPU (``q.kernels.<op>.torch_impl``: packed int8/int4 GEMMs,
+``_int_mm``, bf16 GEMM), else the pure-torch reference. The choice and its reason are
+logged once per kind of layer. ``impl`` forces one; a forced implementation that cannot run
+a layer is an error naming the layer.
 """
 
 from __future__ import annotations
@@ -24,20 +27,28 @@ import logging
 import torch
 from torch import nn
 
-from q.errors import CheckpointError
+from q.errors import CheckpointError, IncompatibleError
 from q.kernels import Impl
 from q.kernels.act_quant import quantize_activation
 from q.kernels.block_gemm import fp8_block_gemm
-from q.kernels.dispatch import triton_unavailable_reason
+from q.kernels.dispatch import interpreting, triton_unavailable_reason
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm import scaled_gemm
+from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
 from q.kernels.weight_only_gemm import weight_only_gemm
+from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
+from q.kernels.weight_only_gemm.torch_impl import unsupported as weight_only_unsupported
 from q.tensor import QuantizedTensor
 
 log = logging.getLogger("q.engine")
 
 FP8_CODES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_logged_kinds: set[str] = set()
+_logged_kinds: set[str] = set()  # paths logged by the load in progress
+
+
+def start_path_log() -> None:
+    """Each load logs each kind of layer's path once (the first layer of that kind)."""
+    _logged_kinds.clear()
 
 
 def _fp8_act_dtype(acts: dict) -> torch.dtype:
@@ -59,7 +70,49 @@ def choose_kind(qt: QuantizedTensor, acts: dict | None, device: torch.device, im
     return "weight-only"
 
 
-def describe_path(kind: str, qt: QuantizedTensor, acts: dict | None, device, impl) -> str:
+def _torch_unsupported(kind: str, qt: QuantizedTensor, dtype: torch.dtype) -> str | None:
+    """Why torch's CPU kernels cannot run this layer (None: they can)."""
+    fp8 = qt.qdata.dtype in FP8_CODES
+    if kind == "scaled" and not fp8:
+        return None  # _int_mm: int8 x int8 -> int32, any activation dtype
+    if dtype != torch.bfloat16:
+        return (f"the compute dtype is {str(dtype).removeprefix('torch.')}: torch's packed "
+                "CPU kernels are fast with bf16 activations only")
+    if kind == "weight-only":
+        if fp8:
+            return "fp8 weight-only has no torch CPU kernel"
+        n, k = qt.shape
+        group = k if qt.granularity == "channel" else qt.block_size[1]
+        return weight_only_unsupported(qt.bits, n, k, group)
+    return None
+
+
+def choose_backend(kind: str, qt: QuantizedTensor, device: torch.device, impl: str,
+                   dtype: torch.dtype, name: str) -> tuple[str, str]:
+    """(``triton`` | ``torch`` | ``reference``, why) for one layer."""
+    impl = Impl(impl)
+    fp8 = kind != "weight-only" and qt.qdata.dtype in FP8_CODES
+    if impl is Impl.reference:
+        return "reference", "asked for"
+    if device.type == "cuda" or impl is Impl.triton or interpreting():
+        reason = triton_unavailable_reason(device, fp8=fp8)
+        if reason is None and (device.type == "cuda" or interpreting()):
+            return "triton", "a device Triton runs on"
+        if impl is Impl.triton:
+            raise IncompatibleError(f"{name}: --impl triton cannot run this layer: {reason}; "
+                                    "use --impl auto")
+        if device.type == "cuda":
+            return "reference", reason
+    reason = _torch_unsupported(kind, qt, dtype)
+    if reason is None:
+        return "torch", f"torch's CPU kernels, {str(dtype).removeprefix('torch.')} activations"
+    if impl is Impl.torch:
+        raise IncompatibleError(f"{name}: --impl torch cannot run this layer: {reason}; use "
+                                "--impl auto")
+    return "reference", reason
+
+
+def describe_path(kind: str, qt: QuantizedTensor, backend: str, why: str) -> str:
     fp8 = qt.qdata.dtype in FP8_CODES
     label = {
         "block": f"fp8 {qt.block_size[0]}x{qt.block_size[1]} blocks, dynamic per-token-group "
@@ -69,23 +122,19 @@ def describe_path(kind: str, qt: QuantizedTensor, acts: dict | None, device, imp
         "weight-only": f"{qt.qdtype} per-{qt.granularity} weights, weight-only -> "
                        "weight_only_gemm",
     }[kind]
-    reason = triton_unavailable_reason(device, fp8=(kind != "weight-only" and fp8))
-    if Impl(impl) is Impl.reference:
-        path = "torch reference (asked for)"
-    elif reason is None:
-        path = "Triton kernel"
-    else:
-        path = f"torch reference in fp32 ({reason})"
-    if kind == "weight-only" and fp8 and acts is not None:
-        path += "; fp8 weights dequantized in the kernel because this GPU has no fp8 MMA"
-    return f"{label}: {path}"
+    path = {"triton": "Triton kernel", "torch": "torch built-in kernels",
+            "reference": "torch reference in fp32"}[backend]
+    if backend == "torch" and fp8:
+        path += " (fp8 weights dequantized to bf16 at load: 2 bytes per weight)"
+    return f"{label}: {path} ({why})"
 
 
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as codes and scales (see the module docstring)."""
 
     def __init__(self, qt: QuantizedTensor, acts: dict | None, bias: torch.Tensor | None,
-                 device: torch.device, impl: str = "auto", name: str = ""):
+                 device: torch.device, impl: str = "auto", name: str = "",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.impl = impl
@@ -96,32 +145,54 @@ class QuantLinear(nn.Module):
         self.act_dtype = torch.int8
         self.group_size = self.in_features
         self.block = tuple(qt.block_size)
-        scale = qt.scale.float()
-        zero = None
         if self.kind == "block":
             self.act_group = qt.block_size[1]
             self.act_dtype = _fp8_act_dtype(acts)
-            codes = qt.qdata
         elif self.kind == "scaled":
             if qt.qdata.dtype in FP8_CODES:
                 self.act_dtype = _fp8_act_dtype(acts)
             elif acts.get("type") != "int":
                 raise CheckpointError(f"{name}: int8 weights with {acts.get('type')} "
                                       "activations are not a W8A8 layout q can run")
-            codes = qt.qdata
+        self.backend, why = choose_backend(self.kind, qt, device, impl, dtype, name)
+        self.impl = "auto" if self.backend == "torch" else self.backend
+        self.fast = self._build_torch(qt, dtype) if self.backend == "torch" else None
+        if self.fast is None:
+            self._keep_reference_layout(qt, device)
+        self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
+        path = describe_path(self.kind, qt, self.backend, why)
+        if path not in _logged_kinds:
+            _logged_kinds.add(path)
+            log.info("%s (first: %s)", path, name)
+        self.path = path
+
+    def _build_torch(self, qt: QuantizedTensor, dtype: torch.dtype):
+        if self.kind == "scaled" and qt.qdata.dtype == torch.int8:
+            return Int8Scaled(qt.qdata, qt.scale.reshape(-1, 1), dtype)
+        if self.kind in ("scaled", "block"):
+            block = qt.block_size if self.kind == "block" else \
+                ((1, self.in_features) if qt.granularity == "channel" else qt.shape)
+            return Fp8Dequantized(qt.qdata, qt.scale, tuple(block), self.act_group,
+                                  self.act_dtype, dtype)
+        group = self.in_features if qt.granularity == "channel" else qt.block_size[1]
+        zero = qt.zero_point
+        if zero is not None and qt.granularity == "channel":
+            zero = zero.reshape(-1, 1)
+        return WeightOnlyTorch(qt.qdata, qt.scale.reshape(qt.shape[0], -1), group, qt.bits,
+                               zero, dtype)
+
+    def _keep_reference_layout(self, qt: QuantizedTensor, device: torch.device) -> None:
+        """Codes, scales and zero points as the reference / Triton ops take them."""
+        scale, zero = qt.scale.float(), None
+        codes = qt.qdata
+        if self.kind == "scaled":
             scale = scale.reshape(-1, 1)
-        else:
+        elif self.kind == "weight-only":
             codes, scale, zero = self._weight_only_layout(qt, scale)
         self.register_buffer("qdata", codes.to(device), persistent=False)
         self.register_buffer("scale", scale.contiguous().to(device), persistent=False)
         self.register_buffer("zero_point", None if zero is None else zero.to(device),
                              persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
-        path = describe_path(self.kind, qt, acts, device, impl)
-        if path not in _logged_kinds:
-            _logged_kinds.add(path)
-            log.info("%s (first: %s)", path, name)
-        self.path = path
 
     def _weight_only_layout(self, qt: QuantizedTensor, scale: torch.Tensor):
         """Codes, [N, groups] scales and zero points in the weight_only_gemm layout."""
@@ -144,7 +215,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         out_dtype = x.dtype
-        if self.kind == "block":
+        if self.fast is not None:
+            y = self.fast(x2)
+        elif self.kind == "block":
             xq, xs = quantize_activation(x2, self.act_group, self.act_dtype, impl=self.impl)
             y = fp8_block_gemm(xq, xs, self.qdata, self.scale, self.block, out_dtype,
                                impl=self.impl)
@@ -160,4 +233,4 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kind={self.kind}, bits={self.bits}")
+                f"kind={self.kind}, bits={self.bits}, backend={self.backend}")

@@ -21,7 +21,9 @@ from q.planning import build_entries
 from q.modeling import parameters_on_meta
 from q.source import ModelSource, model_dtype
 
-from .layers import QuantLinear
+from .attention import DENSE_ATTR
+from .attention import register as register_attention
+from .layers import QuantLinear, start_path_log
 
 log = logging.getLogger("q.engine")
 
@@ -33,12 +35,38 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
 IGNORED_TENSORS = re.compile(r"\.(input_scale|k_scale|v_scale|output_scale|rotary_emb\.inv_freq)$")
 
 
-def compute_dtype_for(device: torch.device, config: dict) -> torch.dtype:
-    """fp32 on CPU (bf16 matmul is 5-10x slower there); the model's half dtype on GPUs."""
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32}
+
+
+def compute_dtype_for(device: torch.device, config: dict, dtype: str = "auto") -> torch.dtype:
+    """The dtype activations (and unquantized weights) compute in. ``auto``: on a CPU, bf16
+    where it has bf16 instructions (AVX-512 BF16 or AMX: torch's bf16 GEMMs there beat fp32
+    2-3x and its packed int8/int4 kernels want bf16 activations), else fp32; on a GPU the
+    model's half dtype."""
+    if dtype not in DTYPES:
+        raise IncompatibleError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is not None:
+        if device.type == "cpu" and DTYPES[dtype] is torch.float16:
+            raise IncompatibleError("float16 is not a CPU compute dtype; use bfloat16 or "
+                                    "float32")
+        return DTYPES[dtype]
     if device.type == "cpu":
+        from q.kernels.dispatch import cpu_features
+
+        features = cpu_features()
+        if "vnni" not in features:
+            log.info("this CPU has no VNNI (int8 dot products): int8 W8A8 layers still run "
+                     "on torch._int_mm, more slowly")
+        if "bf16" in features:
+            return torch.bfloat16
+        log.info("this CPU has no bf16 instructions (AVX-512 BF16 or AMX): computing in "
+                 "float32, where torch's packed int8/int4 kernels do not apply (each layer's "
+                 "path is logged below); dtype='bfloat16' forces bf16")
         return torch.float32
-    dtype = model_dtype(config)
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    half = model_dtype(config)
+    return half if half in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def build_skeleton(config: dict, dtype: torch.dtype, path) -> nn.Module:
@@ -52,11 +80,18 @@ def build_skeleton(config: dict, dtype: torch.dtype, path) -> nn.Module:
             f"'{model_type}'); supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
             "`q export --format vllm` writes a checkpoint vLLM can serve instead"
         )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     clean = {k: v for k, v in config.items() if k != "quantization_config"}
     hf_config = AutoConfig.for_model(**clean)
+    # what transformers itself would run (SDPA, or eager for Gemma 2): prompts use it
+    dense = "sdpa" if getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)], "_supports_sdpa",
+                              False) else "eager"
     with parameters_on_meta():
-        # transformers picks SDPA where the architecture supports it (Gemma 2 is eager)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        # every attention layer calls the engine's paged attention (attention.py)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
+                                                 attn_implementation=register_attention())
+    setattr(model.config, DENSE_ATTR, dense)
     return model.eval()
 
 
@@ -86,16 +121,18 @@ class LoadReport:
         self.ignored: list[str] = []
         self.recipe = None
         self.format = "unquantized"
+        self.dtype = torch.float32
 
 
 def load_model(path, *, device: torch.device, scheme: str | None = None,
                args: dict | None = None, ignore=(), ragged: str = "skip", impl: str = "auto",
-               progress=None):
+               dtype: str = "auto", progress=None):
     """(model, tokenizer-free config dict, LoadReport) for a checkpoint or an online recipe."""
     source = ModelSource(path)
     fmt, reader = detect_format(source)
     report = LoadReport()
-    dtype = compute_dtype_for(device, source.config)
+    dtype = compute_dtype_for(device, source.config, dtype)
+    report.dtype = dtype
     model = build_skeleton(source.config, dtype, source.path)
 
     quantized: dict[str, tuple] = {}  # module -> (tensor names, make QuantizedTensor)
@@ -121,13 +158,14 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
                     scheme_obj.quantize_weight(n, t[n], recipe.args, scale_dtype)))
 
     consumed = set()
+    start_path_log()
     items = list(quantized.items())
     for module, (names, make) in (progress(items, "loading quantized layers")
                                   if progress else items):
         qt = make({n: source.read(n) for n in names})
         bias_name = f"{module}.bias"
         bias = source.read(bias_name).to(dtype) if bias_name in source.tensors else None
-        layer = QuantLinear(qt, acts, bias, device, impl, name=module)
+        layer = QuantLinear(qt, acts, bias, device, impl, name=module, dtype=dtype)
         _set_submodule(model, module, layer)
         report.quantized[module] = layer
         consumed.update(names)

@@ -1,16 +1,15 @@
-"""NativeSession: a continuous-batching scheduler over one transformers model.
+"""NativeSession: requests in, tokens out, one scheduled forward pass per ``step``.
 
-``add_request`` may be called from any thread (the server's event loop); ``step`` runs on
-one thread and does, in order: drop aborted requests (their slots free at once), prefill
-newly admitted requests one by one (each yields its first token and joins the running
-batch), then one batched decode step for every running request. Requests leave the batch
-the moment they finish. Prompt and text handling (chat template, EOS, stop strings held
-back until decided) is shared with every engine through :class:`q.generation`.
+``add_request`` and ``abort`` may be called from any thread (the server's event loop);
+``step`` runs on one thread and does, in order: admit new requests and drop aborted ones
+(their cache blocks free at once), ask the :mod:`.scheduler` for the next pass, run it
+(:mod:`.runner`), and turn each sampled token into output (sampling, stop strings, EOS).
+Prompt and text handling (chat template, stop strings held back until decided) is shared
+with every engine through :mod:`q.generation`.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 from collections import deque
@@ -22,48 +21,44 @@ from q.errors import OptionError
 from q.generation import RequestOutput, SamplingParams, StopStringDetector, TokenLogprob
 from q.interfaces import Session
 
-from .batch import PaddedBatch
+from .kv_cache import BlockAllocator, KVCache
+from .runner import ModelRunner
 from .sampling import make_generator, sample_row, token_logprob
-
-
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache: transformers 5.2x renamed
-    ``past_key_values`` to ``cache``; take whichever this model class has."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+from .scheduler import Scheduler, Sequence
 
 
 @dataclass
-class _Request:
-    id: str
-    prompt_ids: list[int]
+class _RequestState:
     params: SamplingParams
     detector: StopStringDetector
     generator: torch.Generator | None
-    out_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class NativeSession(Session):
     def __init__(self, model, tokenizer, *, device: torch.device, context_length: int,
-                 eos_token_ids: set[int], max_batch: int = 32,
-                 max_prefill_tokens: int = 8192, name: str = "model", report=None):
+                 eos_token_ids: set[int], cache: KVCache, max_batch: int = 32,
+                 max_step_tokens: int = 2048, name: str = "model", report=None):
+        if max_batch < 1 or max_step_tokens < 1:
+            raise OptionError(f"max_batch ({max_batch}) and max_step_tokens "
+                              f"({max_step_tokens}) must be at least 1")
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
+        self.cache = cache
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
         self.model_name = name
         self.report = report
+        self.scheduler = Scheduler(BlockAllocator(cache), cache.block_size,
+                                   max_batch=max_batch, max_step_tokens=max_step_tokens)
+        self.runner = ModelRunner(model, cache, device)
         self._lock = threading.Lock()
-        self._waiting: deque[_Request] = deque()
+        self._inbox: deque[Sequence] = deque()
         self._aborted: set[str] = set()
-        self._running: list[_Request] = []
-        self._batch = PaddedBatch()
+        self._live: dict[str, Sequence] = {}  # admitted to the scheduler, not finished
         self._ids = itertools.count()
-        self._cache_kwarg = cache_kwarg(model)
 
     # --- requests (any thread) ------------------------------------------------------------
 
@@ -77,11 +72,19 @@ class NativeSession(Session):
             raise OptionError(
                 f"the prompt is {len(ids)} tokens but the model's context is "
                 f"{self.context_length} tokens; shorten it to leave room for the answer")
+        need = min(len(ids) + params.max_tokens, self.context_length)
+        if need > self.cache.tokens:
+            raise OptionError(
+                f"this request needs {need} tokens of KV cache (prompt {len(ids)} + max_tokens "
+                f"{params.max_tokens}) but the cache holds {self.cache.tokens}; lower "
+                "max_tokens or load the model with a larger kv_cache_tokens "
+                "(--kv-cache-tokens) or kv_cache_memory")
         rid = request_id or f"req-{next(self._ids)}"
-        req = _Request(rid, ids, params, StopStringDetector(self.tokenizer, params.stop),
-                       make_generator(params, self.device))
+        state = _RequestState(params, StopStringDetector(self.tokenizer, params.stop),
+                              make_generator(params, self.device))
+        seq = Sequence(rid, ids, max_tokens=params.max_tokens, state=state)
         with self._lock:
-            self._waiting.append(req)
+            self._inbox.append(seq)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -90,112 +93,107 @@ class NativeSession(Session):
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running or self._aborted)
+            return bool(self._inbox or self._aborted or self._live)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache holds: no request may need more (prompt + max_tokens)."""
+        return self.cache.tokens
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting) + len(self._inbox)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
-    # --- the scheduler (one thread) ---------------------------------------------------------
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), vocab]`` fp32 next-token logits at every position of ``ids``,
+        computed the way a prompt is (through the KV cache and paged attention), in one
+        pass; for evaluation and tests. Call it between steps, on the engine's thread."""
+        if not ids or len(ids) > self.cache.tokens:
+            raise OptionError(f"prompt_logits takes 1 to {self.cache.tokens} tokens, got "
+                              f"{len(ids)}")
+        seq = Sequence("prompt-logits", list(ids), max_tokens=0)
+        allocator = self.scheduler.allocator
+        if -(-len(ids) // self.cache.block_size) > allocator.num_free:
+            raise OptionError("prompt_logits needs free KV-cache blocks: call it while no "
+                              "request is running")
+        seq.blocks = allocator.allocate(-(-len(ids) // self.cache.block_size))
+        try:
+            return self.runner.all_logits(seq)
+        finally:
+            allocator.free(seq.blocks)
 
-    @torch.inference_mode()
+    # --- the engine loop (one thread) -------------------------------------------------------
+
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        newcomers = self._take_inbox(outputs)
-        for req in newcomers:
-            logits, cache = self._prefill(req.prompt_ids)
-            self._batch.join(cache, len(req.prompt_ids))
-            self._running.append(req)
-            outputs.append(self._advance(req, logits))
-        self._drop_finished(outputs)
-        if self._running:
-            logits = self._decode()
-            outputs.extend(self._advance(req, row) for req, row in zip(self._running, logits))
-            self._drop_finished(outputs)
+        self._take_inbox(outputs)
+        if not self.scheduler.has_work():
+            return outputs
+        step = self.scheduler.schedule()
+        if not step.work:
+            return outputs
+        logits, sampled = self.runner.run(step)
+        self.scheduler.finished(step)
+        tokens = self._sample(logits, sampled)
+        for seq, token, row in zip(sampled, tokens, logits):
+            out = self._advance(seq, token, row)
+            outputs.append(out)
+            if out.finished:
+                self.scheduler.remove(seq)
+                del self._live[seq.id]
         return outputs
 
-    def _take_inbox(self, outputs) -> list[_Request]:
+    def _take_inbox(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
+            new, self._inbox = list(self._inbox), deque()
             aborted, self._aborted = self._aborted, set()
-            kept = deque()
-            for req in self._waiting:
-                if req.id in aborted:
-                    outputs.append(self._finish(req, "abort", ""))
-                else:
-                    kept.append(req)
-            self._waiting = kept
-            newcomers, budget = [], self.max_prefill_tokens
-            while self._waiting and len(self._running) + len(newcomers) < self.max_batch:
-                if newcomers and len(self._waiting[0].prompt_ids) > budget:
-                    break
-                req = self._waiting.popleft()
-                budget -= len(req.prompt_ids)
-                newcomers.append(req)
-        if aborted:
-            rows = [i for i, r in enumerate(self._running) if r.id not in aborted]
-            for r in self._running:
-                if r.id in aborted:
-                    outputs.append(self._finish(r, "abort", ""))
-            self._running = [self._running[i] for i in rows]
-            self._batch.keep(rows)
-        return newcomers
+        for seq in new:
+            if seq.id in aborted:
+                outputs.append(self._finish(seq, "abort", ""))
+                continue
+            self._live[seq.id] = seq
+            self.scheduler.add(seq)
+        for rid in aborted:
+            seq = self._live.pop(rid, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                outputs.append(self._finish(seq, "abort", ""))
 
-    def _prefill(self, ids: list[int]):
-        from transformers import DynamicCache
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampled: list[Sequence]) -> list[int]:
+        if all(s.state.params.greedy for s in sampled):  # one argmax for the whole batch
+            return logits.argmax(-1).tolist()
+        return [sample_row(row, s.state.params, s.state.generator)
+                for row, s in zip(logits, sampled)]
 
-        cache = DynamicCache()
-        input_ids = torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                         **{self._cache_kwarg: cache})
-        return out.logits[0, -1].float(), cache  # the cache object grew in place
-
-    def _decode(self) -> torch.Tensor:
-        batch = self._batch
-        last = torch.tensor([[r.out_ids[-1]] for r in self._running], device=self.device)
-        # no padding (one row, or equal lengths): no mask, the model's own causal path
-        padded = len(set(batch.lengths)) > 1
-        mask = batch.attention_mask(1, self.device) if padded else None
-        out = self.model(input_ids=last, attention_mask=mask,
-                         position_ids=batch.position_ids(self.device), use_cache=True,
-                         **{self._cache_kwarg: batch.cache})
-        batch.grew(1)
-        return out.logits[:, -1].float()
-
-    def _advance(self, req: _Request, logits: torch.Tensor) -> RequestOutput:
-        token = sample_row(logits, req.params, req.generator)
-        req.out_ids.append(token)
+    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> RequestOutput:
+        state = seq.state
+        seq.out_ids.append(token)
         new_logprobs = []
-        if req.params.logprobs is not None:
-            new_logprobs = [token_logprob(logits, token, req.params.logprobs)]
-            req.logprobs.extend(new_logprobs)
-        is_eos = token in self.eos_token_ids and not req.params.ignore_eos
-        ids = req.out_ids[:-1] if is_eos else req.out_ids
-        full = len(req.prompt_ids) + len(req.out_ids) >= self.context_length
-        out_of_tokens = len(req.out_ids) >= req.params.max_tokens or full
-        text, stopped = req.detector.update(ids, final=is_eos or out_of_tokens)
+        if state.params.logprobs is not None:
+            new_logprobs = [token_logprob(logits, token, state.params.logprobs)]
+            state.logprobs.extend(new_logprobs)
+        is_eos = token in self.eos_token_ids and not state.params.ignore_eos
+        ids = seq.out_ids[:-1] if is_eos else seq.out_ids
+        full = seq.num_tokens >= self.context_length
+        out_of_tokens = len(seq.out_ids) >= state.params.max_tokens or full
+        text, stopped = state.detector.update(ids, final=is_eos or out_of_tokens)
         if stopped or is_eos:
-            return self._finish(req, "stop", text, [token], new_logprobs)
+            return self._finish(seq, "stop", text, [token], new_logprobs)
         if out_of_tokens:
-            return self._finish(req, "length", text, [token], new_logprobs)
-        return RequestOutput(req.id, text, [token], prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(req.out_ids), logprobs=new_logprobs)
+            return self._finish(seq, "length", text, [token], new_logprobs)
+        return RequestOutput(seq.id, text, [token], prompt_tokens=len(seq.prompt_ids),
+                             completion_tokens=len(seq.out_ids), logprobs=new_logprobs)
 
-    def _finish(self, req: _Request, reason: str, text: str, tokens=(), logprobs=()):
-        return RequestOutput(req.id, text, list(tokens), finished=True, finish_reason=reason,
-                             prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(req.out_ids), logprobs=list(logprobs))
-
-    def _drop_finished(self, outputs: list[RequestOutput]) -> None:
-        done = {o.request_id for o in outputs if o.finished}
-        if not done:
-            return
-        rows = [i for i, r in enumerate(self._running) if r.id not in done]
-        self._running = [self._running[i] for i in rows]
-        self._batch.keep(rows)
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, text: str, tokens=(), logprobs=()):
+        return RequestOutput(seq.id, text, list(tokens), finished=True, finish_reason=reason,
+                             prompt_tokens=len(seq.prompt_ids),
+                             completion_tokens=len(seq.out_ids), logprobs=list(logprobs))

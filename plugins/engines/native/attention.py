@@ -1,0 +1,182 @@
+"""Paged attention inside transformers' model classes.
+
+The engine builds each model with ``attn_implementation="q_paged"``: every attention layer
+still computes q/k/v, rotary embeddings and q/k norms itself, then calls
+:func:`paged_attention` instead of SDPA, with the step's :class:`AttentionBatch` passed
+down through the model's ``**kwargs`` as ``q_batch``. That function writes the new keys and
+values into the engine's block cache (:mod:`.kv_cache`) and computes attention:
+
+- a prompt that starts at position 0 attends over its own new keys, through the very
+  function transformers would have used (SDPA, or eager for models like Gemma 2), so a
+  prompt's logits are the ones transformers computes;
+- every other sequence (a decode token, a later chunk of a long prompt) attends over its
+  cache blocks, gathered whole into a padded batch once per layer (64-token blocks copy at
+  close to memcpy speed), in one SDPA call: no Python loop over requests.
+
+One forward pass carries every scheduled sequence as one row of packed tokens, so a step's
+GEMMs see all of its tokens at once. transformers builds no mask for an implementation it
+does not know; masks here are the engine's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATION = "q_paged"
+DENSE_ATTR = "_q_dense_attention"  # on the model config: what transformers would have used
+
+
+@dataclass
+class PagedBatch:
+    """The sequences of a step that attend over their cache blocks (``B`` of them, ``Np``
+    tokens): decode tokens and prompt chunks that do not start at position 0."""
+
+    rows: torch.Tensor | None  # [Np] their tokens' rows in the packed step (None: all rows)
+    blocks: torch.Tensor  # [B, nblk] cache blocks per sequence, padded with block 0
+    query_pos: torch.Tensor  # [B, maxq] absolute position of each query (-1: padding)
+    query_index: torch.Tensor | None  # [B, maxq] index into the Np tokens (Np: padding);
+    unpad_index: torch.Tensor | None  # [Np] row of the padded [B * maxq] output per token;
+    #                                   both None when every sequence brings one token
+    block_size: int
+    masks: dict = field(default_factory=dict)  # sliding window (or None) -> [B, 1, maxq, L]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Which gathered keys each query sees: causal, within its sequence, and within the
+        sliding window when there is one. Padded query rows see key 0 (an all-masked row
+        would give NaN); their output is dropped."""
+        if window not in self.masks:
+            keys = torch.arange(self.blocks.shape[1] * self.block_size,
+                                device=self.query_pos.device)[None, None, :]
+            q = self.query_pos[:, :, None]
+            visible = keys <= q
+            if window:
+                visible &= keys > q - window
+            visible |= (q < 0) & (keys == 0)
+            self.masks[window] = visible[:, None]
+        return self.masks[window]
+
+
+@dataclass
+class AttentionBatch:
+    """Where one forward pass reads and writes the KV cache (built once per step)."""
+
+    cache: object  # kv_cache.KVCache
+    slot_mapping: torch.Tensor  # [N] flat cache slot of each packed token
+    fresh: list[tuple[int, int]]  # (first row, length) of each prompt starting at position 0
+    paged: PagedBatch | None
+
+
+def paged_attention(module, query, key, value, attention_mask=None, *, scaling=None,
+                    dropout=0.0, sliding_window=None, softcap=None, q_batch=None, **kwargs):
+    """transformers' attention-function signature: ``query [1, H, N, d]``, ``key``/``value``
+    ``[1, kvH, N, d]`` for the N packed tokens -> (``[1, N, H, d]``, None)."""
+    if q_batch is None:  # a plain full-sequence forward (no engine step): no cache
+        return dense_attention(module, query, key, value, scaling, sliding_window, softcap,
+                               dropout), None
+    b = q_batch
+    k_cache, v_cache = b.cache.layer(module.layer_idx)
+    heads, n, dim = query.shape[1], query.shape[2], query.shape[3]
+    kv_heads = key.shape[1]
+    k_cache.view(-1, kv_heads, dim).index_copy_(0, b.slot_mapping,
+                                                key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, dim).index_copy_(0, b.slot_mapping,
+                                                value[0].transpose(0, 1).to(v_cache.dtype))
+    if not b.fresh:  # decode-only and continued chunks: one paged call for the whole step
+        out = _paged(b.paged, k_cache, v_cache, query[0].transpose(0, 1), sliding_window,
+                     scaling, softcap)
+        return out.unsqueeze(0).to(query.dtype), None
+    out = query.new_empty(n, heads, dim)
+    for start, length in b.fresh:
+        span = slice(start, start + length)
+        out[span] = dense_attention(module, query[:, :, span], key[:, :, span],
+                                    value[:, :, span], scaling, sliding_window, softcap,
+                                    dropout)[0]
+    if b.paged is not None:
+        rows = b.paged.rows
+        q = query[0].transpose(0, 1).index_select(0, rows)
+        out[rows] = _paged(b.paged, k_cache, v_cache, q, sliding_window, scaling,
+                           softcap).to(out.dtype)
+    return out.unsqueeze(0), None
+
+
+def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torch.Tensor:
+    """Attention of ``q [Np, H, d]`` over each sequence's gathered cache blocks."""
+    batch, nblk = p.blocks.shape
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[-2]
+    length = nblk * p.block_size
+    index = p.blocks.reshape(-1)
+    keys = k_cache.index_select(0, index).view(batch, length, kv_heads, dim).transpose(1, 2)
+    values = v_cache.index_select(0, index).view(batch, length, kv_heads, dim).transpose(1, 2)
+    if p.query_index is None:
+        q = q.unsqueeze(2)  # one query per sequence: [B, H, 1, d]
+    else:
+        q = torch.cat([q, q.new_zeros(1, heads, dim)])[p.query_index].transpose(1, 2)
+    maxq = q.shape[2]
+    group = heads // kv_heads
+    # grouped-query attention without repeating K/V (transformers' pack_gqa): the `group`
+    # query heads that share a KV head become `group * maxq` query rows of that head
+    q = q.reshape(batch, kv_heads, group * maxq, dim).to(keys.dtype)
+    mask = p.mask(window)
+    if group > 1 and maxq > 1:  # the mask rows follow the query rows
+        mask = mask[:, :, None].expand(batch, 1, group, maxq, length)
+        mask = mask.reshape(batch, 1, group * maxq, length)
+    out = _softmax_attention(q, keys, values, mask, scaling, softcap)
+    out = out.reshape(batch, heads, maxq, dim).transpose(1, 2)  # [B, maxq, H, d]
+    if p.query_index is None:
+        return out.reshape(batch, heads, dim)
+    return out.reshape(batch * maxq, heads, dim)[p.unpad_index]
+
+
+def _softmax_attention(q, k, v, mask, scaling, softcap):
+    """``q [B, h, m, d]`` over ``k``/``v`` ``[B, h, L, d]`` with a boolean ``mask``."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    # Gemma 2's logit soft-capping: tanh before the mask, as transformers' eager path does
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def dense_attention(module, query, key, value, scaling, window, softcap, dropout=0.0):
+    """Causal attention of a sequence over its own keys (``[1, H, L, d]``), computed by the
+    attention function transformers would use for this model -> ``[1, L, H, d]``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module.config, DENSE_ATTR, "sdpa")
+    length = query.shape[2]
+    kwargs = {"softcap": softcap} if softcap else {}
+    if name == "eager":  # eager relies on the mask for causality: transformers' float mask
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+        mask = _causal_mask(length, window, query.device)
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[name]
+        mask = _causal_mask(length, window, query.device) if window and length > window \
+            else None
+    out, _ = fn(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return out
+
+
+def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
+    pos = torch.arange(length, device=device)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    return mask[None, None]
+
+
+@functools.cache
+def register() -> str:
+    """Make ``q_paged`` an attention implementation transformers accepts (once)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, paged_attention)
+    return IMPLEMENTATION
