@@ -56,7 +56,8 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
     to the source in the checkpoint's q_manifest.json when it exists; without one only
     perplexity and generations are checked. Raises QError on bad inputs before any model
     is loaded. ``engine``: another engine than the native one (``vllm``) scores both models
-    itself (:mod:`q.eval_scored`: no KL or per-layer errors); ``engine_options`` go to it.
+    itself (:mod:`q.eval_scored`: no KL or per-layer errors). ``engine_options`` go to the
+    engine's load (native: ``dtype``, ``kv_cache_tokens``; vllm: ``vllm_python``).
     """
     import torch
 
@@ -107,12 +108,12 @@ def evaluate(model, reference=None, *, text=None, windows: int = 8, window_len: 
 
     ref = None
     if reference is not None:
-        session = _load(reference, None, None, "skip", (), device, impl)
+        session = _load(reference, None, None, "skip", (), device, impl, engine_options)
         ref = _run(session, ids, prompt_ids, gen_tokens, rows, None, reference_budget,
                    "reference", progress)
         del session
         _free(torch)
-    session = _load(model, scheme, args, ragged, ignore, device, impl)
+    session = _load(model, scheme, args, ragged, ignore, device, impl, engine_options)
     out = _run(session, ids, prompt_ids, gen_tokens, rows, ref, reference_budget, "quantized",
                progress)
     report = EvalReport(
@@ -254,11 +255,11 @@ def _prompts(tokenizer, ids, prompts, n) -> list[list[int]]:
 # --- running the models ---------------------------------------------------------------------
 
 
-def _load(path, scheme, args, ragged, ignore, device, impl):
+def _load(path, scheme, args, ragged, ignore, device, impl, options=None):
     from .pipeline import load_engine
 
     session = load_engine(path, scheme=scheme, args=args, ragged=ragged, ignore=ignore,
-                          device=device, impl=impl)
+                          device=device, impl=impl, **(options or {}))
     if not hasattr(session, "model"):
         raise OptionError("q eval needs an engine that exposes its model (the native engine)")
     return session

@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 
 from ..errors import OptionError
-from .generate import engine_options, setup_logging
+from .generate import engine_options, native_options_for, setup_logging
 from .quantize import parse_extra_args
 from .render import console
 
@@ -181,7 +181,7 @@ def add_commands(cli: click.Group) -> None:
     def eval_(model, reference, text, windows, window_len, generations, gen_tokens, prompts,
               ignore, json_path, no_card, top, fail_ppl, warn_ppl, fail_agreement,
               warn_agreement, layer_error, strict, progress, engine, scheme, args, ragged,
-              device, impl, verbose, vllm_python):
+              device, impl, verbose, native_options, vllm_python):
         """Compare MODEL (a checkpoint, or a bf16 model + --scheme) with its reference.
 
         Runs both through q's engine on held-out text: perplexity of each, KL divergence
@@ -213,7 +213,7 @@ def add_commands(cli: click.Group) -> None:
                           args=parse_extra_args(args), ragged=ragged, ignore=ignore,
                           device=device, impl=impl, thresholds=thresholds, progress=progress,
                           engine=engine, engine_options={"vllm_python": vllm_python}
-                          if engine == "vllm" else None)
+                          if engine == "vllm" else native_options_for(engine, native_options))
         if not no_card and scheme:  # MODEL is the bf16 model: its card is not about this run
             click.echo("note: no model card written (MODEL was quantized online)", err=True)
         elif not no_card:

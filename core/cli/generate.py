@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
 import click
 
+from ..errors import OptionError
 from ..generation import SamplingParams
 from .quantize import parse_extra_args
 
@@ -19,12 +21,22 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("q").setLevel(logging.INFO)
 
 
-def _load(model, engine, scheme, args, ragged, device, impl, verbose):
+def _load(model, engine, scheme, args, ragged, device, impl, verbose, native_options):
     from ..pipeline import load_engine
 
     setup_logging(verbose)
     return load_engine(model, engine=engine, scheme=scheme, args=parse_extra_args(args),
-                       ragged=ragged, device=device, impl=impl)
+                       ragged=ragged, device=device, impl=impl,
+                       **native_options_for(engine, native_options))
+
+
+def native_options_for(engine: str, options: dict) -> dict:
+    """The native engine's own options (--dtype, --kv-cache-tokens) that were given; an
+    error if they were given to another engine."""
+    if options and engine != "native":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise OptionError(f"{flags}: options of the native engine, not of --engine {engine}")
+    return options
 
 
 def engine_options(f):
@@ -38,13 +50,29 @@ def engine_options(f):
                      show_default=True, help="online quantization of non-aligned Linears"),
         click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA if present), cpu, cuda, cuda:1, ..."),
-        click.option("--impl", type=click.Choice(["auto", "triton", "reference"]),
-                     default="auto", show_default=True, help="kernel implementation"),
+        click.option("--impl", type=click.Choice(["auto", "triton", "torch", "reference"]),
+                     default="auto", show_default=True,
+                     help="kernel implementation: auto picks Triton on a GPU, torch's "
+                          "built-in kernels on a CPU, else the reference"),
+        click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]),
+                     help="compute dtype of the native engine [default: auto: bfloat16 on "
+                          "CPUs with bf16 instructions and on GPUs, else float32]"),
+        click.option("--kv-cache-tokens", type=click.IntRange(min=1),
+                     help="native engine's KV cache size in tokens [default: 20%% of free "
+                          "memory, at most max-batch full contexts]"),
         click.option("--verbose", "-v", is_flag=True, help="log loading details"),
     ]
+
+    @functools.wraps(f)
+    def gather_native_options(*a, dtype, kv_cache_tokens, **kw):
+        kw["native_options"] = {k: v for k, v in (("dtype", dtype),
+                                                  ("kv_cache_tokens", kv_cache_tokens))
+                                if v is not None}
+        return f(*a, **kw)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        gather_native_options = option(gather_native_options)
+    return gather_native_options
 
 
 def sampling_options(f):
@@ -76,13 +104,14 @@ def add_commands(cli: click.Group) -> None:
     @engine_options
     @sampling_options
     def generate(model, prompts, chat, engine, scheme, args, ragged, device, impl, verbose,
-                 max_tokens, temperature, top_p, top_k, seed, stop):
+                 native_options, max_tokens, temperature, top_p, top_k, seed, stop):
         """Complete PROMPTs with MODEL (a q or peer checkpoint, or a bf16 model + --scheme).
 
         One prompt streams its tokens as they come; several run as one batch.
         """
         params = _params(max_tokens, temperature, top_p, top_k, seed, stop)
-        session = _load(model, engine, scheme, args, ragged, device, impl, verbose)
+        session = _load(model, engine, scheme, args, ragged, device, impl, verbose,
+                        native_options)
         encoded = [session.chat_prompt_ids([{"role": "user", "content": p}]) if chat else p
                    for p in prompts]
         if len(encoded) == 1:
@@ -100,13 +129,14 @@ def add_commands(cli: click.Group) -> None:
     @engine_options
     @sampling_options
     def chat(model, system, engine, scheme, args, ragged, device, impl, verbose,
-             max_tokens, temperature, top_p, top_k, seed, stop):
+             native_options, max_tokens, temperature, top_p, top_k, seed, stop):
         """Chat with MODEL in the terminal, through the model's chat template.
 
         Type a message and press Enter; `/reset` clears the history, `/exit` or Ctrl-D quits.
         """
         params = _params(max_tokens, temperature, top_p, top_k, seed, stop)
-        session = _load(model, engine, scheme, args, ragged, device, impl, verbose)
+        session = _load(model, engine, scheme, args, ragged, device, impl, verbose,
+                        native_options)
         session.apply_chat_template([{"role": "user", "content": "hi"}])  # fail early
         history = [{"role": "system", "content": system}] if system else []
         start = len(history)

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import QError
-from .generate import engine_options, setup_logging
+from .generate import engine_options, native_options_for, setup_logging
 from .quantize import parse_extra_args
 
 DEFAULT_PORT = 23333
@@ -46,7 +46,8 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--vllm-python", envvar="Q_VLLM_PYTHON", show_envvar=True,
                   type=click.Path(dir_okay=False),
                   help="Python interpreter that has vLLM (--engine vllm; default: q's own)")
-    def serve(model, engine, scheme, args, ragged, device, impl, verbose, host, port, api_key,
+    def serve(model, engine, scheme, args, ragged, device, impl, verbose, native_options, host,
+              port, api_key,
               served_model_name, max_batch, max_queue, max_tokens_limit, max_request_bytes,
               tensor_parallel_size, vllm_python):
         """Serve MODEL over an OpenAI-compatible API (completions, chat, streaming).
@@ -66,6 +67,7 @@ def add_commands(cli: click.Group) -> None:
                                   max_request_bytes=max_request_bytes, max_queue=max_queue)
         engine_obj = get_registries().engines.get(engine)
         options = dict(scheme=scheme, args=parse_extra_args(args), ragged=ragged)
+        native_options = native_options_for(engine, native_options)
         if hasattr(engine_obj, "serve"):  # engines with a server of their own (vllm)
             return engine_obj.serve(model, settings=settings, host=host, port=port,
                                     tensor_parallel_size=tensor_parallel_size,
@@ -76,7 +78,7 @@ def add_commands(cli: click.Group) -> None:
         from ..pipeline import load_engine
 
         session = load_engine(model, engine=engine, device=device, impl=impl,
-                              max_batch=max_batch, **options)
+                              max_batch=max_batch, **options, **native_options)
         run_server(session, settings, host, port)
 
 
