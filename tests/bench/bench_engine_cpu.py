@@ -1,9 +1,10 @@
 """CPU throughput of the native engine on SmolLM2, per scheme, against transformers.
 
 For each scheme the engine loads the bf16 SmolLM2 with online quantization (the same
-tensors as ``q quantize`` + load, tests/test_engine.py) and runs on the torch reference ops
-(fp32). The peer is transformers running the bf16 checkpoint in fp32 (bf16 matmul is
-5-10x slower on this CPU) in the same process. Reported:
+tensors as ``q quantize`` + load, tests/test_engine.py) with its defaults (bf16 compute and
+torch's CPU kernels on a CPU with bf16 instructions; ``--dtype float32`` for the fp32
+reference ops). The peer is transformers running the bf16 checkpoint in fp32 in the same
+process. Reported:
 
 - prefill tokens/s: one prompt of ``--prompt-len`` tokens (time of a 1-token generation);
 - decode tokens/s at batch 1 and batch ``--batch``: (tokens after the first) / (time after
@@ -101,6 +102,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ops", action="store_true", help="only the fp8 decode micro-benchmark")
+    parser.add_argument("--dtype", default="auto", help="the engine's compute dtype")
     opts = parser.parse_args()
     if opts.ops:
         return bench_ops()
@@ -122,7 +124,8 @@ def main():
           "| 1.00 / 1.00 / 1.00 |")
     for name in opts.schemes.split(","):
         scheme, args, ragged = SCHEMES[name]
-        session = q.load_engine(model_dir, scheme=scheme, args=args, ragged=ragged)
+        session = q.load_engine(model_dir, scheme=scheme, args=args, ragged=ragged,
+                                dtype=opts.dtype)
         rates = engine_rates(session, batch_prompts, opts.new_tokens)
         ratio = " / ".join(f"{r / b:.2f}" for r, b in zip(rates, base))
         print(f"| q native, {name} | {rates[0]:.0f} | {rates[1]:.1f} | {rates[2]:.1f} "
