@@ -55,6 +55,37 @@ def test_quant_linear_matches_dequantized_matmul(scheme, args, ragged, shape):
     assert sqnr(x @ w.T, y) > (25.0 if recipe.input_activations else 14.0)
 
 
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "fp8-block", "fp8-dynamic"])
+def test_layers_sharing_an_input_quantize_it_once_and_exactly(scheme):
+    """q/k/v share their input: one activation quantization serves all three, and the
+    outputs are bit for bit those of quantizing per layer; an in-place write to the input
+    (or a new tensor) is quantized afresh."""
+    from q.api import make_recipe
+    from q.plugins.engines.native import layers
+
+    torch.manual_seed(0)
+    recipe, scheme_obj, _ = make_recipe(scheme, None, ragged="quantize")
+    made = [layers.QuantLinear(scheme_obj.quantize_weight("w", torch.randn(256, 384) * 0.05,
+                                                          recipe.args, torch.float32),
+                               recipe.input_activations, None, torch.device("cpu"), name="w",
+                               dtype=torch.bfloat16) for _ in range(3)]
+    assert all(m.backend == "torch" for m in made)
+    x = torch.randn(5, 384).bfloat16()
+    calls = []
+    real = layers.quantize_activation
+    layers.quantize_activation = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        shared = [m(x) for m in made]
+        assert len(calls) == 1
+        alone = [m.fast(x, None) for m in made]  # each quantizes x itself
+        assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+        x.mul_(2)  # in place: the cached codes are stale
+        assert torch.equal(made[0](x), made[0].fast(x, None)) and len(calls) == 2
+        assert torch.equal(made[1](x.clone()), made[1].fast(x, None)) and len(calls) == 3
+    finally:
+        layers.quantize_activation = real
+
+
 def test_quant_linear_keeps_weights_quantized():
     w = torch.randn(256, 384)
     layer, qt, _ = _layer("wint4", {"group_size": 64}, w)

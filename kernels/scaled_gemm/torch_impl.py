@@ -44,9 +44,10 @@ class Int8Scaled:
         self.ws_bf16 = self.ws[0].bfloat16()
         self.out_dtype = out_dtype
 
-    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
-        """One named kernel (the tuner times each; :meth:`__call__` picks)."""
-        xq, xs = quantize_activation(x, None, torch.int8)
+    def run(self, x: torch.Tensor, kernel: str, quantized=None) -> torch.Tensor:
+        """One named kernel (the tuner times each; :meth:`__call__` picks). ``quantized``:
+        ``x``'s per-token int8 codes and scales, when the caller has them already."""
+        xq, xs = quantized or quantize_activation(x, None, torch.int8)
         if kernel not in self.kernels:
             raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
                              f"{', '.join(self.kernels)}")
@@ -55,10 +56,10 @@ class Int8Scaled:
             return y.mul_(xs.to(torch.bfloat16)).to(self.out_dtype)
         return (torch._int_mm(xq, self.wq.t()).float().mul_(xs).mul_(self.ws)).to(self.out_dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
         if self.out_dtype == torch.float32 or len(self.kernels) == 1:
-            return self.run(x, "int_mm")  # fp32 asks for accuracy: the exact int32 sum
-        return self.run(x, cpu_choice("scaled_int8", x.shape[0]))
+            return self.run(x, "int_mm", quantized)  # fp32 asks for accuracy: exact sums
+        return self.run(x, cpu_choice("scaled_int8", x.shape[0]), quantized)
 
 
 class Fp8Dequantized:
@@ -71,8 +72,8 @@ class Fp8Dequantized:
         self.weight = mul_blocks_(codes_to_float(wq), ws, block).to(out_dtype)
         self.act_group, self.act_dtype, self.out_dtype = act_group, act_dtype, out_dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize_activation(x, self.act_group, self.act_dtype)
+    def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
+        xq, xs = quantized or quantize_activation(x, self.act_group, self.act_dtype)
         group = self.act_group or x.shape[1]
         a = mul_blocks_(codes_to_float(xq), xs, (1, group)).to(self.out_dtype)
         return F.linear(a, self.weight)

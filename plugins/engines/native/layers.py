@@ -51,6 +51,28 @@ def start_path_log() -> None:
     _logged_kinds.clear()
 
 
+class SharedActivationQuant:
+    """The q, k and v projections (and gate and up) get the very same input tensor: quantize
+    it once per (group, dtype) instead of once per layer. The cache entry holds the input
+    itself, so its memory cannot be reused by another tensor while cached, and the tensor's
+    version counter catches in-place writes. One engine thread runs the model."""
+
+    def __init__(self):
+        self.entry = None
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, group: int | None,
+                 dtype: torch.dtype):
+        e = self.entry
+        if e is not None and e[0] is x and e[1] == x._version and e[2] == (group, dtype):
+            return e[3]
+        out = quantize_activation(rows, group, dtype, impl="reference")
+        self.entry = (x, x._version, (group, dtype), out)
+        return out
+
+
+shared_activation_quant = SharedActivationQuant()
+
+
 def _fp8_act_dtype(acts: dict) -> torch.dtype:
     return torch.float8_e5m2 if acts.get("fp8_dtype") == "e5m2" else torch.float8_e4m3fn
 
@@ -215,8 +237,10 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         out_dtype = x.dtype
-        if self.fast is not None:
+        if self.fast is not None and self.kind == "weight-only":
             y = self.fast(x2)
+        elif self.fast is not None:
+            y = self.fast(x2, shared_activation_quant(x, x2, self.act_group, self.act_dtype))
         elif self.kind == "block":
             xq, xs = quantize_activation(x2, self.act_group, self.act_dtype, impl=self.impl)
             y = fp8_block_gemm(xq, xs, self.qdata, self.scale, self.block, out_dtype,
