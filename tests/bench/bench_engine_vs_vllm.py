@@ -1,0 +1,235 @@
+"""q's native engine against vLLM's CPU engine, on the same checkpoint files, in one run.
+
+Workload (the CPU engine issue's): 32 prompts of 256 tokens (real text) submitted at once,
+64 new tokens each, greedy, EOS ignored; then the first prompt alone. Reported per
+checkpoint: generated tokens per second for both (32 x 64 / wall time, prefill included;
+64 / wall time for one request) and the ratio q / vLLM. q runs through ``q.load_engine``
+with its defaults; vLLM through ``LLM.generate`` with its defaults (torch.compile on), in
+its own venv (``--vllm-python``, default .venv-vllm/bin/python; tests/run.sh makes it),
+twice: with its defaults, which reserve a core for its scheduler process (on 2 cores the
+model runs on 1 thread), and with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (all cores); q is
+compared with the faster of the two.
+
+Also, for q: time to first token of a 256-token prompt that arrives while 31 requests are
+decoding, against the same prompt alone; and the peak RSS of a process that loads each
+checkpoint (``--rss``), beside the checkpoint's size.
+
+Models: SmolLM2-135M-Instruct (the embedded default) and ``--llama-1b``, a random-weight
+Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632,
+vocab 32000). Checkpoints are written by q into ``--work`` and reused.
+
+    python tests/bench/bench_engine_vs_vllm.py --models smollm2,llama-1b --rss
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMES = {  # name -> (scheme, args); None: the unquantized model itself
+    "bf16": None,
+    "w8a8-int8": ("w8a8-int8", {}),
+    "wint4-g64": ("wint4", {"group_size": 64}),
+    "wint8": ("wint8", {}),
+    "fp8-dynamic": ("fp8-dynamic", {}),
+}
+
+
+def llama_1b(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=2048, tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def checkpoints(model_dir: Path, work: Path, names) -> dict[str, Path]:
+    import q
+
+    out = {}
+    for name in names:
+        if SCHEMES[name] is None:
+            out[name] = model_dir
+            continue
+        scheme, args = SCHEMES[name]
+        dest = work / f"{model_dir.name}-{name}"
+        if not (dest / "config.json").exists():
+            q.quantize(model_dir, scheme, dest, args=args, progress=False)
+        out[name] = dest
+    return out
+
+
+def prompts(vocab: int, n: int = 32, length: int = 256) -> list[list[int]]:
+    import q
+    from q.modeling import load_tokenizer
+    from q.textdata import real_text
+
+    ids = load_tokenizer(q.default_model())(real_text("botchan")[20_000:200_000]).input_ids
+    return [[t % vocab for t in ids[i * length:(i + 1) * length]] for i in range(n)]
+
+
+def q_rates(path: Path, batch: list[list[int]], new_tokens: int) -> dict:
+    import q
+
+    session = q.load_engine(path)
+    session.generate(batch[:1], max_tokens=4, ignore_eos=True)  # warm-up
+    t0 = time.perf_counter()
+    outs = session.generate(batch, max_tokens=new_tokens, ignore_eos=True)
+    batch_s = time.perf_counter() - t0
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    t0 = time.perf_counter()
+    session.generate(batch[:1], max_tokens=new_tokens, ignore_eos=True)
+    one_s = time.perf_counter() - t0
+    return {"batch_s": batch_s, "one_s": one_s, "ttft": ttft(session, batch)}
+
+
+def ttft(session, batch) -> dict:
+    """Seconds to the first token of ``batch[-1]``: alone, and arriving while the other
+    requests decode (each has finished its prompt and has tokens left)."""
+    from q.generation import SamplingParams
+
+    def first_token(rid):
+        t0 = time.perf_counter()
+        while True:
+            if any(o.request_id == rid for o in session.step()):
+                return time.perf_counter() - t0
+
+    alone = first_token(session.add_request(batch[-1], SamplingParams(max_tokens=1)))
+    while session.has_unfinished():
+        session.step()
+    for p in batch[:-1]:
+        session.add_request(p, SamplingParams(max_tokens=200, ignore_eos=True))
+    while session.num_waiting or any(s.computed < len(s.prompt_ids)
+                                     for s in session.scheduler.running):
+        session.step()
+    busy = first_token(session.add_request(batch[-1], SamplingParams(max_tokens=1)))
+    running = session.num_running
+    for rid in list(session._live):
+        session.abort(rid)
+    while session.has_unfinished():
+        session.step()
+    return {"alone_s": alone, "with_decoding_s": busy, "decoding": running}
+
+
+def peak_rss(path: Path) -> float:
+    """MiB: peak resident set of a fresh process that loads ``path`` and generates once."""
+    code = ("import resource, q; s = q.load_engine(%r); "
+            "s.generate([[5] * 32], max_tokens=4, ignore_eos=True); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def size_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
+# vLLM's CPU build reserves cores for its scheduler process by default (one per worker on
+# x86: on a 2-core machine the model runs on 1 thread). Both setups are run, and q is
+# compared with the faster one for each checkpoint.
+VLLM_SETUPS = {"default": {},
+               "all cores": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+
+
+def vllm_rates(python: str, ckpts: dict, batch, new_tokens, work: Path, env: dict) -> dict:
+    job, result = work / "vllm-work.json", work / "vllm-result.json"
+    job.write_text(json.dumps({"checkpoints": {k: str(v) for k, v in ckpts.items()},
+                               "prompts": batch, "new_tokens": new_tokens}))
+    subprocess.run([python, str(Path(__file__).with_name("vllm_cpu_peer.py")), str(job),
+                    str(result)], check=True, env={**os.environ, **env})
+    return json.loads(result.read_text())
+
+
+def best_vllm(peers: dict, name: str) -> tuple[dict, str]:
+    """The faster vLLM setup for ``name`` (by the 32-request time), and its label."""
+    ran = {setup: r[name] for setup, r in peers.items() if "error" not in r.get(name, {})}
+    if not ran:
+        first = next(iter(peers.values()), {})
+        return first.get(name, {"error": "not run"}), ""
+    setup = min(ran, key=lambda k: ran[k]["batch_s"])
+    return ran[setup], setup
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="smollm2,llama-1b")
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=ROOT / ".q-cache" / "bench-engine")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--vllm-schemes", default="bf16,w8a8-int8,wint4-g64",
+                        help="checkpoints vLLM runs (its CPU build refuses wint8, and runs "
+                             "fp8-dynamic at 1-3 tok/s: compare those with q's bf16)")
+    parser.add_argument("--rss", action="store_true", help="peak RSS per checkpoint")
+    opts = parser.parse_args()
+    import q
+
+    opts.work.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, q engine defaults")
+    for model in opts.models.split(","):
+        model_dir = Path(q.default_model()) if model == "smollm2" else llama_1b(
+            opts.work / "llama-1b")
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        batch = prompts(vocab)
+        ckpts = checkpoints(model_dir, opts.work, opts.schemes.split(","))
+        peers = {} if opts.no_vllm else {
+            setup: vllm_rates(opts.vllm_python, {k: v for k, v in ckpts.items()
+                                                 if k in opts.vllm_schemes.split(",")},
+                              batch, opts.new_tokens, opts.work, env)
+            for setup, env in VLLM_SETUPS.items()}
+        n = len(batch) * opts.new_tokens
+        print(f"\n{model}: {len(batch)} requests x 256-token prompts, {opts.new_tokens} new "
+              "tokens each (generated tok/s, prefill included)\n")
+        print("| checkpoint | vLLM CPU, 32 req | q, 32 req | q / vLLM | vLLM, 1 req | q, 1 req "
+              "| q / vLLM | q TTFT alone / with 31 decoding (s) |"
+              + (" size MiB | q peak RSS MiB |" if opts.rss else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
+        for name, path in ckpts.items():
+            mine = q_rates(path, batch, opts.new_tokens)
+            theirs, setup = best_vllm(peers, name)
+            for other, r in peers.items():  # every vLLM setup's own numbers, for the record
+                if "error" not in r.get(name, {}):
+                    print(f"  (vLLM {other}: 32 req {n / r[name]['batch_s']:.1f} tok/s, 1 req "
+                          f"{opts.new_tokens / r[name]['one_s']:.1f} tok/s)")
+            qb, q1 = n / mine["batch_s"], opts.new_tokens / mine["one_s"]
+            if "error" in theirs:
+                vb = v1 = rb = r1 = "-"
+            else:
+                vb_, v1_ = n / theirs["batch_s"], opts.new_tokens / theirs["one_s"]
+                v1_ = max(opts.new_tokens / r[name]["one_s"] for r in peers.values()
+                          if "error" not in r.get(name, {}))  # the faster setup at 1 req
+                vb, v1, rb, r1 = (f"{vb_:.1f} ({setup})", f"{v1_:.1f}", f"{qb / vb_:.2f}",
+                                  f"{q1 / v1_:.2f}")
+            t = mine["ttft"]
+            row = (f"| {name} | {vb} | {qb:.1f} | {rb} | {v1} | {q1:.1f} | {r1} | "
+                   f"{t['alone_s']:.2f} / {t['with_decoding_s']:.2f} ({t['decoding']}) |")
+            if opts.rss:
+                row += f" {size_mib(path):.0f} | {peak_rss(path):.0f} |"
+            print(row, flush=True)
+            if "error" in theirs and not opts.no_vllm:
+                print(f"  (vLLM: {theirs['error'][:160]})")
+
+
+if __name__ == "__main__":
+    main()
