@@ -65,10 +65,14 @@ def test_layers_sharing_an_input_quantize_it_once_and_exactly(scheme):
 
     torch.manual_seed(0)
     recipe, scheme_obj, _ = make_recipe(scheme, None, ragged="quantize")
-    made = [layers.QuantLinear(scheme_obj.quantize_weight("w", torch.randn(256, 384) * 0.05,
-                                                          recipe.args, torch.float32),
-                               recipe.input_activations, None, torch.device("cpu"), name="w",
-                               dtype=torch.bfloat16) for _ in range(3)]
+    def make(name):
+        qt = scheme_obj.quantize_weight("w", torch.randn(256, 384) * 0.05, recipe.args,
+                                        torch.float32)
+        return layers.QuantLinear(qt, recipe.input_activations, None, torch.device("cpu"),
+                                  name=name, dtype=torch.bfloat16)
+
+    made = [make(f"block.{name}") for name in ("q", "k", "v")]
+    other = make("other.q")
     assert all(m.backend == "torch" for m in made)
     x = torch.randn(5, 384).bfloat16()
     calls = []
@@ -82,6 +86,12 @@ def test_layers_sharing_an_input_quantize_it_once_and_exactly(scheme):
         x.mul_(2)  # in place: the cached codes are stale
         assert torch.equal(made[0](x), made[0].fast(x, None)) and len(calls) == 2
         assert torch.equal(made[1](x.clone()), made[1].fast(x, None)) and len(calls) == 3
+        other(x)  # the same tensor in another module: quantized afresh
+        assert len(calls) == 4
+        with torch.inference_mode():  # the engine's mode: inference tensors, no versions
+            y = torch.randn(3, 384).bfloat16()
+            assert all(torch.equal(m(y), m.fast(y, None)) for m in made)
+            assert len(calls) == 5
     finally:
         layers.quantize_activation = real
 

@@ -53,20 +53,25 @@ def start_path_log() -> None:
 
 class SharedActivationQuant:
     """The q, k and v projections (and gate and up) get the very same input tensor: quantize
-    it once per (group, dtype) instead of once per layer. The cache entry holds the input
-    itself, so its memory cannot be reused by another tensor while cached, and the tensor's
-    version counter catches in-place writes. One engine thread runs the model."""
+    it once per (group, dtype) instead of once per layer. Reuse needs the same tensor object
+    passed to a sibling layer (same parent module, e.g. ``model.layers.3.self_attn``): the
+    entry holds the input itself, so its memory cannot be reused by another tensor while
+    cached, and outside inference mode the version counter also catches in-place writes
+    (inference tensors have none; no transformers model writes a projection's input in
+    place between sibling projections). One engine thread runs the model."""
 
     def __init__(self):
         self.entry = None
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor, group: int | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, parent: str):
+        version = None if x.is_inference() else x._version
+        key = (parent, version, group, dtype)
         e = self.entry
-        if e is not None and e[0] is x and e[1] == x._version and e[2] == (group, dtype):
-            return e[3]
+        if e is not None and e[0] is x and e[1] == key:
+            return e[2]
         out = quantize_activation(rows, group, dtype, impl="reference")
-        self.entry = (x, x._version, (group, dtype), out)
+        self.entry = (x, key, out)
         return out
 
 
@@ -240,7 +245,8 @@ class QuantLinear(nn.Module):
         if self.fast is not None and self.kind == "weight-only":
             y = self.fast(x2)
         elif self.fast is not None:
-            y = self.fast(x2, shared_activation_quant(x, x2, self.act_group, self.act_dtype))
+            y = self.fast(x2, shared_activation_quant(x, x2, self.act_group, self.act_dtype,
+                                                      self.name.rpartition(".")[0]))
         elif self.kind == "block":
             xq, xs = quantize_activation(x2, self.act_group, self.act_dtype, impl=self.impl)
             y = fp8_block_gemm(xq, xs, self.qdata, self.scale, self.block, out_dtype,
