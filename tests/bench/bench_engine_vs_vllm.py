@@ -130,14 +130,24 @@ def ttft(session, batch) -> dict:
     return {"alone_s": alone, "with_decoding_s": busy, "decoding": running}
 
 
-def peak_rss(path: Path) -> float:
-    """MiB: peak resident set of a fresh process that loads ``path`` and generates once."""
-    code = ("import resource, q; s = q.load_engine(%r); "
-            "s.generate([[5] * 32], max_tokens=4, ignore_eos=True); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % str(path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+RSS_CODE = """
+import resource, q
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+base = rss()
+s = q.load_engine(%r)
+s.generate([[5] * 32], max_tokens=4, ignore_eos=True)
+print(base, rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(path: Path) -> str:
+    """MiB of a fresh process that loads ``path`` and generates 4 tokens: its peak, and what
+    stays resident afterwards (imports of torch and transformers included)."""
+    out = subprocess.run([sys.executable, "-c", RSS_CODE % str(path)], capture_output=True,
+                         text=True, check=True)
+    base, now, peak = (int(v) / 1024 for v in out.stdout.strip().splitlines()[-1].split())
+    return f"{peak:.0f} / {now:.0f}"
 
 
 def size_mib(path: Path) -> float:
@@ -182,6 +192,8 @@ def main():
                         help="checkpoints vLLM runs (its CPU build refuses wint8, and runs "
                              "fp8-dynamic at 1-3 tok/s: compare those with q's bf16)")
     parser.add_argument("--rss", action="store_true", help="peak RSS per checkpoint")
+    parser.add_argument("--rss-only", action="store_true",
+                        help="only checkpoint sizes and q's RSS (no timing)")
     opts = parser.parse_args()
     import q
 
@@ -193,6 +205,12 @@ def main():
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         batch = prompts(vocab)
         ckpts = checkpoints(model_dir, opts.work, opts.schemes.split(","))
+        if opts.rss_only:
+            print(f"\n{model}: checkpoint MiB, q RSS MiB (peak / after load and 4 tokens)\n")
+            print("| checkpoint | size MiB | q RSS MiB, peak / after load |\n|---|---:|---:|")
+            for name, path in ckpts.items():
+                print(f"| {name} | {size_mib(path):.0f} | {peak_rss(path)} |", flush=True)
+            continue
         peers = {} if opts.no_vllm else {
             setup: vllm_rates(opts.vllm_python, {k: v for k, v in ckpts.items()
                                                  if k in opts.vllm_schemes.split(",")},
@@ -203,7 +221,7 @@ def main():
               "tokens each (generated tok/s, prefill included)\n")
         print("| checkpoint | vLLM CPU, 32 req | q, 32 req | q / vLLM | vLLM, 1 req | q, 1 req "
               "| q / vLLM | q TTFT alone / with 31 decoding (s) |"
-              + (" size MiB | q peak RSS MiB |" if opts.rss else ""))
+              + (" size MiB | q RSS MiB, peak / after load |" if opts.rss else ""))
         print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
         for name, path in ckpts.items():
             mine = q_rates(path, batch, opts.new_tokens)
@@ -225,7 +243,7 @@ def main():
             row = (f"| {name} | {vb} | {qb:.1f} | {rb} | {v1} | {q1:.1f} | {r1} | "
                    f"{t['alone_s']:.2f} / {t['with_decoding_s']:.2f} ({t['decoding']}) |")
             if opts.rss:
-                row += f" {size_mib(path):.0f} | {peak_rss(path):.0f} |"
+                row += f" {size_mib(path):.0f} | {peak_rss(path)} |"
             print(row, flush=True)
             if "error" in theirs and not opts.no_vllm:
                 print(f"  (vLLM: {theirs['error'][:160]})")

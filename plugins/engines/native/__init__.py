@@ -30,6 +30,20 @@ def _eos_ids(path, tokenizer) -> set[int]:
     return ids
 
 
+def release_freed_memory() -> None:
+    """Loading frees many temporaries (unpacked codes, int32 copies for torch's int4 packing)
+    that glibc keeps in its heap rather than returning to the OS: on a 1.1B wint4 model the
+    process stayed 480 MiB above its live tensors. malloc_trim gives that memory back."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +90,7 @@ class NativeEngine(Engine):
         model, source, report = load_model(path, device=dev, scheme=scheme, args=args,
                                            ignore=ignore, ragged=ragged, impl=impl,
                                            dtype=dtype)
+        release_freed_memory()
         tokenizer = load_tokenizer(source.path)
         context = int(source.config.get("max_position_embeddings") or 2048)
         cfg = model.config
