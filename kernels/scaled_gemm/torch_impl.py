@@ -7,16 +7,16 @@
   - ``int_mm``: ``torch._int_mm(xq, w^T)`` in int32 (AVX-512 VNNI), scaled by ``xs * ws``
     in fp32. The integer sum is exact, so this is the reference's result up to fp32
     rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view.
-  - ``int8pack``: at decode sizes ``_int_mm`` is slower than bf16 GEMV (about 2 ms against
-    0.35 ms on a 5632x2048 weight at M = 1, 2 threads), so the int8 activation codes go in
+  - ``int8pack``: ``_int_mm`` has a fast path at M = 1 but is slower at M = 2-4 (the
+    tuner's table in docs/benchmarks.md), so there the int8 activation codes go in
     as bf16 (exact: |code| <= 127) to ``_weight_int8pack_mm`` with the weight scales in
     bf16, and the result is scaled by ``xs``. Sums accumulate in fp32 inside the kernel;
     the bf16 weight scales and the bf16 product before ``xs`` add two roundings of 2^-9
     relative each to the reference's result. K must be a multiple of 16 (see
     ``weight_only_gemm.torch_impl.INT8PACK_K_MULTIPLE``); other weights use ``int_mm``.
 - fp8 (:class:`Fp8Dequantized`, per channel, per tensor or in 128x128 blocks): CPUs have no
-  fp8 GEMM worth using (``_scaled_mm`` on fp8 runs 20-70x slower than bf16 GEMM on this
-  project's CPU), so the weight is dequantized once, when the model loads, into the compute
+  fp8 GEMM worth using (``_scaled_mm`` on fp8 ran 7-48x slower than bf16 GEMM on this
+  project's CPU, M = 1-256, in the CPU engine issue's measurement), so the weight is dequantized once, when the model loads, into the compute
   dtype: 2 bytes per weight, twice the fp8 checkpoint. Activations are quantized to fp8 and
   back exactly as the reference does, then multiplied by bf16 GEMM: the same math as the
   reference with operands rounded to bf16.

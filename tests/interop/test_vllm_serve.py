@@ -20,12 +20,13 @@ import psutil
 import pytest
 
 import q
-from q.plugins.engines.vllm_proxy import launch, proxy
+from q.plugins.engines.vllm_proxy import launch
 
-from ..server_fixtures import running_app
-# the proxy tests, collected here a second time against the real upstream below
+# the proxy tests and their `proxied` fixture, collected here a second time: `proxied`
+# resolves `upstream` in this module, the real vLLM server below
 from ..test_engine_vllm import (  # noqa: F401
-    KEY, MODEL, openai_client, settings, test_completion_equals_the_upstream_answer,
+    KEY, MODEL, openai_client, proxied,
+    test_completion_equals_the_upstream_answer,
     test_health_metrics_docs, test_models_through_the_proxy,
     test_streamed_chat_concatenates_to_the_plain_one, test_the_proxy_enforces_the_api_key,
     test_the_proxy_limits_body_size_and_max_tokens,
@@ -63,14 +64,6 @@ def vllm_server(vllm, checkpoint):
 @pytest.fixture(scope="module")
 def upstream(vllm_server):
     return vllm_server[0]
-
-
-@pytest.fixture(scope="module")
-def proxied(upstream):
-    app = proxy.create_proxy_app(upstream, settings(api_key=KEY, max_request_bytes=4096,
-                                                    max_tokens_limit=32))
-    with running_app(app) as url:
-        yield url
 
 
 def test_streamed_usage_equals_the_plain_usage(proxied):
