@@ -24,9 +24,33 @@ def fake_quant_activation(x: torch.Tensor, acts: dict) -> torch.Tensor:
     return deq.view(x.shape).to(x.dtype)
 
 
-def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = None):
+def _fake_quant_experts_forward(acts: dict):
+    """transformers' eager experts loop with the engine's activation quantization: the
+    tokens before gate/up, the intermediate rows before down (q.kernels.fused_moe)."""
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        x = fake_quant_activation(hidden_states, acts)
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.gate_up_proj.shape[0]):
+            tokens, slot = torch.where(top_k_index == e)
+            if tokens.numel() == 0:
+                continue
+            gate, up = F.linear(x[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = fake_quant_activation(self.act_fn(gate) * up, acts)
+            y = F.linear(h, self.down_proj[e]) * top_k_weights[tokens, slot, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+    return forward
+
+
+def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = None,
+                           quantized_experts=()):
     """fp32 transformers model of ``model_dir``, activations fake-quantized on the inputs of
-    ``quantized_modules``."""
+    ``quantized_modules`` and inside the MoE experts modules ``quantized_experts``."""
+    import types
+
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -41,6 +65,9 @@ def transformers_reference(model_dir, quantized_modules=(), acts: dict | None = 
         for name in quantized_modules:
             model.get_submodule(name).register_forward_pre_hook(
                 lambda mod, args: (fake_quant_activation(args[0], acts),))
+        for name in quantized_experts:
+            experts = model.get_submodule(name)
+            experts.forward = types.MethodType(_fake_quant_experts_forward(acts), experts)
     return model
 
 

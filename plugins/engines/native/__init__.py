@@ -57,6 +57,9 @@ def pick_device(device: str | None) -> torch.device:
 class NativeEngine(Engine):
     name = "native"
     description = "q's own engine: q.kernels (Triton on GPU, torch on CPU), continuous batching"
+    moe = ("Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 (MLA), quantized or not, offline or "
+           "online: experts stay quantized, one fused_moe op per layer (torch's CPU kernels "
+           "per expert on CPU, the reference on GPU); one device, no expert parallelism")
 
     def support(self, report):
         from .loader import SUPPORTED_ARCHITECTURES
@@ -65,7 +68,12 @@ class NativeEngine(Engine):
         if model_type not in SUPPORTED_ARCHITECTURES:
             return [EngineSupport("CPU, CUDA", False, f"no model skeleton for '{model_type}' "
                                   f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")]
-        return [EngineSupport("CPU, CUDA", True, "every format and scheme q reads")]
+        from .loader import MOE_ARCHITECTURES
+
+        what = "every format and scheme q reads"
+        if model_type in MOE_ARCHITECTURES:
+            what += "; MoE experts stay quantized (fused_moe)"
+        return [EngineSupport("CPU, CUDA", True, what)]
 
     def load(self, path, *, scheme=None, args=None, ignore=(), ragged="skip", device=None,
              impl="auto", dtype="auto", max_batch: int = 32, max_step_tokens: int = 2048,
@@ -78,7 +86,7 @@ class NativeEngine(Engine):
         default 0.2, never more than ``max_batch`` full contexts)."""
         from q.modeling import load_tokenizer
 
-        from .kv_cache import KVCache, bytes_per_token, cache_blocks
+        from .kv_cache import KVCache, bytes_per_token, cache_blocks, cache_geometry
         from .loader import load_model
         from .session import NativeSession
 
@@ -93,17 +101,16 @@ class NativeEngine(Engine):
         release_freed_memory()
         tokenizer = load_tokenizer(source.path)
         context = int(source.config.get("max_position_embeddings") or 2048)
-        cfg = model.config
-        layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = bytes_per_token(layers, kv_heads, head_dim, report.dtype)
+        layers, kv_heads, head_dim, value_dim = cache_geometry(model.config)
+        per_token = bytes_per_token(layers, kv_heads, head_dim, report.dtype, value_dim)
         blocks = cache_blocks(kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory,
                               per_token=per_token, device=dev,
                               largest_request=max_batch * context)
         cache = KVCache(layers=layers, blocks=blocks, kv_heads=kv_heads, head_dim=head_dim,
-                        dtype=report.dtype, device=dev)
-        log.info("loaded %s (%s, %d quantized Linears, %s compute) on %s in %.1f s; KV cache "
-                 "%d tokens (%.0f MiB)", source.path, report.format, len(report.quantized),
+                        value_dim=value_dim, dtype=report.dtype, device=dev)
+        log.info("loaded %s (%s, %d quantized Linears, %d MoE expert modules, %s compute) on %s "
+                 "in %.1f s; KV cache %d tokens (%.0f MiB)", source.path, report.format,
+                 len(report.quantized), len(report.experts),
                  str(report.dtype).removeprefix("torch."), dev, time.perf_counter() - start,
                  cache.tokens, cache.nbytes / 2**20)
         return NativeSession(model, tokenizer, device=dev, context_length=context,

@@ -81,16 +81,16 @@ def paged_attention(module, query, key, value, attention_mask=None, *, scaling=N
     b = q_batch
     k_cache, v_cache = b.cache.layer(module.layer_idx)
     heads, n, dim = query.shape[1], query.shape[2], query.shape[3]
-    kv_heads = key.shape[1]
+    kv_heads, value_dim = key.shape[1], value.shape[3]  # MLA: values are narrower than keys
     k_cache.view(-1, kv_heads, dim).index_copy_(0, b.slot_mapping,
                                                 key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, b.slot_mapping,
-                                                value[0].transpose(0, 1).to(v_cache.dtype))
+    v_cache.view(-1, kv_heads, value_dim).index_copy_(
+        0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
     if not b.fresh:  # decode-only and continued chunks: one paged call for the whole step
         out = _paged(b.paged, k_cache, v_cache, query[0].transpose(0, 1), sliding_window,
                      scaling, softcap)
         return out.unsqueeze(0).to(query.dtype), None
-    out = query.new_empty(n, heads, dim)
+    out = query.new_empty(n, heads, value_dim)
     for start, length in b.fresh:
         span = slice(start, start + length)
         out[span] = dense_attention(module, query[:, :, span], key[:, :, span],
@@ -108,11 +108,12 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
     """Attention of ``q [Np, H, d]`` over each sequence's gathered cache blocks."""
     batch, nblk = p.blocks.shape
     heads, dim = q.shape[1], q.shape[2]
-    kv_heads = k_cache.shape[-2]
+    kv_heads, value_dim = k_cache.shape[-2], v_cache.shape[-1]
     length = nblk * p.block_size
     index = p.blocks.reshape(-1)
     keys = k_cache.index_select(0, index).view(batch, length, kv_heads, dim).transpose(1, 2)
-    values = v_cache.index_select(0, index).view(batch, length, kv_heads, dim).transpose(1, 2)
+    values = v_cache.index_select(0, index).view(batch, length, kv_heads, value_dim) \
+        .transpose(1, 2)
     if p.query_index is None:
         q = q.unsqueeze(2)  # one query per sequence: [B, H, 1, d]
     else:
@@ -127,10 +128,10 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
         mask = mask[:, :, None].expand(batch, 1, group, maxq, length)
         mask = mask.reshape(batch, 1, group * maxq, length)
     out = _softmax_attention(q, keys, values, mask, scaling, softcap)
-    out = out.reshape(batch, heads, maxq, dim).transpose(1, 2)  # [B, maxq, H, d]
+    out = out.reshape(batch, heads, maxq, value_dim).transpose(1, 2)  # [B, maxq, H, dv]
     if p.query_index is None:
-        return out.reshape(batch, heads, dim)
-    return out.reshape(batch * maxq, heads, dim)[p.unpad_index]
+        return out.reshape(batch, heads, value_dim)
+    return out.reshape(batch * maxq, heads, value_dim)[p.unpad_index]
 
 
 def _softmax_attention(q, k, v, mask, scaling, softcap):

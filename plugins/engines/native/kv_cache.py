@@ -1,7 +1,8 @@
 """The KV cache: allocated once, handed out in fixed-size blocks.
 
 One tensor per keys and values, ``[layers, blocks, block_size, kv_heads, head_dim]``
-(nano-vllm keeps the same single allocation). A sequence owns a list of blocks (its block
+(nano-vllm keeps the same single allocation); values may have their own head size
+(DeepSeek's MLA: keys 192, values 128). A sequence owns a list of blocks (its block
 table); position ``p`` of the sequence lives in slot ``p % block_size`` of block
 ``table[p // block_size]``. Blocks are 64 tokens: attention gathers a sequence's blocks
 whole, and copying 64-token blocks runs near memcpy speed where 16-token blocks took 8x
@@ -26,7 +27,8 @@ DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available at load, when no size i
 
 class KVCache:
     def __init__(self, *, layers: int, blocks: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, block_size: int = BLOCK_SIZE):
+                 dtype: torch.dtype, device: torch.device, block_size: int = BLOCK_SIZE,
+                 value_dim: int | None = None):
         self.block_size = block_size
         self.num_blocks = blocks
         shape = (layers, blocks, block_size, kv_heads, head_dim)
@@ -36,7 +38,8 @@ class KVCache:
         # when handed out (zero_blocks) and block 0, the padding of every gather, is never
         # handed out.
         self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape[:-1] + (value_dim or head_dim,), dtype=dtype,
+                                  device=device)
         self.zero_blocks([PADDING_BLOCK])
 
     def zero_blocks(self, blocks: list[int]) -> None:
@@ -58,8 +61,22 @@ class KVCache:
         return self.keys[index], self.values[index]
 
 
-def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    value_dim: int | None = None) -> int:
+    dims = head_dim + (value_dim or head_dim)
+    return layers * kv_heads * dims * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_geometry(cfg) -> tuple[int, int, int, int]:
+    """(layers, kv heads, key head size, value head size) of a transformers config. MLA
+    (DeepSeek-V2/V3) caches keys and values expanded from the latent, for every head, as
+    transformers' attention receives them: simple, but H x (192 + 128) values per token
+    where vLLM caches the 512 + 64 latent."""
+    if getattr(cfg, "kv_lora_rank", None):
+        key = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        return cfg.num_hidden_layers, cfg.num_attention_heads, key, cfg.v_head_dim
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, head_dim
 
 
 def available_memory(device: torch.device) -> int:

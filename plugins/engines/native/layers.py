@@ -156,6 +156,30 @@ def describe_path(kind: str, qt: QuantizedTensor, backend: str, why: str) -> str
     return f"{label}: {path} ({why})"
 
 
+def reference_layout(qt: QuantizedTensor, kind: str):
+    """(codes, scales, zero points, group size) as the reference / Triton ops take them:
+    ``scaled``: scales ``[N, 1]``; ``weight-only``: int4 codes packed two per byte, scales
+    and zero points ``[N, groups]`` over groups of ``group size`` columns (128x128 tiles
+    become per-row groups of 128); ``block``: as stored."""
+    n, k = qt.shape
+    scale, zero, codes, group = qt.scale.float(), None, qt.qdata, k
+    if kind == "scaled":
+        scale = scale.reshape(-1, 1)
+    elif kind == "weight-only":
+        if qt.granularity == "block":
+            bn, bk = qt.block_size
+            scale, group = scale.repeat_interleave(bn, dim=0)[:n], bk
+        elif qt.granularity == "tensor":
+            scale = scale.reshape(1, 1).expand(n, 1)
+        elif qt.granularity == "group":
+            group = qt.block_size[1]
+        zero = qt.zero_point
+        if zero is not None and qt.granularity == "channel":
+            zero = zero.reshape(n, 1)
+        codes = pack_int4_bytes(qt.qdata) if qt.bits == 4 else qt.qdata
+    return codes, scale.contiguous(), zero, group
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as codes and scales (see the module docstring)."""
 
@@ -210,33 +234,11 @@ class QuantLinear(nn.Module):
 
     def _keep_reference_layout(self, qt: QuantizedTensor, device: torch.device) -> None:
         """Codes, scales and zero points as the reference / Triton ops take them."""
-        scale, zero = qt.scale.float(), None
-        codes = qt.qdata
-        if self.kind == "scaled":
-            scale = scale.reshape(-1, 1)
-        elif self.kind == "weight-only":
-            codes, scale, zero = self._weight_only_layout(qt, scale)
+        codes, scale, zero, self.group_size = reference_layout(qt, self.kind)
         self.register_buffer("qdata", codes.to(device), persistent=False)
-        self.register_buffer("scale", scale.contiguous().to(device), persistent=False)
+        self.register_buffer("scale", scale.to(device), persistent=False)
         self.register_buffer("zero_point", None if zero is None else zero.to(device),
                              persistent=False)
-
-    def _weight_only_layout(self, qt: QuantizedTensor, scale: torch.Tensor):
-        """Codes, [N, groups] scales and zero points in the weight_only_gemm layout."""
-        n, k = qt.shape
-        if qt.granularity == "block":  # 128x128 tiles -> per-row groups of bk columns
-            bn, bk = qt.block_size
-            scale = scale.repeat_interleave(bn, dim=0)[:n]
-            self.group_size = bk
-        elif qt.granularity == "tensor":
-            scale = scale.reshape(1, 1).expand(n, 1)
-        elif qt.granularity == "group":
-            self.group_size = qt.block_size[1]
-        zero = qt.zero_point
-        if zero is not None and qt.granularity == "channel":
-            zero = zero.reshape(n, 1)
-        codes = pack_int4_bytes(qt.qdata) if qt.bits == 4 else qt.qdata
-        return codes, scale.contiguous(), zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

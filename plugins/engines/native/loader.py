@@ -27,8 +27,11 @@ from .layers import QuantLinear, start_path_log
 
 log = logging.getLogger("q.engine")
 
-# transformers model_type values the engine is tested with (tests/test_engine_archs.py).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# transformers model_type values the engine is tested with (tests/test_engine.py,
+# tests/test_engine_moe.py).
+DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 # Checkpoint tensors the engine does not use: static activation / KV-cache scales (the engine
 # quantizes activations dynamically) and rotary tables some exporters save.
@@ -101,16 +104,37 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _find_slot(model: nn.Module, name: str):
+    """(module, attribute, is a buffer) for a checkpoint tensor, or None. Mixtral checkpoints
+    name the MoE block ``block_sparse_moe``; transformers 5 calls it ``mlp``."""
+    for candidate in (name, name.replace(".block_sparse_moe.", ".mlp.", 1)):
+        module_name, _, attr = candidate.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if attr in module._parameters or attr in module._buffers:
+            return module, attr, attr in module._buffers
+    return None
+
+
+def keeps_fp32(model: nn.Module, name: str) -> bool:
+    """transformers keeps some tensors in fp32 whatever the model dtype (DeepSeek-V3's
+    router weight and score-correction bias): so does the engine."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return any(part in name for part in keep)
+
+
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        module = None
-    if module is None or attr not in module._parameters:
+    slot = _find_slot(model, name)
+    if slot is None:
         raise CheckpointError(f"checkpoint tensor '{name}' has no place in the "
                               f"{type(model).__name__} skeleton; is config.json the right one?")
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    module, attr, is_buffer = slot
+    if is_buffer:
+        module._buffers[attr] = tensor
+    else:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
 class LoadReport:
@@ -118,10 +142,37 @@ class LoadReport:
 
     def __init__(self):
         self.quantized: dict[str, QuantLinear] = {}
+        self.experts: dict[str, nn.Module] = {}  # MoE experts modules (moe.FusedExperts)
         self.ignored: list[str] = []
         self.recipe = None
         self.format = "unquantized"
         self.dtype = torch.float32
+
+
+def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, report) -> set:
+    """Replace each MoE experts module by a FusedExperts; its entries leave ``quantized``.
+    Returns the checkpoint tensors it consumed."""
+    from .moe import build_experts, expert_modules, plan_experts
+
+    modules = expert_modules(model)
+    if not modules:
+        return set()
+    plans = plan_experts(source.path, modules, source.tensors, quantized)  # checks first
+    consumed = set()
+
+    def read(module_name):
+        if module_name in quantized:
+            names, make = quantized.pop(module_name)
+            consumed.update(names)
+            return make({n: source.read(n) for n in names})
+        consumed.add(f"{module_name}.weight")
+        return source.read(f"{module_name}.weight")
+
+    for plan in plans:
+        experts = build_experts(plan, modules[plan.module], read, acts, device, impl, dtype)
+        _set_submodule(model, plan.module, experts)
+        report.experts[plan.module] = experts
+    return consumed
 
 
 def load_model(path, *, device: torch.device, scheme: str | None = None,
@@ -159,6 +210,7 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
 
     consumed = set()
     start_path_log()
+    consumed |= _load_experts(model, source, quantized, acts, device, impl, dtype, report)
     items = list(quantized.items())
     for module, (names, make) in (progress(items, "loading quantized layers")
                                   if progress else items):
@@ -176,13 +228,15 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
         if IGNORED_TENSORS.search(name):
             report.ignored.append(name)
             continue
-        _set_tensor(model, name, source.read(name).to(dtype).to(device))
+        tensor_dtype = torch.float32 if keeps_fp32(model, name) else dtype
+        _set_tensor(model, name, source.read(name).to(tensor_dtype).to(device))
     if report.ignored:
         log.info("ignored %d tensors the engine does not use (e.g. %s)", len(report.ignored),
                  report.ignored[0])
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if missing:
         raise CheckpointError(
             f"{source.path}: the checkpoint has no tensor for {len(missing)} model parameters "
