@@ -273,12 +273,16 @@ def _free(torch) -> None:
 
 @contextlib.contextmanager
 def _capture(modules: dict, rows, keep_inputs: bool, io: dict):
-    """Record each module's input (optionally) and output at ``rows`` of a [1, L, *] call."""
+    """Record each module's input (optionally) and output at ``rows`` of a [1, L, *] call.
+    MoE experts modules take (tokens, expert ids, routing weights): all three are kept."""
     def hook(name):
         def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])
             y = output.reshape(-1, output.shape[-1])
-            io[name] = (x[rows].detach().cpu() if keep_inputs else None, y[rows].detach().cpu())
+            x = None
+            if keep_inputs:
+                x = tuple(t.reshape(-1, t.shape[-1])[rows].detach().cpu() for t in inputs)
+                x = x[0] if len(x) == 1 else x
+            io[name] = (x, y[rows].detach().cpu())
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
@@ -302,6 +306,7 @@ def _run(session, ids, prompt_ids, gen_tokens, rows, ref, budget, label, progres
         modules = {k: m for k, m in model.named_modules() if isinstance(m, nn.Linear)}
     else:
         modules = dict(session.report.quantized)
+    modules.update(getattr(session.report, "experts", {}))  # MoE experts, in both models
     out = {"logprobs": [], "argmax": [], "io": {}, "store": str(store).removeprefix("torch.")}
     if ref is None:  # norm weights, to undo SmoothQuant factors in the isolated layer errors
         out["norms"] = {n: p.detach().float().cpu() for n, p in model.named_parameters()
@@ -396,15 +401,24 @@ def _smoothing_factors(session, ref_norms: dict) -> dict:
 
 def _layer_errors(session, ref_io: dict, q_io: dict, flag_above: float,
                   factors: dict | None = None) -> list[LayerError]:
-    """Isolated and in-model errors of every QuantLinear, worst isolated first."""
+    """Isolated and in-model errors of every QuantLinear and MoE experts module (given the
+    reference's tokens and routing), worst isolated first."""
     import torch
 
     layers, factors = [], factors or {}
+    experts = getattr(session.report, "experts", {})
     with torch.inference_mode():
-        for name, layer in session.report.quantized.items():
+        for name, layer in {**session.report.quantized, **experts}.items():
             if name not in ref_io:  # the reference has no such Linear (another architecture)
                 continue
             x_ref, y_ref = ref_io[name]
+            if name in experts:
+                y_iso = layer(*(t.to(session.device) for t in x_ref)).cpu()
+                in_model = _rel(q_io[name][1], y_ref) if name in q_io else None
+                iso = _rel(y_iso, y_ref)  # named by the --ignore glob that would skip them
+                layers.append(LayerError(layer.checkpoint_pattern, iso, in_model,
+                                         not iso <= flag_above))
+                continue
             if name in factors:  # a smoothed consumer: feed it what the model feeds it
                 x_ref = (x_ref.float() / factors[name]).to(x_ref.dtype)
             y_iso = layer(x_ref.to(session.device)).cpu()

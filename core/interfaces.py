@@ -228,6 +228,7 @@ class Engine(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    moe: ClassVar[str] = ""  # which MoE models it runs and how; `q plugins` shows it
 
     def support(self, report: dict) -> list[EngineSupport]:
         """Whether this engine runs the checkpoint ``report`` (from ``q.inspect``) describes,

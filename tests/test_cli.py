@@ -79,6 +79,11 @@ def test_plugins_lists_builtins_with_owner():
     rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
     assert rows[("scheme", "fp8-block")]["distribution"] == "q-quant"
     assert rows[("format", "compressed-tensors")]["aliases"] == ["vllm", "ct", "llm-compressor"]
+    assert "Qwen3-MoE" in rows[("engine", "native")]["moe"]
+    assert "expert parallelism" in rows[("engine", "vllm")]["moe"]
+    assert rows[("scheme", "fp8-block")]["moe"] == ""
+    code, out = invoke("plugins")
+    assert code == 0 and "MoE models, per engine" in out and "DeepSeek-V3" in out
 
 
 def test_extra_args_reach_the_scheme(tiny_llama, tmp_path):

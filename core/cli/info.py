@@ -50,7 +50,8 @@ def add_commands(cli: click.Group) -> None:
                 rows.append({"kind": kind, "name": name, "aliases": list(entry.aliases),
                              "plugin": entry.owner,
                              "distribution": plugin_distribution(pm, entry.owner),
-                             "description": getattr(entry.obj, "description", "")})
+                             "description": getattr(entry.obj, "description", ""),
+                             "moe": getattr(entry.obj, "moe", "") if kind == "engine" else ""})
         if as_json:
             click.echo(json.dumps(rows, indent=1))
             return
@@ -61,6 +62,14 @@ def add_commands(cli: click.Group) -> None:
             table.add_row(r["kind"], r["name"], ", ".join(r["aliases"]),
                           f"{r['distribution']} ({r['plugin']})", r["description"])
         console().print(table)
+        engines = [r for r in rows if r["kind"] == "engine"]
+        if engines:
+            moe = Table(title="MoE models, per engine")
+            for col in ("engine", "MoE support"):
+                moe.add_column(col, overflow="fold")
+            for r in engines:
+                moe.add_row(r["name"], r["moe"] or "(the engine does not say)")
+            console().print(moe)
 
     @cli.command("default-model")
     @click.option("--refresh", is_flag=True, help="rebuild the cached directory")

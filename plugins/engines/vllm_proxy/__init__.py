@@ -31,6 +31,8 @@ class VllmEngine(Engine):
     name = "vllm"
     description = ("vLLM's OpenAI server behind q's proxy (`q serve --engine vllm`; "
                    "needs vLLM, in q's environment or at --vllm-python)")
+    moe = ("every MoE model vLLM serves, with its fused MoE kernels and expert parallelism "
+           "(`Q_VLLM_ARGS=--enable-expert-parallel q serve MODEL --engine vllm`)")
 
     def support(self, report):
         from .support import VLLM_CPU, vllm_cpu_verdict
