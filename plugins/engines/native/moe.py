@@ -154,7 +154,9 @@ def stack_experts(parts: list, name: str, acts: dict | None, device, impl: str,
     if not isinstance(parts[0], QuantizedTensor):
         weight = torch.stack(parts).to(dtype=dtype, device=device)
         w = ExpertWeights("dense", weight, None, tuple(weight.shape[1:]), len(parts))
-        return w, ("reference" if Impl(impl) is Impl.reference else "torch"), None
+        label = str(dtype).removeprefix("torch.")
+        return w, ("reference" if Impl(impl) is Impl.reference else "torch"), \
+            f"MoE experts, unquantized {label} weights -> fused_moe"
     parts = [_channel_scales(qt) for qt in parts]  # one [N, 1] scale layout per expert
     for e, qt in enumerate(parts):
         if _signature(qt) != _signature(parts[0]):
@@ -174,7 +176,12 @@ def stack_experts(parts: list, name: str, acts: dict | None, device, impl: str,
         act_dtype = _fp8_act_dtype(acts) if first.qdata.dtype in FP8_CODES else torch.int8
     w = ExpertWeights(kind, stacked[0], stacked[1], first.shape, len(parts), stacked[2],
                       first.bits, layouts[0][3], tuple(first.block_size), act_group, act_dtype)
-    return w, backend, f"MoE experts, {describe_path(kind, first, backend, why)}"
+    path = describe_path(kind, first, backend, why)
+    for op in ("fp8_block_gemm", "scaled_gemm", "weight_only_gemm"):
+        path = path.replace(f"-> {op}", "-> fused_moe")
+    path = path.replace("fp8 weights dequantized to bf16 at load: 2 bytes per weight",
+                        "fp8 experts stay fp8, dequantized when a step routes to them")
+    return w, backend, f"MoE experts, {path}"
 
 
 class FusedExperts(nn.Module):
