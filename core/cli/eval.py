@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -231,7 +232,8 @@ def add_commands(cli: click.Group) -> None:
             for note in report.notes:
                 click.echo(f"note: {note}")
             if report.suggested_ignore:
-                flags = " ".join(f"--ignore {n}" for n in report.suggested_ignore)
+                # quoted: MoE experts are named by a glob the shell would expand
+                flags = " ".join(f"--ignore {shlex.quote(n)}" for n in report.suggested_ignore)
                 click.echo(f"to keep the worst layers unquantized: q quantize ... {flags}")
             if json_path:
                 try:

@@ -149,7 +149,8 @@ class LoadReport:
         self.dtype = torch.float32
 
 
-def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, report) -> set:
+def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, report,
+                  progress=None) -> set:
     """Replace each MoE experts module by a FusedExperts; its entries leave ``quantized``.
     Returns the checkpoint tensors it consumed."""
     from .moe import build_experts, expert_modules, plan_experts
@@ -168,7 +169,7 @@ def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, rep
         consumed.add(f"{module_name}.weight")
         return source.read(f"{module_name}.weight")
 
-    for plan in plans:
+    for plan in (progress(plans, "loading MoE experts") if progress else plans):
         experts = build_experts(plan, modules[plan.module], read, acts, device, impl, dtype)
         _set_submodule(model, plan.module, experts)
         report.experts[plan.module] = experts
@@ -210,7 +211,8 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
 
     consumed = set()
     start_path_log()
-    consumed |= _load_experts(model, source, quantized, acts, device, impl, dtype, report)
+    consumed |= _load_experts(model, source, quantized, acts, device, impl, dtype, report,
+                              progress)
     items = list(quantized.items())
     for module, (names, make) in (progress(items, "loading quantized layers")
                                   if progress else items):
