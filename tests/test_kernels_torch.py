@@ -157,7 +157,27 @@ def test_fp8_weights_dequantized_at_load_match_reference(block, act_group):
 
 def test_cpu_table_names_real_kernels_for_every_m():
     kernels = {"weight_only_int8": wo.KERNELS[8], "weight_only_int4": wo.KERNELS[4],
-               "scaled_int8": ("int8pack", "int_mm")}
+               "scaled_int8": ("int8pack", "int_mm"), "dense_bf16": ("linear", "prepacked")}
     for op, names in kernels.items():
         for m in (1, 2, 16, 33, 100, 4096, 10**6):
             assert cpu_choice(op, m) in names, (op, m)
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (200, 72), (1536, 576)])
+@pytest.mark.parametrize("m", [1, 3, 40, 300])
+def test_prepacked_bf16_linear_matches_reference(n, k, m):
+    """oneDNN's prepacked bf16 Linear: within the bf16 bound of the fp32 product, and the
+    very numbers F.linear gives on the same bf16 operands (only the weight layout moved)."""
+    from q.kernels.dense_gemm.reference import dense_gemm
+    from q.kernels.dense_gemm.torch_impl import PackedLinear, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    g = gen("dense", n, k, m)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    y = PackedLinear(w, b)(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, dense_gemm(x, w, b)) < BF16_BOUND
+    assert torch.equal(y, torch.nn.functional.linear(x, w, b))

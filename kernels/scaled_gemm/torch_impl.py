@@ -68,12 +68,19 @@ class Fp8Dequantized:
     activation group (None: per token)."""
 
     def __init__(self, wq: torch.Tensor, ws: torch.Tensor, block: tuple[int, int],
-                 act_group: int | None, act_dtype: torch.dtype, out_dtype: torch.dtype):
+                 act_group: int | None, act_dtype: torch.dtype, out_dtype: torch.dtype,
+                 prepack: bool = False):
         self.weight = mul_blocks_(codes_to_float(wq), ws, block).to(out_dtype)
         self.act_group, self.act_dtype, self.out_dtype = act_group, act_dtype, out_dtype
+        self.packed = None
+        if prepack and out_dtype == torch.bfloat16:  # a weight kept for many calls
+            from ..dense_gemm.torch_impl import PackedLinear, unavailable_reason
+
+            if unavailable_reason() is None:
+                self.packed, self.weight = PackedLinear(self.weight), None
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
         xq, xs = quantized or quantize_activation(x, self.act_group, self.act_dtype)
         group = self.act_group or x.shape[1]
         a = mul_blocks_(codes_to_float(xq), xs, (1, group)).to(self.out_dtype)
-        return F.linear(a, self.weight)
+        return self.packed(a) if self.packed is not None else F.linear(a, self.weight)

@@ -6,7 +6,11 @@ For each op the engine runs on torch's built-in CPU kernels with more than one c
   for the call, bf16 GEMM);
 - ``weight_only_int4``: ``int4pack`` (``_weight_int4pack_mm_for_cpu``, group 64) or
   ``dequantize``;
-- ``scaled_int8`` (W8A8): ``int8pack`` (activation codes as bf16) or ``int_mm`` (``_int_mm``),
+- ``scaled_int8`` (W8A8): ``int8pack`` (activation codes as bf16) or ``int_mm`` (``_int_mm``);
+- ``dense_bf16`` (unquantized Linears, fp8 weights dequantized at load): ``linear``
+  (``F.linear`` on the plain bf16 weight) or ``prepacked`` (oneDNN's blocked layout, made
+  once: ``q.kernels.dense_gemm.torch_impl.PackedLinear``). The engine keeps one copy of a
+  weight, so it prepacks when this table picks ``prepacked`` at M = 1 (decode),
 
 every candidate is first checked against the fp32 reference op on each shape (relative
 error printed; a candidate off by more than 1% is dropped), then timed (median of
@@ -34,6 +38,8 @@ import torch
 from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.torch_impl import Int8Scaled
 from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.dense_gemm.reference import dense_gemm
+from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.weight_only_gemm.reference import weight_only_gemm
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
@@ -54,9 +60,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+class _Dense:
+    kernels = ("linear", "prepacked")
+
+    def __init__(self, w: torch.Tensor):
+        self.w, self.packed = w, PackedLinear(w)
+
+    def run(self, x, kernel: str):
+        return torch.nn.functional.linear(x, self.w) if kernel == "linear" else self.packed(x)
+
+
 def make_op(op: str, n: int, k: int):
     """(torch implementation, fp32 reference function of x)."""
     g = torch.Generator().manual_seed(n * 7 + k)
+    if op == "dense_bf16":
+        w = torch.randn(n, k, generator=g).bfloat16()
+        return _Dense(w), lambda x: dense_gemm(x, w)
     if op == "scaled_int8":
         wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         ws = torch.rand(n, 1, generator=g) / 100 + 1e-3
@@ -124,7 +143,7 @@ def buckets(totals: dict[int, dict[str, float]]) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--ops", default="weight_only_int8,weight_only_int4,scaled_int8")
+    ap.add_argument("--ops", default="weight_only_int8,weight_only_int4,scaled_int8,dense_bf16")
     ap.add_argument("--dry-run", action="store_true", help="do not write cpu.json")
     args = ap.parse_args()
     table = json.loads(CONFIG.read_text()) if CONFIG.exists() else {}

@@ -224,7 +224,7 @@ class QuantLinear(nn.Module):
             block = qt.block_size if self.kind == "block" else \
                 ((1, self.in_features) if qt.granularity == "channel" else qt.shape)
             return Fp8Dequantized(qt.qdata, qt.scale, tuple(block), self.act_group,
-                                  self.act_dtype, dtype)
+                                  self.act_dtype, dtype, prepack=True)
         group = self.in_features if qt.granularity == "channel" else qt.block_size[1]
         zero = qt.zero_point
         if zero is not None and qt.granularity == "channel":

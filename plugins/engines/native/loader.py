@@ -23,6 +23,7 @@ from q.source import ModelSource, model_dtype
 
 from .attention import DENSE_ATTR
 from .attention import register as register_attention
+from .dense import pack_dense_linears
 from .layers import QuantLinear, start_path_log
 
 log = logging.getLogger("q.engine")
@@ -143,6 +144,7 @@ class LoadReport:
     def __init__(self):
         self.quantized: dict[str, QuantLinear] = {}
         self.experts: dict[str, nn.Module] = {}  # MoE experts modules (moe.FusedExperts)
+        self.packed = 0  # unquantized bf16 Linears prepacked for oneDNN (dense.py)
         self.ignored: list[str] = []
         self.recipe = None
         self.format = "unquantized"
@@ -244,4 +246,5 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
             f"{source.path}: the checkpoint has no tensor for {len(missing)} model parameters "
             f"(first: {', '.join(missing[:3])}); is it complete?")
     model.to(device)
+    report.packed = pack_dense_linears(model, device, dtype, impl)
     return model, source, report
