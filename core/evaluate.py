@@ -303,7 +303,8 @@ def _run(session, ids, prompt_ids, gen_tokens, rows, ref, budget, label, progres
     vocab = model.get_output_embeddings().out_features
     store = torch.float32 if n * (length - 1) * vocab * 4 <= budget else torch.float16
     if ref is None:  # the reference: hook every Linear, the quantized twin is not known yet
-        modules = {k: m for k, m in model.named_modules() if isinstance(m, nn.Linear)}
+        modules = {k: m for k, m in model.named_modules()
+                   if isinstance(m, nn.Linear) or getattr(m, "replaces_linear", False)}
     else:
         modules = dict(session.report.quantized)
     modules.update(getattr(session.report, "experts", {}))  # MoE experts, in both models

@@ -26,6 +26,8 @@ log = logging.getLogger("q.engine")
 class PackedDenseLinear(nn.Module):
     """Drop-in for a bf16 ``nn.Linear``, its weight prepacked for oneDNN."""
 
+    replaces_linear = True  # q eval hooks it as the Linear it stands for
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
