@@ -19,8 +19,8 @@ import torch
 
 from .errors import CheckpointError
 
-# (checkpoint container, gate, up, down) per naming family
-_FAMILIES = (("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+# (checkpoint container, gate, up, down) per naming family; the engine reads them too
+FAMILIES = (("mlp.experts", "gate_proj", "up_proj", "down_proj"),
              ("block_sparse_moe.experts", "w1", "w3", "w2"))
 _FUSED = re.compile(r"^(?P<layer>.+)\.mlp\.experts\.(?P<which>gate_up_proj|down_proj)$")
 
@@ -40,7 +40,7 @@ def fused_expert_tensor(source, name: str, shape: tuple[int, ...]) -> torch.Tens
     if match is None or len(shape) != 3:
         return None
     layer, which, experts = match["layer"], match["which"], shape[0]
-    for container, gate, up, down in _FAMILIES:
+    for container, gate, up, down in FAMILIES:
         prefix = f"{layer}.{container}"
         if f"{prefix}.0.{gate}.weight" not in source.tensors:
             continue

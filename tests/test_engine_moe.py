@@ -59,9 +59,9 @@ def quantize(model, scheme_id, out):
     scheme, args = SCHEMES[scheme_id]
     if scheme != "smoothquant":
         return q.quantize(model, scheme, out, args=args, progress=False).output
-    text = out.parent / "calib.txt"
-    g = torch.Generator().manual_seed(0)
-    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 510, (6000,), generator=g)))
+    from .test_smoothquant import calib_text
+
+    text = calib_text(out.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return q.quantize(model, scheme, out, calib=str(text), calib_samples=4,

@@ -30,7 +30,8 @@ import torch
 
 from .. import Impl
 from ..dispatch import use_triton
-from . import reference
+from . import reference, torch_impl
+from .reference import route
 
 KINDS = ("dense", "weight-only", "scaled", "block")
 
@@ -78,20 +79,6 @@ class ExpertWeights:
                                                                torch.float8_e5m2)
 
 
-def route(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
-    """(``order``: the flat (token, slot) pairs sorted by expert, stably; ``offsets``: expert
-    ``e``'s rows are ``order[offsets[e]:offsets[e + 1]]``). Pair ``p`` is token
-    ``p // top_k``."""
-    flat = topk_ids.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
-        raise ValueError(f"expert ids must be in [0, {num_experts}), got "
-                         f"{int(flat.min())}..{int(flat.max())}")
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = [0] + torch.cumsum(counts, 0).tolist()
-    return order, offsets
-
-
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               gate_up: ExpertWeights, down: ExpertWeights, *, intermediate: int,
               up_offset: int | None = None, act_fn=torch.nn.functional.silu,
@@ -110,10 +97,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
                       act_fn)
     use_cpu = Impl(impl) is not Impl.reference and gate_up.cpu_kernels is not None \
         and down.cpu_kernels is not None
-    if use_cpu:
-        from .torch_impl import expert_gemm
-    else:
-        expert_gemm = reference.expert_gemm
+    expert_gemm = torch_impl.expert_gemm if use_cpu else reference.expert_gemm
     return reference.moe(x, topk_ids, topk_weights, gate_up, down, intermediate, up_offset,
                          act_fn, expert_gemm)
 

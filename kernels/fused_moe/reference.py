@@ -40,12 +40,24 @@ def _slice(quantized, span: slice):
     return None if quantized is None else (quantized[0][span], quantized[1][span])
 
 
+def route(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """(``order``: the flat (token, slot) pairs sorted by expert, stably; ``offsets``: expert
+    ``e``'s rows are ``order[offsets[e]:offsets[e + 1]]``). Pair ``p`` is token
+    ``p // top_k``."""
+    flat = topk_ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(f"expert ids must be in [0, {num_experts}), got "
+                         f"{int(flat.min())}..{int(flat.max())}")
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = [0] + torch.cumsum(counts, 0).tolist()
+    return order, offsets
+
+
 def moe(x, topk_ids, topk_weights, gate_up, down, intermediate: int, up_offset: int, act_fn,
         gemm=expert_gemm) -> torch.Tensor:
     """The algorithm of :func:`q.kernels.fused_moe.fused_moe`, with ``gemm`` running one
     expert's rows (this module's :func:`expert_gemm`, or a faster one)."""
-    from . import route
-
     tokens_in, hidden = x.shape
     top_k = topk_ids.shape[1]
     order, offsets = route(topk_ids, gate_up.num_experts)

@@ -170,7 +170,6 @@ def main() -> None:
         tokens = args.tokens or [1, 16, 64, 1024]
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(torch.get_num_threads())
         name = f"CPU, {torch.get_num_threads()} threads"
         layers = args.layer or (["tiny"] if args.cpu_smoke else ["qwen3-30b-a3b"])
         tokens = args.tokens or ([1, 9] if args.cpu_smoke else [1, 16, 256])

@@ -3,8 +3,8 @@
 ``lm_head``, Linears ``--ignore`` kept, the layers of an unquantized model and (via
 QuantLinear) fp8 weights dequantized at load are plain bf16 matrices. The engine reorders
 each once at load into oneDNN's blocked layout
-(:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only that copy: 1.5-3x
-faster than ``F.linear`` on the plain weight at decode sizes, never slower at large M, on
+(:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only that copy: 1.8-2.5x
+faster than ``F.linear`` on the plain weight at M <= 4, never slower up to M = 512, on
 this project's CPU (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``, table in
 docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice). The products are the
 very numbers ``F.linear`` gives (tests/test_kernels_torch.py checks them equal): speed

@@ -139,21 +139,27 @@ def choose_backend(kind: str, qt: QuantizedTensor, device: torch.device, impl: s
     return "reference", reason
 
 
-def describe_path(kind: str, qt: QuantizedTensor, backend: str, why: str) -> str:
+OPS = {"block": "fp8_block_gemm", "scaled": "scaled_gemm", "weight-only": "weight_only_gemm"}
+
+
+def describe_path(kind: str, qt: QuantizedTensor, backend: str, why: str,
+                  op: str | None = None) -> str:
+    """The log line of a layer's path; ``op`` names the op when it is not the dense one
+    (MoE experts: ``fused_moe``, whose fp8 experts stay fp8 on CPU)."""
     fp8 = qt.qdata.dtype in FP8_CODES
     label = {
         "block": f"fp8 {qt.block_size[0]}x{qt.block_size[1]} blocks, dynamic per-token-group "
-                 f"fp8 activations -> fp8_block_gemm",
+                 "fp8 activations",
         "scaled": f"{qt.qdtype} per-{qt.granularity} weights, dynamic per-token "
-                  f"{'fp8' if fp8 else 'int8'} activations -> scaled_gemm",
-        "weight-only": f"{qt.qdtype} per-{qt.granularity} weights, weight-only -> "
-                       "weight_only_gemm",
+                  f"{'fp8' if fp8 else 'int8'} activations",
+        "weight-only": f"{qt.qdtype} per-{qt.granularity} weights, weight-only",
     }[kind]
     path = {"triton": "Triton kernel", "torch": "torch built-in kernels",
             "reference": "torch reference in fp32"}[backend]
     if backend == "torch" and fp8:
-        path += " (fp8 weights dequantized to bf16 at load: 2 bytes per weight)"
-    return f"{label}: {path} ({why})"
+        path += (" (fp8 weights dequantized to bf16 at load: 2 bytes per weight)" if op is None
+                 else " (fp8 experts stay fp8, dequantized when a step routes to them)")
+    return f"{label} -> {op or OPS[kind]}: {path} ({why})"
 
 
 def reference_layout(qt: QuantizedTensor, kind: str):

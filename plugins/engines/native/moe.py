@@ -25,6 +25,7 @@ import torch
 from q.errors import CheckpointError, IncompatibleError
 from q.kernels import Impl
 from q.kernels.fused_moe import ExpertWeights, fused_moe
+from q.moe_experts import FAMILIES
 from q.tensor import QuantizedTensor
 from torch import nn
 
@@ -40,9 +41,6 @@ from .layers import (
 
 log = logging.getLogger("q.engine")
 
-# (checkpoint container under the decoder layer, gate, up, down)
-FAMILIES = (("mlp.experts", "gate_proj", "up_proj", "down_proj"),
-            ("block_sparse_moe.experts", "w1", "w3", "w2"))
 ROLES = ("gate", "up", "down")
 
 
@@ -176,11 +174,7 @@ def stack_experts(parts: list, name: str, acts: dict | None, device, impl: str,
         act_dtype = _fp8_act_dtype(acts) if first.qdata.dtype in FP8_CODES else torch.int8
     w = ExpertWeights(kind, stacked[0], stacked[1], first.shape, len(parts), stacked[2],
                       first.bits, layouts[0][3], tuple(first.block_size), act_group, act_dtype)
-    path = describe_path(kind, first, backend, why)
-    for op in ("fp8_block_gemm", "scaled_gemm", "weight_only_gemm"):
-        path = path.replace(f"-> {op}", "-> fused_moe")
-    path = path.replace("fp8 weights dequantized to bf16 at load: 2 bytes per weight",
-                        "fp8 experts stay fp8, dequantized when a step routes to them")
+    path = describe_path(kind, first, backend, why, op="fused_moe")
     return w, backend, f"MoE experts, {path}"
 
 
