@@ -86,6 +86,7 @@ class NativeEngine(Engine):
         default 0.2, never more than ``max_batch`` full contexts)."""
         from q.modeling import load_tokenizer
 
+        from .attention import decode_kernel
         from .kv_cache import KVCache, bytes_per_token, cache_blocks, cache_geometry
         from .loader import load_model
         from .session import NativeSession
@@ -116,7 +117,8 @@ class NativeEngine(Engine):
         return NativeSession(model, tokenizer, device=dev, context_length=context,
                              eos_token_ids=_eos_ids(source.path, tokenizer), cache=cache,
                              max_batch=max_batch, max_step_tokens=max_step_tokens,
-                             name=source.path.name, report=report)
+                             name=source.path.name, report=report,
+                             decode_kernel=decode_kernel(dev, report.dtype, impl))
 
 
 @q.hookimpl

@@ -11,7 +11,10 @@ values into the engine's block cache (:mod:`.kv_cache`) and computes attention:
   prompt's logits are the ones transformers computes;
 - every other sequence (a decode token, a later chunk of a long prompt) attends over its
   cache blocks, gathered whole into a padded batch once per layer (64-token blocks copy at
-  close to memcpy speed), in one SDPA call: no Python loop over requests.
+  close to memcpy speed), in one SDPA call: no Python loop over requests;
+- except that a step of decode tokens only (one query per sequence) on a CPU goes to the
+  C++ kernel of :mod:`q.kernels.paged_attention`, which reads the blocks where they lie
+  (:func:`decode_kernel` decides once per load, and logs why when it cannot).
 
 One forward pass carries every scheduled sequence as one row of packed tokens, so a step's
 GEMMs see all of its tokens at once. transformers builds no mask for an implementation it
@@ -21,11 +24,14 @@ does not know; masks here are the engine's own.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("q.engine")
 
 IMPLEMENTATION = "q_paged"
 DENSE_ATTR = "_q_dense_attention"  # on the model config: what transformers would have used
@@ -44,6 +50,12 @@ class PagedBatch:
     #                                   both None when every sequence brings one token
     block_size: int
     masks: dict = field(default_factory=dict)  # sliding window (or None) -> [B, 1, maxq, L]
+    decode_kernel: object = None  # paged_decode(q, k, v, tables, lengths, ...) or None
+
+    @functools.cached_property
+    def lengths(self) -> torch.Tensor:
+        """Keys each sequence's single query sees (one query per sequence)."""
+        return self.query_pos[:, 0] + 1
 
     def mask(self, window: int | None) -> torch.Tensor:
         """Which gathered keys each query sees: causal, within its sequence, and within the
@@ -70,6 +82,14 @@ class AttentionBatch:
     fresh: list[tuple[int, int]]  # (first row, length) of each prompt starting at position 0
     paged: PagedBatch | None
 
+    @functools.cached_property
+    def slot_blocks(self) -> torch.Tensor:
+        return self.slot_mapping // self.cache.block_size
+
+    @functools.cached_property
+    def slot_offsets(self) -> torch.Tensor:
+        return self.slot_mapping % self.cache.block_size
+
 
 def paged_attention(module, query, key, value, attention_mask=None, *, scaling=None,
                     dropout=0.0, sliding_window=None, softcap=None, q_batch=None, **kwargs):
@@ -82,8 +102,7 @@ def paged_attention(module, query, key, value, attention_mask=None, *, scaling=N
     k_cache, v_cache = b.cache.layer(module.layer_idx)
     heads, n, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads, value_dim = key.shape[1], value.shape[3]  # MLA: values are narrower than keys
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, b.slot_mapping,
-                                                key[0].transpose(0, 1).to(k_cache.dtype))
+    k_cache[b.slot_blocks, :, :, b.slot_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
     v_cache.view(-1, kv_heads, value_dim).index_copy_(
         0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
     if not b.fresh:  # decode-only and continued chunks: one paged call for the whole step
@@ -108,10 +127,14 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
     """Attention of ``q [Np, H, d]`` over each sequence's gathered cache blocks."""
     batch, nblk = p.blocks.shape
     heads, dim = q.shape[1], q.shape[2]
-    kv_heads, value_dim = k_cache.shape[-2], v_cache.shape[-1]
+    if p.decode_kernel is not None and p.query_index is None:
+        return p.decode_kernel(q, k_cache, v_cache, p.blocks, p.lengths,
+                               dim ** -0.5 if scaling is None else scaling, window, softcap)
+    kv_heads, value_dim = v_cache.shape[-2], v_cache.shape[-1]
     length = nblk * p.block_size
     index = p.blocks.reshape(-1)
-    keys = k_cache.index_select(0, index).view(batch, length, kv_heads, dim).transpose(1, 2)
+    keys = k_cache.index_select(0, index).view(batch, nblk, kv_heads, dim, p.block_size) \
+        .permute(0, 2, 1, 4, 3).reshape(batch, kv_heads, length, dim)
     values = v_cache.index_select(0, index).view(batch, length, kv_heads, value_dim) \
         .transpose(1, 2)
     if p.query_index is None:
@@ -172,6 +195,25 @@ def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
     if window:
         mask &= pos[None, :] > pos[:, None] - window
     return mask[None, None]
+
+
+def decode_kernel(device: torch.device, dtype: torch.dtype, impl: str):
+    """The paged decode-attention kernel this load uses, or None (gather + SDPA), logged
+    once: the C++ kernel on a CPU with ``impl="auto"`` where it builds."""
+    from q.kernels.paged_attention import cpp_impl
+
+    if device.type != "cpu":
+        why = "not a CPU"
+    elif impl != "auto":
+        why = f"impl={impl} keeps torch's own attention"
+    else:
+        why = cpp_impl.unavailable_reason(dtype)
+    if why is None:
+        log.info("decode attention: C++ paged kernel, reading KV-cache blocks in place")
+        return cpp_impl.paged_decode
+    log.info("decode attention: cache blocks gathered for SDPA (the C++ paged kernel does "
+             "not run: %s)", why)
+    return None
 
 
 @functools.cache

@@ -17,10 +17,11 @@ from .scheduler import Step
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device: torch.device):
+    def __init__(self, model, cache: KVCache, device: torch.device, decode_kernel=None):
         self.model = model
         self.cache = cache
         self.device = device
+        self.decode_kernel = decode_kernel  # see attention.decode_kernel
 
     def prepare(self, step: Step) -> tuple[dict, list]:
         """The model's keyword arguments for ``step``, and the sequences whose logits come
@@ -67,7 +68,8 @@ class ModelRunner:
             index = index.masked_fill(index < 0, len(rows))
         return PagedBatch(rows=None if every_row else t(rows), blocks=t(tables),
                           query_pos=t(query_pos), query_index=index,
-                          unpad_index=None if maxq == 1 else t(unpad), block_size=bs)
+                          unpad_index=None if maxq == 1 else t(unpad), block_size=bs,
+                          decode_kernel=self.decode_kernel)
 
     @torch.inference_mode()
     def run(self, step: Step) -> tuple[torch.Tensor, list]:

@@ -1,0 +1,215 @@
+// Decode attention over a paged KV cache, for CPUs: one query token per sequence attends
+// over its own cache blocks, read in place (no gather into a padded batch).
+//
+// Built on first use by cpp_impl.py with the machine's C++ compiler (-O3 -march=native
+// -fopenmp) and called through ctypes; no torch headers, so it compiles in about a second.
+// The OpenMP runtime is the one torch already loaded (same soname), so torch's threads and
+// these are one pool.
+//
+// Layouts (all contiguous):
+//   q       [B, H, D]                 queries of the step, one per sequence
+//   k_cache [blocks, kvH, D, bs]      one layer's keys, positions innermost
+//   v_cache [blocks, bs, kvH, DV]     one layer's values (MLA: DV != D)
+//   tables  [B, nblk] int64           each sequence's blocks, position p in block p / bs
+//   lengths [B] int64                 keys a sequence's query sees: positions [0, len)
+//   out     [B, H, DV] float32
+// The H query heads share kvH key/value heads in groups of H / kvH (grouped-query
+// attention); each (sequence, KV head) pair is one unit of work and reads its keys and
+// values once for the whole group. Scores, softmax and the weighted sum run in fp32.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {  // bf16: the high half of an fp32
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// exp for x <= 0 (scores minus their maximum), vectorizable (libm's expf is not, without
+// -ffast-math): exp(x) = 2^k exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor
+// polynomial to degree 7 (relative error below 2e-7, about 2 ulp); below -87 it gives ~1e-38
+// where the exact value is as negligible.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+constexpr int64_t LANES = 16;  // positions per accumulator (one AVX-512 register of fp32)
+
+// part[j][t] = q[j] . key[t] for the padded query heads j and the bs positions t of one
+// block, R heads at a time; bs is a multiple of LANES (the engine's blocks are 64)
+template <int R>
+void block_scores(const float* q, const float* tile, float* part, int64_t heads, int64_t D,
+                  int64_t bs) {
+  for (int64_t j0 = 0; j0 < heads; j0 += R) {
+    for (int64_t t0 = 0; t0 < bs; t0 += LANES) {
+      float acc[R][LANES] = {};
+      for (int64_t i = 0; i < D; ++i) {
+        const float* k = tile + i * bs + t0;
+        for (int r = 0; r < R; ++r) {
+          const float qi = q[(j0 + r) * D + i];
+#pragma omp simd
+          for (int64_t l = 0; l < LANES; ++l) acc[r][l] += qi * k[l];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        std::memcpy(part + (j0 + r) * bs + t0, acc[r], sizeof acc[r]);
+    }
+  }
+}
+
+// acc[j][:] = sum over the n positions t of w[j][t] * value[t][:], R heads at a time and
+// 16 value dimensions per accumulator: one value load feeds R multiply-adds
+template <int R, typename T>
+void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_t first,
+                  int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs, int64_t heads,
+                  float* acc) {
+  for (int64_t j0 = 0; j0 < heads; j0 += R) {
+    for (int64_t d0 = 0; d0 < DV; d0 += LANES) {
+      const int64_t width = std::min(LANES, DV - d0);
+      float a[R][LANES] = {};
+      float v[LANES] = {};
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t p = first + t;
+        const T* src = v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV + d0;
+        if (width == LANES)
+          load_row(src, v, LANES);
+        else
+          for (int64_t l = 0; l < width; ++l) v[l] = to_float(src[l]);
+        for (int r = 0; r < R; ++r) {
+          const float wr = w[(j0 + r) * n + t];
+#pragma omp simd
+          for (int64_t l = 0; l < LANES; ++l) a[r][l] += wr * v[l];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        std::memcpy(acc + (j0 + r) * DV + d0, a[r], sizeof(float) * width);
+    }
+  }
+}
+
+template <typename T>
+void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+            const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t kvH, int64_t D,
+            int64_t DV, int64_t nblk, int64_t bs, int64_t window, float scale, float softcap,
+            int threads) {
+  const int64_t group = H / kvH;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t unit = 0; unit < B * kvH; ++unit) {
+    const int64_t b = unit / kvH, h = unit % kvH;
+    const int64_t len = lengths[b];
+    const int64_t first = (window > 0 && len > window) ? len - window : 0;
+    const int64_t n = len - first;
+    float* o = out + (b * H + h * group) * DV;
+    if (n <= 0) {
+      std::memset(o, 0, sizeof(float) * group * DV);
+      continue;
+    }
+    // query heads are scored R at a time (R = 4, or the group when it is 1 or 2): the
+    // group is padded with zero queries to a multiple of R, whose scores are dropped
+    const int64_t rows = group >= 3 ? 4 : group;
+    const int64_t padded = (group + rows - 1) / rows * rows;
+    std::vector<float> qf(padded * D, 0.f), tile(D * bs), part(padded * bs),
+        scores(padded * n, 0.f), acc(padded * DV), peak(group, -INFINITY), total(group, 0.f);
+    for (int64_t j = 0; j < group; ++j) {
+      load_row(q + (b * H + h * group + j) * D, qf.data() + j * D, D);
+      for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
+    }
+    // scores, a block at a time: the block's keys for this head are [D][bs] (positions
+    // innermost), so each query dimension is a broadcast multiply-add over 16 positions (no
+    // horizontal sums), for R query heads at once (one key load feeds R accumulators);
+    // positions outside [first, len) are computed and dropped
+    const int64_t* table = tables + b * nblk;
+    for (int64_t blk = first / bs; blk * bs < len; ++blk) {
+      load_row(k_cache + (table[blk] * kvH + h) * D * bs, tile.data(), D * bs);
+      const int64_t lo = std::max(first, blk * bs) - blk * bs;
+      const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
+      if (rows == 4)
+        block_scores<4>(qf.data(), tile.data(), part.data(), padded, D, bs);
+      else if (rows == 2)
+        block_scores<2>(qf.data(), tile.data(), part.data(), padded, D, bs);
+      else
+        block_scores<1>(qf.data(), tile.data(), part.data(), padded, D, bs);
+      for (int64_t j = 0; j < group; ++j) {
+        float* sj = scores.data() + j * n + blk * bs - first;
+        const float* pj = part.data() + j * bs;
+        for (int64_t t = lo; t < hi; ++t) {
+          float s = pj[t];
+          if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+          sj[t] = s;
+          if (s > peak[j]) peak[j] = s;
+        }
+      }
+    }
+    for (int64_t j = 0; j < group; ++j) {
+      float* sj = scores.data() + j * n;
+      const float top = peak[j];
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        sj[t] = exp_nonpositive(sj[t] - top);
+        sum += sj[t];
+      }
+      total[j] = sum;
+    }
+    if (rows == 4)
+      weighted_sum<4>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+                      acc.data());
+    else if (rows == 2)
+      weighted_sum<2>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+                      acc.data());
+    else
+      weighted_sum<1>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+                      acc.data());
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t i = 0; i < DV; ++i) o[j * DV + i] = acc[j * DV + i] / total[j];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = float32, 1 = bfloat16 (q and both caches share it). Returns 0.
+int q_paged_decode(int dtype, const void* q, const void* k_cache, const void* v_cache,
+                   const int64_t* tables, const int64_t* lengths, float* out, int64_t B,
+                   int64_t H, int64_t kvH, int64_t D, int64_t DV, int64_t nblk, int64_t bs,
+                   int64_t window, float scale, float softcap, int threads) {
+  if (dtype == 1)
+    decode(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_cache),
+           static_cast<const uint16_t*>(v_cache), tables, lengths, out, B, H, kvH, D, DV,
+           nblk, bs, window, scale, softcap, threads);
+  else
+    decode(static_cast<const float*>(q), static_cast<const float*>(k_cache),
+           static_cast<const float*>(v_cache), tables, lengths, out, B, H, kvH, D, DV, nblk,
+           bs, window, scale, softcap, threads);
+  return 0;
+}
+
+}
