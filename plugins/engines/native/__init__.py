@@ -109,9 +109,10 @@ class NativeEngine(Engine):
                               largest_request=max_batch * context)
         cache = KVCache(layers=layers, blocks=blocks, kv_heads=kv_heads, head_dim=head_dim,
                         value_dim=value_dim, dtype=report.dtype, device=dev)
-        log.info("loaded %s (%s, %d quantized Linears, %d MoE expert modules, %s compute) on %s "
-                 "in %.1f s; KV cache %d tokens (%.0f MiB)", source.path, report.format,
-                 len(report.quantized), len(report.experts),
+        log.info("loaded %s (%s, %d quantized Linears, %d groups of sibling projections fused, "
+                 "%d MoE expert modules, %s compute) on %s in %.1f s; KV cache %d tokens "
+                 "(%.0f MiB)", source.path, report.format, len(report.quantized),
+                 report.fused, len(report.experts),
                  str(report.dtype).removeprefix("torch."), dev, time.perf_counter() - start,
                  cache.tokens, cache.nbytes / 2**20)
         return NativeSession(model, tokenizer, device=dev, context_length=context,

@@ -20,6 +20,8 @@ from torch import nn
 
 from q.kernels.dense_gemm.torch_impl import PackedLinear, unavailable_reason
 
+from .fused import install, sibling_groups
+
 log = logging.getLogger("q.engine")
 
 
@@ -28,11 +30,10 @@ class PackedDenseLinear(nn.Module):
 
     replaces_linear = True  # q eval hooks it as the Linear it stands for
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach()
-        self.fast = PackedLinear(linear.weight.detach(), bias)
+        self.out_features, self.in_features = weight.shape
+        self.fast = PackedLinear(weight.detach(), None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fast(x.reshape(-1, self.in_features))
@@ -43,10 +44,11 @@ class PackedDenseLinear(nn.Module):
 
 
 def pack_dense_linears(model: nn.Module, device: torch.device, dtype: torch.dtype,
-                       impl: str) -> int:
-    """Replace every bf16 ``nn.Linear`` of ``model`` on a CPU; returns how many."""
+                       impl: str) -> tuple[int, int]:
+    """Replace every bf16 ``nn.Linear`` of ``model`` on a CPU, sibling projections fused;
+    returns (Linears replaced, fused groups)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or impl == "reference":
-        return 0
+        return 0, 0
     from q.kernels.configs import cpu_choice
 
     reason = unavailable_reason()
@@ -57,14 +59,29 @@ def pack_dense_linears(model: nn.Module, device: torch.device, dtype: torch.dtyp
     targets = [name for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
     if not targets:
-        return 0
+        return 0, 0
     if reason is not None:
         log.info("unquantized Linears: F.linear (%s)", reason)
-        return 0
+        return 0, 0
+    fused = 0
+    for parent, children in sibling_groups(targets):  # q/k/v and gate/up: one GEMM each
+        linears = [getattr(model.get_submodule(parent), c) for c in children]
+        biases = [m.bias for m in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(m.out_features, dtype=m.weight.dtype) if b is None else b.detach()
+             for m, b in zip(linears, biases)])
+        widths = [m.out_features for m in linears]
+        layer = PackedDenseLinear(torch.cat([m.weight.detach() for m in linears]), bias)
+        del linears, biases
+        install(model, parent, children, layer, widths, layer.in_features)
+        fused += 1
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedDenseLinear(getattr(parent, child)))
-    log.info("unquantized bf16 Linears (%d, first: %s): oneDNN prepacked weights", len(targets),
-             targets[0])
-    return len(targets)
+        linear = getattr(parent, child)
+        if type(linear) is nn.Linear:  # not already a fused part
+            setattr(parent, child, PackedDenseLinear(linear.weight, linear.bias))
+    log.info("unquantized bf16 Linears (%d, first: %s): oneDNN prepacked weights; %d groups "
+             "of sibling projections fused into one GEMM each", len(targets), targets[0],
+             fused)
+    return len(targets), fused

@@ -24,6 +24,7 @@ from q.source import ModelSource, model_dtype
 from .attention import DENSE_ATTR
 from .attention import register as register_attention
 from .dense import pack_dense_linears
+from .fused import install, sibling_groups, stack_quantized
 from .layers import QuantLinear, start_path_log
 
 log = logging.getLogger("q.engine")
@@ -145,6 +146,7 @@ class LoadReport:
         self.quantized: dict[str, QuantLinear] = {}
         self.experts: dict[str, nn.Module] = {}  # MoE experts modules (moe.FusedExperts)
         self.packed = 0  # unquantized bf16 Linears prepacked for oneDNN (dense.py)
+        self.fused = 0  # groups of sibling projections run as one GEMM (fused.py)
         self.ignored: list[str] = []
         self.recipe = None
         self.format = "unquantized"
@@ -176,6 +178,46 @@ def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, rep
         _set_submodule(model, plan.module, experts)
         report.experts[plan.module] = experts
     return consumed
+
+
+def fusable_groups(modules, device: torch.device, impl: str) -> dict[str, tuple]:
+    """module -> (parent, children) for the sibling projections fused on this load: on a
+    CPU with torch's kernels (``impl`` auto or torch); the reference keeps one layer per
+    projection, as the checkpoint has them."""
+    if device.type != "cpu" or impl not in ("auto", "torch"):
+        return {}
+    return {f"{parent}.{c}": (parent, children)
+            for parent, children in sibling_groups(modules) for c in children}
+
+
+def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype,
+                 report) -> None:
+    """One QuantLinear for the stacked projections where their layouts stack and torch's
+    kernels run the result; else one per projection, as unfused."""
+    names = [f"{parent}.{c}" for c in children]
+    qts = [parts[n][0] for n in names]
+    biases = [parts[n][1] for n in names]
+    stacked = stack_quantized(qts)
+    layer = None
+    if stacked is not None:
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(t.shape[0], dtype=dtype) if b is None else b
+             for t, b in zip(qts, biases)])
+        layer = QuantLinear(stacked, acts, bias, device, impl,
+                            name=f"{parent}.{'+'.join(children)}", dtype=dtype)
+        if layer.backend != "torch":
+            layer = None
+    if layer is None:
+        for name, qt, bias in zip(names, qts, biases):
+            single = QuantLinear(qt, acts, bias, device, impl, name=name, dtype=dtype)
+            _set_submodule(model, name, single)
+            report.quantized[name] = single
+        return
+    installed = install(model, parent, children, layer, [t.shape[0] for t in qts],
+                        qts[0].shape[1])
+    for name, part in zip(names, installed):
+        report.quantized[name] = part
+    report.fused += 1
 
 
 def load_model(path, *, device: torch.device, scheme: str | None = None,
@@ -216,16 +258,26 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
     consumed |= _load_experts(model, source, quantized, acts, device, impl, dtype, report,
                               progress)
     items = list(quantized.items())
+    fusing = fusable_groups(quantized, device, impl)
+    pending: dict[tuple, dict] = {}  # (parent, children) -> {module: (qt, bias)} so far
     for module, (names, make) in (progress(items, "loading quantized layers")
                                   if progress else items):
         qt = make({n: source.read(n) for n in names})
         bias_name = f"{module}.bias"
         bias = source.read(bias_name).to(dtype) if bias_name in source.tensors else None
+        consumed.update(names)
+        consumed.add(bias_name)
+        if module in fusing:
+            parent, children = fusing[module]
+            parts = pending.setdefault((parent, children), {})
+            parts[module] = (qt, bias)
+            if len(parts) == len(children):
+                _build_fused(model, parent, children, parts, acts, device, impl, dtype,
+                             report)
+            continue
         layer = QuantLinear(qt, acts, bias, device, impl, name=module, dtype=dtype)
         _set_submodule(model, module, layer)
         report.quantized[module] = layer
-        consumed.update(names)
-        consumed.add(bias_name)
     for name in source.names():
         if name in consumed:
             continue
@@ -246,5 +298,6 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
             f"{source.path}: the checkpoint has no tensor for {len(missing)} model parameters "
             f"(first: {', '.join(missing[:3])}); is it complete?")
     model.to(device)
-    report.packed = pack_dense_linears(model, device, dtype, impl)
+    report.packed, fused = pack_dense_linears(model, device, dtype, impl)
+    report.fused += fused
     return model, source, report
