@@ -69,6 +69,9 @@ def test_fused_engine_matches_unfused(tiny_llama, monkeypatch, label, scheme, ar
     path = tiny_llama(layers=2)
     fused = q.load_engine(path, scheme=scheme, args=args, dtype="bfloat16")
     attn = fused.model.model.layers[0].self_attn
+    if scheme == "w8a8-int8":  # int8 W8A8 stays unfused (measured slower fused)
+        assert not isinstance(attn.q_proj, FusedPart) and fused.report.fused == 0
+        return
     assert isinstance(attn.q_proj, FusedPart) and attn.q_proj.group is attn.v_proj.group
     assert isinstance(fused.model.model.layers[1].mlp.up_proj, FusedPart)
     with monkeypatch.context() as m:

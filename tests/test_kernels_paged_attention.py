@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from q.kernels import cpp_build
 from q.kernels.paged_attention import cpp_impl, reference
 
 BS = 16  # small blocks: a sequence spans several, and lengths fall on and off their edges
@@ -110,7 +111,7 @@ def test_engine_logs_its_decode_path(monkeypatch, caplog):
         assert decode_kernel(cpu, torch.bfloat16, "reference") is None
     assert "C++ paged kernel" in caplog.text and "impl=reference" in caplog.text
     monkeypatch.setenv("Q_NO_CPP_KERNELS", "1")
-    cpp_impl._library.cache_clear()
+    _clear_caches()
     try:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="q.engine"):
@@ -118,7 +119,12 @@ def test_engine_logs_its_decode_path(monkeypatch, caplog):
         assert "Q_NO_CPP_KERNELS is set" in caplog.text
     finally:
         monkeypatch.delenv("Q_NO_CPP_KERNELS")
-        cpp_impl._library.cache_clear()
+        _clear_caches()
+
+
+def _clear_caches():
+    cpp_impl._library.cache_clear()
+    cpp_build.load.cache_clear()
 
 
 def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path):
@@ -129,13 +135,13 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("Q_CACHE_DIR", str(tmp_path / "cache"))
-    cpp_impl._library.cache_clear()
+    _clear_caches()
     try:
         why = cpp_impl.unavailable_reason()
         assert why and "broken-c++ failed" in why and "cannot compile" in why
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
     finally:
-        cpp_impl._library.cache_clear()
+        _clear_caches()
 
 
 @pytest.mark.parametrize("dtype,steps", [("float32", 12), ("bfloat16", 2)])

@@ -102,6 +102,24 @@ def test_weight_only_int4_kernels_match_reference(n, k, group, asym):
             assert rel_err(impl.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
 
 
+@pytest.mark.parametrize("n,k,group,asym", [
+    (128, 256, 32, False), (128, 256, 64, True), (192, 512, 128, True),
+    (64, 512, 256, False), (128, 384, 384, True),  # per channel: groups of 128
+])
+def test_int4_unpacking_in_cpp_is_bit_identical_to_torch_ops(n, k, group, asym):
+    """The prompt path's one-pass C++ unpacking (CI machines have a compiler: it must
+    run) against the torch ops it replaces, with the roundings they make."""
+    from q.kernels.weight_only_gemm.cpp_impl import dequantize_int4pack
+
+    codes, scale, zero = int_weight(n, k, 4, group, asym)
+    impl = wo.WeightOnlyTorch(codes, scale * 37.0, group, 4, zero)  # scales near 1: big w
+    fast = dequantize_int4pack(impl.packed, impl.scales_and_zeros, n, k, impl.group,
+                               wo.int4pack_block_n())
+    assert fast is not None, "the C++ int4 unpacking kernel did not build"
+    assert torch.equal(fast, impl.dequantized_torch())
+    assert torch.equal(impl.dequantized(), fast)
+
+
 @pytest.mark.parametrize("n,k,group,reason", [
     (128, 256, 48, "groups of 48"), (128, 200, 64, "groups of 64 over K=200"),
     (72, 256, 64, "N=72 is not a multiple of 16"),

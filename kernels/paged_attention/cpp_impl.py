@@ -1,89 +1,28 @@
-"""The C++ decode-attention kernel (``paged_attention.cpp``), built on first use.
-
-It is compiled once per source, compiler flags and CPU (``-march=native``: the CPU's flags
-are part of the cache key) into ``<q cache>/kernels/`` with the machine's C++ compiler
-(``$CXX``, else ``c++``/``g++``), about a second with no torch headers, and called through
-ctypes. Where no compiler is found or the build fails, :func:`unavailable_reason` says why
-and the engine keeps gathering blocks for SDPA.
-"""
+"""The C++ decode-attention kernel (``paged_attention.cpp``), built on first use by
+:mod:`q.kernels.cpp_build`; where it cannot be built, :func:`unavailable_reason` says why
+and the engine keeps gathering blocks for SDPA."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("q.engine")
+from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 LANES = 16  # positions per accumulator in the kernel: block sizes are multiples of it
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def _build(compiler: str) -> Path:
-    from q.embedded import cache_dir
-
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()
-                         + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"paged_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                             text=True, timeout=300)
-        if run.returncode:
-            raise RuntimeError(f"{Path(compiler).name} failed: {run.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: a concurrent build or a crash leaves no torn .so
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("built the C++ paged decode-attention kernel: %s", target)
-    return target
 
 
 @functools.cache
 def _library() -> tuple[object, str | None]:
     """(the kernel's function, None) or (None, why it is unavailable)."""
-    if os.environ.get("Q_NO_CPP_KERNELS"):
-        return None, "Q_NO_CPP_KERNELS is set"
-    compiler = _compiler()
-    if compiler is None:
-        return None, "no C++ compiler found (install g++ or set CXX)"
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"building it failed: {e}"
+    lib, why = cpp_build.load(SOURCE)
+    if lib is None:
+        return None, why
     fn = lib.q_paged_decode
     i64 = ctypes.c_int64
     fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 6 + [i64] * 8

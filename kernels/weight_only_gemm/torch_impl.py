@@ -16,7 +16,8 @@ the weight stays 1 byte (int8) or half a byte (int4) per value in memory.
   + ``_weight_int4pack_mm_for_cpu``. Its ``scales_and_zeros [K/g, N, 2]`` puts the zero in
   the float domain, ``w = (q - 8) * s + z``: q's codes c (-8..7) give ``q = c + 8``, and a
   zero point zp gives ``z = -zp * s``. Above the crossover the weight is unpacked from that
-  same packed tensor (:func:`unpack_int4pack`) and multiplied by bf16 GEMM.
+  same packed tensor and multiplied by bf16 GEMM; the unpacking is one pass of a small C++
+  kernel (:mod:`.cpp_impl`) where it builds, else torch ops (:func:`unpack_int4pack`).
 
 Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says why and the
 caller keeps the reference.
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
+from .cpp_impl import dequantize_int4pack
 
 INT4_GROUPS = (32, 64, 128, 256)
 # _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
@@ -129,6 +131,16 @@ class WeightOnlyTorch:
         """The weight in ``dtype``. int8: exact codes (and codes - zero points, |.| <= 255,
         which bf16's 8 significant bits hold), then one rounding by the scale. int4: ``(q - 8)
         * s + z`` with the packed kernel's bf16 scales and zeros."""
+        n, k = self.shape
+        if self.bits == 4 and self.dtype == torch.bfloat16:
+            w = dequantize_int4pack(self.packed, self.scales_and_zeros, n, k, self.group,
+                                    int4pack_block_n())
+            if w is not None:  # the C++ kernel: the same bits in one pass
+                return w
+        return self.dequantized_torch()
+
+    def dequantized_torch(self) -> torch.Tensor:
+        """:meth:`dequantized` in torch ops (the C++ kernel's oracle, and its fallback)."""
         n, k = self.shape
         if self.bits == 4:
             w = unpack_int4pack(self.packed, n, k).to(self.dtype).sub_(8)

@@ -25,7 +25,7 @@ from .attention import DENSE_ATTR
 from .attention import register as register_attention
 from .dense import pack_dense_linears
 from .fused import install, sibling_groups, stack_quantized
-from .layers import QuantLinear, start_path_log
+from .layers import QuantLinear, choose_kind, start_path_log
 
 log = logging.getLogger("q.engine")
 
@@ -198,6 +198,11 @@ def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype
     qts = [parts[n][0] for n in names]
     biases = [parts[n][1] for n in names]
     stacked = stack_quantized(qts)
+    if stacked is not None and stacked.qdata.dtype == torch.int8 and \
+            choose_kind(stacked, acts, device, impl) == "scaled":
+        # int8 W8A8 (_int_mm) measured slower fused on the 1.1B model: 33.5 against 39.3
+        # tok/s at 32 requests, the same at 1 (docs/benchmarks.md)
+        stacked = None
     layer = None
     if stacked is not None:
         bias = None if all(b is None for b in biases) else torch.cat(
@@ -271,9 +276,9 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
             parent, children = fusing[module]
             parts = pending.setdefault((parent, children), {})
             parts[module] = (qt, bias)
-            if len(parts) == len(children):
-                _build_fused(model, parent, children, parts, acts, device, impl, dtype,
-                             report)
+            if len(parts) == len(children):  # pop: the codes must not outlive the build
+                _build_fused(model, parent, children, pending.pop((parent, children)), acts,
+                             device, impl, dtype, report)
             continue
         layer = QuantLinear(qt, acts, bias, device, impl, name=module, dtype=dtype)
         _set_submodule(model, module, layer)

@@ -1,0 +1,83 @@
+"""Small C++ kernels compiled on first use, for the CPU paths torch has no kernel for.
+
+A source is compiled once per source text, compiler, flags and CPU (``-march=native``: the
+CPU's flags are part of the cache key) into ``<q cache>/kernels/`` with the machine's C++
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the files include no torch headers,
+so each builds in about a second. They are loaded with ctypes and parallelize with OpenMP:
+libgomp has the soname torch's own copy has, so the process keeps one OpenMP runtime.
+Where no compiler is found or a build fails, :func:`load` says why and callers keep their
+torch path. ``Q_NO_CPP_KERNELS=1`` turns them all off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("q.engine")
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build(source: Path, compiler: str) -> Path:
+    from q.embedded import cache_dir
+
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True,
+                             text=True, timeout=300)
+        if run.returncode:
+            raise RuntimeError(f"{Path(compiler).name} failed: {run.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build or a crash leaves no torn .so
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built the C++ kernel %s: %s", source.name, target)
+    return target
+
+
+@functools.cache
+def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded library, None) or (None, why it is unavailable)."""
+    if os.environ.get("Q_NO_CPP_KERNELS"):
+        return None, "Q_NO_CPP_KERNELS is set"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler found (install g++ or set CXX)"
+    try:
+        return ctypes.CDLL(str(_build(source, compiler))), None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"building it failed: {e}"

@@ -1,0 +1,72 @@
+// int4 weights in torch's CPU int4pack layout -> a bf16 matrix, in one pass.
+//
+// For prompts (M above the packed kernel's crossover) the weight-only GEMM dequantizes the
+// weight for the call and runs bf16 GEMM. In torch ops that is six passes over the matrix
+// (unpack, permute, convert, subtract 8, scale, add the zero); here it is one, built on
+// first use by q.kernels.cpp_build and called through ctypes.
+//
+// Layout (torch 2.13, checked by torch_impl.int4pack_block_n on the running build): [N, K]
+// stored as [N / B, K, B / 2] bytes; byte (b, k, j) holds row b*B + j in its low nibble and
+// row b*B + B/2 + j in its high nibble, as unsigned q in 0..15. scales_and_zeros is bf16
+// [K / group, N, 2]: w = (q - 8) * s + z. The arithmetic and its roundings are those of
+// the torch path it replaces (bf16 products, then bf16 sums, round to nearest even), so
+// the two give the same bits.
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float bf16_to_float(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline uint16_t dequant(int q, float s, float z) {
+  const float scaled = bf16_to_float(float_to_bf16(static_cast<float>(q - 8) * s));
+  return float_to_bf16(scaled + z);
+}
+
+}  // namespace
+
+extern "C" {
+
+// out: bf16 [N, K]. group divides K and is a multiple of TILE; B is even and divides N.
+int q_dequant_int4pack(const uint8_t* packed, const uint16_t* scales_and_zeros,
+                       uint16_t* out, int64_t N, int64_t K, int64_t B, int64_t group,
+                       int threads) {
+  constexpr int64_t TILE = 32;  // columns per pass: writes stay contiguous along each row
+  const int64_t half = B / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (int64_t b = 0; b < N / B; ++b) {
+    for (int64_t k0 = 0; k0 < K; k0 += TILE) {
+      const int64_t width = K - k0 < TILE ? K - k0 : TILE;
+      const uint16_t* sz = scales_and_zeros + ((k0 / group) * N + b * B) * 2;
+      for (int64_t j = 0; j < half; ++j) {
+        const float s_lo = bf16_to_float(sz[2 * j]), z_lo = bf16_to_float(sz[2 * j + 1]);
+        const float s_hi = bf16_to_float(sz[2 * (j + half)]);
+        const float z_hi = bf16_to_float(sz[2 * (j + half) + 1]);
+        uint16_t* lo = out + (b * B + j) * K + k0;
+        uint16_t* hi = out + (b * B + half + j) * K + k0;
+        const uint8_t* src = packed + (b * K + k0) * half + j;
+#pragma omp simd
+        for (int64_t kk = 0; kk < width; ++kk) {
+          const uint8_t byte = src[kk * half];
+          lo[kk] = dequant(byte & 0xF, s_lo, z_lo);
+          hi[kk] = dequant(byte >> 4, s_hi, z_hi);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}
