@@ -203,10 +203,19 @@ def main():
                              "fp8-dynamic at 1.6-2.4 tok/s for 1 request on SmolLM2: compare those "
                              "with q's bf16)")
     parser.add_argument("--rss", action="store_true", help="peak RSS per checkpoint")
+    parser.add_argument("--unfused", action="store_true",
+                        help="q with one GEMM per projection (no q/k/v, gate/up fusion), to "
+                             "measure what fusing does; timing only (not --rss)")
     parser.add_argument("--rss-only", action="store_true",
                         help="only checkpoint sizes and q's RSS (no timing)")
     opts = parser.parse_args()
     import q
+
+    if opts.unfused:  # the engine's two fusion points, turned off for this process
+        from q.plugins.engines.native import dense, loader
+
+        loader.fusable_groups = lambda *args, **kwargs: {}
+        dense.sibling_groups = lambda names: []
 
     opts.work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, q engine defaults")
