@@ -6,17 +6,16 @@ gather + SDPA path (``attention._paged`` with no kernel), in the same run.
 Shapes: SmolLM2-135M (9 query / 3 KV heads of 64) and TinyLlama-1.1B (32 / 4 of 64), 1 and
 32 sequences, contexts of 320 (the CPU engine issue's workload: 256-token prompts plus 64
 new tokens) and 1024 tokens, lengths spread over the last 64 positions, blocks scattered
-through a larger cache. Times are medians of 50 calls after 5 warm-ups, at torch's thread
+through a larger cache. Times are medians of 50 calls after a warm-up, at torch's thread
 count; the error is the largest absolute difference from the fp32 reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_moe import time_cpu  # median ms of repeated calls after a warm-up
 
 from q.kernels.paged_attention import cpp_impl, reference
 from q.plugins.engines.native.attention import PagedBatch, _paged
@@ -37,17 +36,6 @@ def case(batch, heads, kv_heads, dim, context, dtype, seed=0):
         tables[b, -(-n // BLOCK_SIZE):] = 0
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
     return q, k, v, tables, lengths
-
-
-def median_ms(fn, repeat=50):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -75,7 +63,7 @@ def main() -> None:
                 ref = reference.paged_decode(q, k, v, tables, lengths, scale)
                 err_sdpa = (sdpa().float() - ref).abs().max().item()
                 err_cpp = (cpp() - ref).abs().max().item()
-                t_sdpa, t_cpp = median_ms(sdpa), median_ms(cpp)
+                t_sdpa, t_cpp = time_cpu(sdpa, 50), time_cpu(cpp, 50)
                 print(f"| {name} | {batch} | {context} | {t_sdpa:.3f} | {t_cpp:.3f} | "
                       f"{t_sdpa / t_cpp:.2f}x | {err_sdpa:.1e} / {err_cpp:.1e} |")
 

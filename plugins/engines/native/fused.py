@@ -11,9 +11,10 @@ very tensor object, take their columns (the same reuse rule as the layers' share
 activation quantization). A part called with a tensor the group has not seen runs the
 product itself, so the result is right whatever the model does, only slower.
 
-At M = 1 on a 2-core CPU each oneDNN call costs tens of microseconds beyond its bytes (a
-576x576 bf16 GEMV of SmolLM2 streams at 9 GB/s, its 1536x576 MLP at 16 GB/s), so 7 calls
-per layer becoming 4 is a measurable share of a decode step (docs/benchmarks.md).
+At M = 1 each oneDNN call costs a fixed overhead beyond its bytes, so 7 calls per layer
+becoming 4 pays at decode; at large M it can cost a little (docs/benchmarks.md has both).
+The product is dropped once every part has taken its columns: kept across steps, a
+2048-token prefill's products would stay alive in every layer.
 """
 
 from __future__ import annotations
@@ -45,20 +46,16 @@ class FusedGroup:
     def __init__(self, layer, widths: list[int], in_features: int, name: str):
         self.layer, self.widths, self.in_features, self.name = layer, widths, in_features, name
         self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
-        self.entry = None  # (input, version, output) of the last product
+        self.entry = None  # [input, version, output, parts not served yet]
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         version = None if x.is_inference() else x._version
         e = self.entry
-        if e is not None and e[0] is x and e[1] == version:
-            return e[2]
-        y = self.layer(x.reshape(-1, self.in_features))
-        self.entry = (x, version, y)
-        return y
-
-    def release(self) -> None:
-        """Drop the kept product (and the input it holds) once a forward pass is done."""
-        self.entry = None
+        if e is None or e[0] is not x or e[1] != version:
+            e = [x, version, self.layer(x.reshape(-1, self.in_features)), len(self.widths)]
+        e[3] -= 1
+        self.entry = e if e[3] > 0 else None  # every part served: hold nothing
+        return e[2]
 
 
 class FusedPart(nn.Module):
