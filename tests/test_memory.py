@@ -12,8 +12,12 @@ from .conftest import write_safetensors
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the
 # pytest parent's peak. VmHWM belongs to the fresh address space.
+# Two compute workers whatever the machine: the pipeline's depth and the number of threads
+# that can sit in a quantize transient at once then match on every machine (8 workers on a
+# CI machine made the peak a max over many more coincidences: 30-45 MiB of spread).
 CHILD = """
-import sys, q
+import sys, q, q.convert
+q.convert.default_workers = lambda: 2
 q.quantize(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 status = open("/proc/self/status").read()
 print(int(status.split("VmHWM:")[1].split()[0]))  # KiB
@@ -30,8 +34,15 @@ def peak_rss_kib(model, scheme, out) -> int:
 def test_peak_rss_independent_of_model_size(tmp_path, scheme):
     g = torch.Generator().manual_seed(0)
     sizes = {}
-    # both sizes are long enough for the read/compute/write pipeline to reach steady state
-    for layers in (8, 40):
+    # Both sizes must be longer than the read/compute/write pipeline is deep, or the larger
+    # model fills queues the smaller one never reaches and the difference is the pipeline,
+    # not growth with size. Tensors in flight: (workers + 1) in each of the two queues, one
+    # per compute thread, one held by the reader and one by the writer: 10 with 2 workers.
+    # (A CI machine with more cores, 8 workers and 28 deep, once saw 8 -> 40 grow 33 MiB.)
+    workers = 2
+    depth = 3 * workers + 4
+    small = depth + 6
+    for layers in (small, small + 32):
         tensors = {f"model.layers.{i}.mlp.up_proj.weight":
                    torch.randn(1024, 2048, generator=g).bfloat16() for i in range(layers)}
         model = write_safetensors(tmp_path / f"m{layers}", tensors)
@@ -41,8 +52,9 @@ def test_peak_rss_independent_of_model_size(tmp_path, scheme):
         sizes[layers] = min(peak_rss_kib(model, scheme, tmp_path / f"o{layers}-{run}")
                             for run in range(2))
     model_growth_mib = 32 * 1024 * 2048 * 2 / 2**20  # 128 MiB more weights
-    rss_growth_mib = (sizes[40] - sizes[8]) / 1024
+    rss_growth_mib = (sizes[small + 32] - sizes[small]) / 1024
     assert rss_growth_mib < 0.25 * model_growth_mib, (
         f"peak RSS grew {rss_growth_mib:.0f} MiB for {model_growth_mib:.0f} MiB more weights "
-        f"({sizes[8] / 1024:.0f} -> {sizes[40] / 1024:.0f} MiB)"
+        f"({small} -> {small + 32} layers, {workers} workers: "
+        f"{sizes[small] / 1024:.0f} -> {sizes[small + 32] / 1024:.0f} MiB)"
     )
