@@ -76,8 +76,8 @@ def test_layers_sharing_an_input_quantize_it_once_and_exactly(scheme):
     assert all(m.backend == "torch" for m in made)
     x = torch.randn(5, 384).bfloat16()
     calls = []
-    real = layers.quantize_activation
-    layers.quantize_activation = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = layers.quantize_activation_cpu
+    layers.quantize_activation_cpu = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         shared = [m(x) for m in made]
         assert len(calls) == 1
@@ -93,7 +93,7 @@ def test_layers_sharing_an_input_quantize_it_once_and_exactly(scheme):
             assert all(torch.equal(m(y), m.fast(y, None)) for m in made)
             assert len(calls) == 5
     finally:
-        layers.quantize_activation = real
+        layers.quantize_activation_cpu = real
 
 
 def test_quant_linear_keeps_weights_quantized():

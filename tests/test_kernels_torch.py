@@ -120,6 +120,22 @@ def test_int4_unpacking_in_cpp_is_bit_identical_to_torch_ops(n, k, group, asym):
     assert torch.equal(impl.dequantized(), fast)
 
 
+@pytest.mark.parametrize("n,k,group,asym", [
+    (128, 256, 256, False), (96, 200, 200, True),  # per channel
+    (64, 256, 32, False), (40, 192, 64, True), (33, 100, 32, True),  # groups, a ragged one
+])
+def test_int8_dequantization_in_cpp_is_bit_identical_to_torch_ops(n, k, group, asym):
+    from q.kernels.weight_only_gemm.cpp_impl import dequantize_int8
+
+    codes, scale, zero = int_weight(n, k, 8, group, asym)
+    impl = wo.WeightOnlyTorch(codes, scale * 37.0, group, 8, zero)
+    fast = dequantize_int8(impl.codes, impl.scale, impl.zero, impl.group_size)
+    assert fast is not None, "the C++ int8 dequantization kernel did not build"
+    assert torch.equal(fast, impl.dequantized_torch())
+    assert torch.equal(impl.dequantized(), fast)
+    assert dequantize_int8(impl.codes, impl.scale.float(), None, impl.group_size) is None
+
+
 @pytest.mark.parametrize("n,k,group,reason", [
     (128, 256, 48, "groups of 48"), (128, 200, 64, "groups of 64 over K=200"),
     (72, 256, 64, "N=72 is not a multiple of 16"),
@@ -144,7 +160,8 @@ def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
     wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     ws = (torch.rand(1 if tensor_scale else n, 1, generator=g) / 50 + 1e-3).bfloat16().float()
     bf16, fp32 = Int8Scaled(wq, ws, torch.bfloat16), Int8Scaled(wq, ws, torch.float32)
-    assert bf16.kernels == (("int8pack", "int_mm") if k % 16 == 0 else ("int_mm",))
+    assert bf16.kernels == (("gemv", "int8pack", "int_mm") if k % 16 == 0
+                            else ("gemv", "int_mm"))
     for m in MS:
         x = acts(m, k, n)
         xq, xs = quantize_activation(x.float(), None, torch.int8)
@@ -154,6 +171,11 @@ def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
         assert rel_err(bf16(x), ref) < BF16_BOUND
         # fp32 compute always takes _int_mm: the exact int32 sum, fp32 scaling
         assert rel_err(fp32(x.float()), ref) < 1e-6
+        # the C++ GEMV and _int_mm + the C++ epilogue: the same bits as the torch ops
+        xq, xs = quantize_activation(x, None, torch.int8)
+        torch_ops = torch._int_mm(xq, wq.t()).float().mul_(xs).mul_(bf16.ws).bfloat16()
+        for kernel in ("gemv", "int_mm"):
+            assert torch.equal(bf16.run(x, kernel), torch_ops), (kernel, m)
 
 
 @pytest.mark.parametrize("block,act_group", [((128, 128), 128), ((1, 200), None)])
@@ -173,9 +195,61 @@ def test_fp8_weights_dequantized_at_load_match_reference(block, act_group):
         assert rel_err(impl(x), ref) < BF16_BOUND, m
 
 
+def test_int8_gemv_and_epilogue_are_bit_exact_and_refuse_what_they_cannot_read():
+    from q.kernels.scaled_gemm import cpp_impl
+
+    if cpp_impl.unavailable_reason() is not None:  # CI machines have a compiler
+        pytest.fail(f"the C++ int8 kernels did not build: {cpp_impl.unavailable_reason()}")
+    g = gen("gemv")
+    for m, n, k in [(1, 576, 576), (3, 33, 2048), (2, 40, 100), (1, 7, 5)]:
+        xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        xs, ws = torch.rand(m, 1, generator=g), torch.rand(1, n, generator=g)
+        acc = xq.int() @ wq.int().t()  # exact integer sums
+        for dtype in (torch.bfloat16, torch.float32):
+            want = acc.float().mul_(xs).mul_(ws).to(dtype)
+            assert torch.equal(cpp_impl.int8_gemv(xq, xs, wq, ws, dtype), want), (m, n, k)
+            assert torch.equal(cpp_impl.int8_epilogue(acc, xs, ws, dtype), want), (m, n, k)
+    # the largest sums: every code at +-127 (exact in int32)
+    full = torch.full((1, 4096), 127, dtype=torch.int8)
+    one = torch.ones(1, 1)
+    out = cpp_impl.int8_gemv(full, one, torch.cat([full, -full]), torch.ones(1, 2),
+                             torch.float32)
+    assert out.tolist() == [[127 * 127 * 4096, -127 * 127 * 4096]]
+    strided = torch.cat([full, full], dim=1)[:, ::2]
+    assert cpp_impl.int8_gemv(full, one, strided, one, torch.float32) is None
+    assert cpp_impl.int8_gemv(full, one, full, one, torch.float16) is None
+    assert cpp_impl.int8_epilogue(acc.t(), xs, ws, torch.float32) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_activation_quantization_in_cpp_is_bit_exact(dtype):
+    from q.kernels.act_quant import cpp_impl, quantize_activation_cpu
+
+    g = gen("act-int8", str(dtype))
+    cases = [torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+             for m, k in [(1, 576), (7, 2048), (300, 64), (3, 5), (2, 130)]]
+    cases[2][0] = 0  # an all-zero token: the eps floor, codes 0
+    cases.append(torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 63.5, -126.5]]))  # ties
+    for x in cases:
+        x = x.to(dtype)
+        got = cpp_impl.quantize_int8_per_token(x)
+        want = quantize_activation(x, None, torch.int8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), x.shape
+        wide = torch.cat([x, x], dim=1)  # rows a stride apart: read where they lie
+        assert torch.equal(cpp_impl.quantize_int8_per_token(wide[:, :x.shape[1]])[0], want[0])
+    assert cpp_impl.quantize_int8_per_token(torch.randn(4, 8).half()) is None
+    assert cpp_impl.quantize_int8_per_token(torch.randn(8, 4).t()) is None
+    # the dispatcher: the kernel where it runs, the reference for groups and fp8
+    x = torch.randn(5, 256)
+    assert torch.equal(quantize_activation_cpu(x, 128, torch.int8)[1],
+                       quantize_activation(x, 128, torch.int8)[1])
+
+
 def test_cpu_table_names_real_kernels_for_every_m():
     kernels = {"weight_only_int8": wo.KERNELS[8], "weight_only_int4": wo.KERNELS[4],
-               "scaled_int8": ("int8pack", "int_mm"), "dense_bf16": ("linear", "prepacked")}
+               "scaled_int8": ("gemv", "int8pack", "int_mm"),
+               "dense_bf16": ("linear", "prepacked")}
     for op, names in kernels.items():
         for m in (1, 2, 16, 33, 100, 4096, 10**6):
             assert cpu_choice(op, m) in names, (op, m)

@@ -6,7 +6,11 @@
 
   - ``int_mm``: ``torch._int_mm(xq, w^T)`` in int32 (AVX-512 VNNI), scaled by ``xs * ws``
     in fp32. The integer sum is exact, so this is the reference's result up to fp32
-    rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view.
+    rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view. The
+    scaling and cast run as one C++ pass (``int8_epilogue.cpp``, same bits as the torch
+    ops, which remain the fallback), and activations are quantized by the C++ per-token
+    kernel (bit-exact to the reference): at decode sizes the dozen torch ops these replace
+    cost more than the GEMM.
   - ``int8pack``: ``_int_mm`` has a fast path at M = 1 but is slower at M = 2-4 (the
     tuner's table in docs/benchmarks.md), so there the int8 activation codes go in
     as bf16 (exact: |code| <= 127) to ``_weight_int8pack_mm`` with the weight scales in
@@ -27,10 +31,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..act_quant import quantize_activation_cpu
 from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
+from .cpp_impl import int8_epilogue, int8_gemv
+from .cpp_impl import unavailable_reason as int8_gemv_unavailable
 
 
 class Int8Scaled:
@@ -39,6 +46,8 @@ class Int8Scaled:
     def __init__(self, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype):
         self.kernels = ("int8pack", "int_mm") if wq.shape[1] % INT8PACK_K_MULTIPLE == 0 \
             else ("int_mm",)
+        if int8_gemv_unavailable() is None:
+            self.kernels = ("gemv", *self.kernels)
         self.wq = wq.contiguous()
         self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.ws_bf16 = self.ws[0].bfloat16()
@@ -47,19 +56,29 @@ class Int8Scaled:
     def run(self, x: torch.Tensor, kernel: str, quantized=None) -> torch.Tensor:
         """One named kernel (the tuner times each; :meth:`__call__` picks). ``quantized``:
         ``x``'s per-token int8 codes and scales, when the caller has them already."""
-        xq, xs = quantized or quantize_activation(x, None, torch.int8)
+        xq, xs = quantized or quantize_activation_cpu(x, None, torch.int8)
         if kernel not in self.kernels:
             raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
                              f"{', '.join(self.kernels)}")
+        if kernel == "gemv":
+            y = int8_gemv(xq, xs, self.wq, self.ws, self.out_dtype)
+            if y is not None:
+                return y
+            kernel = "int_mm"  # an input the GEMV does not take: same bits from _int_mm
         if kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), self.wq, self.ws_bf16)
             return y.mul_(xs.to(torch.bfloat16)).to(self.out_dtype)
-        return (torch._int_mm(xq, self.wq.t()).float().mul_(xs).mul_(self.ws)).to(self.out_dtype)
+        acc = torch._int_mm(xq, self.wq.t())
+        y = int8_epilogue(acc, xs, self.ws, self.out_dtype)  # one C++ pass, same bits
+        return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
-        if self.out_dtype == torch.float32 or len(self.kernels) == 1:
+        if self.out_dtype == torch.float32 or self.kernels == ("int_mm",):
             return self.run(x, "int_mm", quantized)  # fp32 asks for accuracy: exact sums
-        return self.run(x, cpu_choice("scaled_int8", x.shape[0]), quantized)
+        kernel = cpu_choice("scaled_int8", x.shape[0])
+        if kernel not in self.kernels:  # the GEMV without a compiler, int8pack for odd K
+            kernel = "int_mm"
+        return self.run(x, kernel, quantized)
 
 
 class Fp8Dequantized:

@@ -1,8 +1,8 @@
-"""int4 weights unpacked from torch's CPU int4pack layout to bf16 in one pass
-(``dequant_int4.cpp``, built on first use by :mod:`q.kernels.cpp_build`): what the
-weight-only GEMM does for prompts, above the packed kernel's crossover. Bit-identical to
-the torch ops it replaces (tests/test_kernels_torch.py); None where it cannot run, and
-the caller keeps those ops."""
+"""Weight-only int4 (from torch's CPU int4pack layout) and int8 weights to bf16 in one pass
+(``dequant.cpp``, built on first use by :mod:`q.kernels.cpp_build`): what the weight-only
+GEMM does for prompts, above the packed kernels' crossovers. Bit-identical to the torch ops
+they replace (tests/test_kernels_torch.py); None where they cannot run, and the caller
+keeps those ops."""
 
 from __future__ import annotations
 
@@ -14,32 +14,51 @@ import torch
 
 from .. import cpp_build
 
-SOURCE = Path(__file__).with_name("dequant_int4.cpp")
+SOURCE = Path(__file__).with_name("dequant.cpp")
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 
 
 @functools.cache
-def _kernel():
+def _library():
     lib, _ = cpp_build.load(SOURCE)
     if lib is None:
         return None
-    fn = lib.q_dequant_int4pack
-    i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 4 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.q_dequant_int4pack.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_int]
+    lib.q_dequant_int8.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
+    lib.q_dequant_int4pack.restype = lib.q_dequant_int8.restype = ctypes.c_int
+    return lib
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
                         group: int, block: int | None) -> torch.Tensor | None:
     """bf16 ``[n, k]``: ``(q - 8) * s + z`` from torch's packed layout (``block`` rows per
     block, see torch_impl.int4pack_block_n), or None where the kernel cannot run."""
-    fn = _kernel()
-    if (fn is None or block is None or n % block or block % 2 or group % TILE or k % group
+    lib = _library()
+    if (lib is None or block is None or n % block or block % 2 or group % TILE or k % group
             or scales_and_zeros.dtype != torch.bfloat16 or not packed.is_contiguous()
             or not scales_and_zeros.is_contiguous()):
         return None
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    fn(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, block, group,
+    lib.q_dequant_int4pack(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, block, group,
        torch.get_num_threads())
+    return out
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    group: int) -> torch.Tensor | None:
+    """bf16 ``[N, K]``: ``(codes - zero) * scale`` with bf16 ``scale``/``zero`` ``[N, K /
+    group]`` (a column per group of ``group`` columns), or None where it cannot run."""
+    lib = _library()
+    n, k = codes.shape
+    groups = -(-k // group)
+    tables = [scale] if zero is None else [scale, zero]
+    if (lib is None or codes.dtype != torch.int8 or not codes.is_contiguous()
+            or any(t.dtype != torch.bfloat16 or t.shape != (n, groups)
+                   or not t.is_contiguous() for t in tables)):
+        return None
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    lib.q_dequant_int8(codes.data_ptr(), scale.data_ptr(),
+                       None if zero is None else zero.data_ptr(), out.data_ptr(), n, k, group,
+                       torch.get_num_threads())
     return out

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
-from .cpp_impl import dequantize_int4pack
+from .cpp_impl import dequantize_int4pack, dequantize_int8
 
 INT4_GROUPS = (32, 64, 128, 256)
 # _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
@@ -132,12 +132,14 @@ class WeightOnlyTorch:
         which bf16's 8 significant bits hold), then one rounding by the scale. int4: ``(q - 8)
         * s + z`` with the packed kernel's bf16 scales and zeros."""
         n, k = self.shape
+        w = None
         if self.bits == 4 and self.dtype == torch.bfloat16:
             w = dequantize_int4pack(self.packed, self.scales_and_zeros, n, k, self.group,
                                     int4pack_block_n())
-            if w is not None:  # the C++ kernel: the same bits in one pass
-                return w
-        return self.dequantized_torch()
+        elif self.bits == 8 and self.dtype == torch.bfloat16:
+            w = dequantize_int8(self.codes, self.scale, self.zero, self.group_size)
+        # the C++ kernels: the same bits in one pass; else (None) the torch ops
+        return self.dequantized_torch() if w is None else w
 
     def dequantized_torch(self) -> torch.Tensor:
         """:meth:`dequantized` in torch ops (the C++ kernel's oracle, and its fallback)."""

@@ -6,7 +6,8 @@ For each op the engine runs on torch's built-in CPU kernels with more than one c
   for the call, bf16 GEMM);
 - ``weight_only_int4``: ``int4pack`` (``_weight_int4pack_mm_for_cpu``, group 64) or
   ``dequantize``;
-- ``scaled_int8`` (W8A8): ``int8pack`` (activation codes as bf16) or ``int_mm`` (``_int_mm``);
+- ``scaled_int8`` (W8A8): ``gemv`` (q's C++ GEMV, ``scaled_gemm/int8_gemm.cpp``), ``int8pack``
+  (activation codes as bf16) or ``int_mm`` (``_int_mm``);
 - ``dense_bf16`` (unquantized Linears, fp8 weights dequantized at load): ``linear``
   (``F.linear`` on the plain bf16 weight) or ``prepacked`` (oneDNN's blocked layout, made
   once: ``q.kernels.dense_gemm.torch_impl.PackedLinear``). The engine keeps one copy of a
@@ -15,7 +16,9 @@ For each op the engine runs on torch's built-in CPU kernels with more than one c
 every candidate is first checked against the fp32 reference op on each shape (relative
 error printed; a candidate off by more than 1% is dropped), then timed (median of
 ``--repeat`` calls after warm-up, fresh activations, the weights of SmolLM2-135M's and a
-1.1B Llama's layers). Per M the candidate with the least total time over the shapes wins;
+1.1B Llama's layers). A 64 MiB buffer is written between timed calls, outside the timing:
+in a decode step each weight comes from memory, not from a cache that the same call
+warmed a moment earlier (every weight here fits this CPU's 32 MiB L3). Per M the candidate with the least total time over the shapes wins;
 the winners become ``[[largest M, kernel], ..., [null, kernel]]`` buckets. Timing runs in
 this process with torch's default threads (all cores), as the engine does.
 
@@ -99,11 +102,15 @@ def make_op(op: str, n: int, k: int):
     return impl, ref
 
 
+EVICT = torch.empty(64 * 2**20 // 4)
+
+
 def timed(fn, xs, repeat: int) -> float:
     for x in xs[:2]:
         fn(x)
     times = []
     for i in range(repeat):
+        EVICT.fill_(i)  # the weight leaves the caches, as between a model's layers
         t0 = time.perf_counter()
         fn(xs[i % len(xs)])
         times.append(time.perf_counter() - t0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from q.errors import CheckpointError, IncompatibleError
 from q.kernels import Impl
-from q.kernels.act_quant import quantize_activation
+from q.kernels.act_quant import quantize_activation, quantize_activation_cpu
 from q.kernels.block_gemm import fp8_block_gemm
 from q.kernels.dispatch import interpreting, triton_unavailable_reason
 from q.kernels.packing.reference import pack_int4_bytes
@@ -70,7 +70,7 @@ class SharedActivationQuant:
         e = self.entry
         if e is not None and e[0] is x and e[1] == key:
             return e[2]
-        out = quantize_activation(rows, group, dtype, impl="reference")
+        out = quantize_activation_cpu(rows, group, dtype)
         self.entry = (x, key, out)
         return out
 

@@ -1,9 +1,10 @@
-// int4 weights in torch's CPU int4pack layout -> a bf16 matrix, in one pass.
+// Weight-only int4 and int8 weights -> a bf16 matrix, in one pass each.
 //
 // For prompts (M above the packed kernel's crossover) the weight-only GEMM dequantizes the
 // weight for the call and runs bf16 GEMM. In torch ops that is six passes over the matrix
 // (unpack, permute, convert, subtract 8, scale, add the zero); here it is one, built on
-// first use by q.kernels.cpp_build and called through ctypes.
+// first use by q.kernels.cpp_build and called through ctypes. int8 (q_dequant_int8) is the
+// same idea: two torch passes (convert, scale; three with zero points) become one.
 //
 // Layout (torch 2.13, checked by torch_impl.int4pack_block_n on the running build): [N, K]
 // stored as [N / B, K, B / 2] bytes; byte (b, k, j) holds row b*B + j in its low nibble and
@@ -63,6 +64,30 @@ int q_dequant_int4pack(const uint8_t* packed, const uint16_t* scales_and_zeros,
           lo[kk] = dequant(byte & 0xF, s_lo, z_lo);
           hi[kk] = dequant(byte >> 4, s_hi, z_hi);
         }
+      }
+    }
+  }
+  return 0;
+}
+
+// int8 codes [N, K] -> bf16 [N, K]: w = bf16(bf16(code - zero) * scale), the roundings of
+// torch's ``codes.to(bf16).sub_(zero).mul_(scale)`` (zero and scale bf16, per row and group
+// of `group` columns: [N, K / group]; zero may be null).
+int q_dequant_int8(const int8_t* codes, const uint16_t* scale, const uint16_t* zero,
+                   uint16_t* out, int64_t N, int64_t K, int64_t group, int threads) {
+  const int64_t groups = (K + group - 1) / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* c = codes + n * K;
+    uint16_t* o = out + n * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = bf16_to_float(scale[n * groups + g]);
+      const float z = zero == nullptr ? 0.f : bf16_to_float(zero[n * groups + g]);
+      const int64_t end = (g + 1) * group < K ? (g + 1) * group : K;
+#pragma omp simd
+      for (int64_t k = g * group; k < end; ++k) {
+        const float shifted = bf16_to_float(float_to_bf16(static_cast<float>(c[k]) - z));
+        o[k] = float_to_bf16(shifted * s);
       }
     }
   }

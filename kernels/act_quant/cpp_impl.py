@@ -1,0 +1,46 @@
+"""Per-token int8 activation quantization in C++ (``int8_per_token.cpp``, built on first use
+by :mod:`q.kernels.cpp_build`): bit-exact to :func:`.reference.quantize_activation` with
+``group_size=None, qdtype=int8``, in one pass per row. :func:`quantize_int8_per_token`
+returns None where it cannot run (no compiler, a dtype other than float32/bfloat16, rows
+that are not each contiguous) and the caller keeps the reference."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import cpp_build
+
+SOURCE = Path(__file__).with_name("int8_per_token.cpp")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.cache
+def _kernel():
+    lib, _ = cpp_build.load(SOURCE)
+    if lib is None:
+        return None
+    fn = lib.q_quantize_int8_per_token
+    i64 = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p, i64] + [ctypes.c_void_p] * 2 \
+        + [i64] * 2 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``x [M, K]`` -> (int8 codes ``[M, K]``, fp32 scales ``[M, 1]``), or None."""
+    fn = _kernel()
+    dtype = _DTYPES.get(x.dtype)
+    if (fn is None or dtype is None or x.dim() != 2 or x.device.type != "cpu"
+            or x.stride(1) != 1):
+        return None
+    rows, k = x.shape
+    codes = torch.empty(rows, k, dtype=torch.int8)
+    scales = torch.empty(rows, 1, dtype=torch.float32)
+    fn(dtype, x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), rows, k,
+       torch.get_num_threads())
+    return codes, scales
