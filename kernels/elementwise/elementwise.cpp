@@ -2,8 +2,9 @@
 //
 // In torch ops it is six calls (casts, pow, mean, rsqrt, two products): at decode sizes
 // each costs more in dispatch than in arithmetic, and for prompts each is one more pass
-// over the activations (tests/bench/bench_elementwise.py). Built on first use by q.kernels.cpp_build (-O3 -march=native
-// -fopenmp, no torch headers) and called through ctypes from cpp_impl.py.
+// over the activations (tests/bench/bench_cpu_small_ops.py: 2-8x). Built on first use by
+// q.kernels.cpp_build (-O3 -march=native -fopenmp, no torch headers) and called through
+// ctypes from cpp_impl.py.
 //
 // The roundings follow transformers' LlamaRMSNorm exactly (reference.py is the oracle):
 // fp32 arithmetic, the normalized row rounded to the input dtype, then times the weight and

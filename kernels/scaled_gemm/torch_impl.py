@@ -1,23 +1,24 @@
 """W8A8 GEMMs on torch's built-in CPU kernels.
 
-- int8 (:class:`Int8Scaled`): activations quantized per token by the reference op, then one
-  of two kernels, by M (``kernels/configs/cpu.json``, measured by
-  ``tests/bench/tune_kernels_cpu.py``):
+- int8 (:class:`Int8Scaled`): activations quantized per token (the C++ kernel of
+  ``act_quant.cpp_impl``, the reference's exact codes), then one of three kernels, by M
+  (``kernels/configs/cpu.json``, measured by ``tests/bench/tune_kernels_cpu.py``):
 
+  - ``gemv`` (M <= 4 on this project's CPU): ``int8_gemm.cpp``, the int8 weight streamed
+    once with exact int32 sums (``vpdpwssd``) and the scaling in the same pass. Same bits
+    as ``int_mm``; 1.8x faster at M = 1 over a SmolLM2 step's weights
+    (``tests/bench/bench_cpu_small_ops.py``).
   - ``int_mm``: ``torch._int_mm(xq, w^T)`` in int32 (AVX-512 VNNI), scaled by ``xs * ws``
     in fp32. The integer sum is exact, so this is the reference's result up to fp32
     rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view. The
-    scaling and cast run as one C++ pass (``int8_epilogue.cpp``, same bits as the torch
-    ops, which remain the fallback), and activations are quantized by the C++ per-token
-    kernel (bit-exact to the reference): at decode sizes the dozen torch ops these replace
-    cost more than the GEMM.
-  - ``int8pack``: ``_int_mm`` has a fast path at M = 1 but is slower at M = 2-4 (the
-    tuner's table in docs/benchmarks.md), so there the int8 activation codes go in
-    as bf16 (exact: |code| <= 127) to ``_weight_int8pack_mm`` with the weight scales in
-    bf16, and the result is scaled by ``xs``. Sums accumulate in fp32 inside the kernel;
-    the bf16 weight scales and the bf16 product before ``xs`` add two roundings of 2^-9
-    relative each to the reference's result. K must be a multiple of 16 (see
-    ``weight_only_gemm.torch_impl.INT8PACK_K_MULTIPLE``); other weights use ``int_mm``.
+    scaling and cast run as one C++ pass (``int8_gemm.cpp``, the torch ops' bits; those
+    ops remain the fallback): at decode sizes such op chains cost more than the GEMM.
+  - ``int8pack``: the int8 activation codes go in as bf16 (exact: |code| <= 127) to
+    ``_weight_int8pack_mm`` with the weight scales in bf16, and the result is scaled by
+    ``xs``. Sums accumulate in fp32 inside the kernel; the bf16 weight scales and the bf16
+    product before ``xs`` add two roundings of 2^-9 relative each to the reference's
+    result. K must be a multiple of 16 (see ``weight_only_gemm.torch_impl
+    .INT8PACK_K_MULTIPLE``). It won M = 2-4 before the GEMV existed; no M picks it now.
 - fp8 (:class:`Fp8Dequantized`, per channel, per tensor or in 128x128 blocks): CPUs have no
   fp8 GEMM worth using (``_scaled_mm`` on fp8 ran 7-48x slower than bf16 GEMM on this
   project's CPU, M = 1-256, in the CPU engine issue's measurement), so the weight is dequantized once, when the model loads, into the compute

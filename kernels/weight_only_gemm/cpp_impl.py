@@ -40,8 +40,8 @@ def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n:
             or not scales_and_zeros.is_contiguous()):
         return None
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    lib.q_dequant_int4pack(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, block, group,
-       torch.get_num_threads())
+    lib.q_dequant_int4pack(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n,
+                           k, block, group, torch.get_num_threads())
     return out
 
 

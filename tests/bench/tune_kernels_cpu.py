@@ -18,7 +18,8 @@ error printed; a candidate off by more than 1% is dropped), then timed (median o
 ``--repeat`` calls after warm-up, fresh activations, the weights of SmolLM2-135M's and a
 1.1B Llama's layers). A 64 MiB buffer is written between timed calls, outside the timing:
 in a decode step each weight comes from memory, not from a cache that the same call
-warmed a moment earlier (every weight here fits this CPU's 32 MiB L3). Per M the candidate with the least total time over the shapes wins;
+warmed a moment earlier (every weight here fits this CPU's 32 MiB L3). Per M the candidate
+with the least total time over the shapes wins;
 the winners become ``[[largest M, kernel], ..., [null, kernel]]`` buckets. Timing runs in
 this process with torch's default threads (all cores), as the engine does.
 
