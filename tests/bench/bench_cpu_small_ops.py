@@ -4,8 +4,6 @@
 
 Per op, at M = 1 (a decode step of one request), 32 and 2048 rows (a prefill step), bf16:
 
-- RMSNorm over SmolLM2's 576 features (``q.kernels.elementwise``; torch: transformers'
-  LlamaRMSNorm ops);
 - per-token int8 activation quantization over 576 features (``q.kernels.act_quant``;
   torch: the reference's ops);
 - the W8A8 epilogue, int32 sums -> bf16 scaled per token and channel, N = 3072
@@ -28,8 +26,6 @@ from bench_moe import time_cpu  # median ms of repeated calls after a warm-up
 
 from q.kernels.act_quant import cpp_impl as act_cpp
 from q.kernels.act_quant.reference import quantize_activation
-from q.kernels.elementwise import cpp_impl as norm_cpp
-from q.kernels.elementwise import reference as norm_ref
 from q.kernels.scaled_gemm import cpp_impl as int8_cpp
 from q.kernels.weight_only_gemm import cpp_impl as dequant_cpp
 
@@ -43,12 +39,9 @@ def small_ops(repeat: int) -> None:
     g = torch.Generator().manual_seed(0)
     for m in (1, 32, 2048):
         x = torch.randn(m, 576, generator=g).bfloat16()
-        w = torch.rand(576, generator=g).bfloat16()
         acc = torch.randint(-2**20, 2**20, (m, 3072), generator=g, dtype=torch.int32)
         xs, ws = torch.rand(m, 1, generator=g), torch.rand(1, 3072, generator=g)
         rows = [
-            ("RMSNorm, 576 features", lambda: norm_cpp.rms_norm(x, w, 1e-5),
-             lambda: norm_ref.rms_norm(x, w, 1e-5)),
             ("int8 activation quantization, 576", lambda: act_cpp.quantize_int8_per_token(x),
              lambda: quantize_activation(x, None, torch.int8)),
             ("W8A8 epilogue, N = 3072", lambda: int8_cpp.int8_epilogue(acc, xs, ws,
@@ -94,10 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=100)
     args = ap.parse_args()
-    for name, why in (("elementwise", norm_cpp.unavailable_reason()),
-                      ("int8", int8_cpp.unavailable_reason())):
-        if why is not None:
-            raise SystemExit(f"the C++ {name} kernels do not build here: {why}")
+    why = int8_cpp.unavailable_reason()
+    if why is not None:
+        raise SystemExit(f"the C++ int8 kernels do not build here: {why}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     small_ops(args.repeat)
     decode_step_gemms(args.repeat)

@@ -21,7 +21,6 @@ from q.planning import build_entries
 from q.modeling import parameters_on_meta
 from q.source import ModelSource, model_dtype
 
-from . import elementwise
 from .attention import DENSE_ATTR
 from .attention import register as register_attention
 from .dense import pack_dense_linears
@@ -148,7 +147,6 @@ class LoadReport:
         self.experts: dict[str, nn.Module] = {}  # MoE experts modules (moe.FusedExperts)
         self.packed = 0  # unquantized bf16 Linears prepacked for oneDNN (dense.py)
         self.fused = 0  # groups of sibling projections run as one GEMM (fused.py)
-        self.elementwise = 0  # RMSNorm modules on the C++ kernel (elementwise.py)
         self.ignored: list[str] = []
         self.recipe = None
         self.format = "unquantized"
@@ -307,5 +305,4 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
     model.to(device)
     report.packed, fused = pack_dense_linears(model, device, dtype, impl)
     report.fused += fused
-    report.elementwise = elementwise.install(model, device, dtype, impl)
     return model, source, report
