@@ -16,12 +16,14 @@ For each op the engine runs on torch's built-in CPU kernels with more than one c
 every candidate is first checked against the fp32 reference op on each shape (relative
 error printed; a candidate off by more than 1% is dropped), then timed (median of
 ``--repeat`` calls after warm-up, fresh activations, the weights of SmolLM2-135M's and a
-1.1B Llama's layers). A 64 MiB buffer is written between timed calls, outside the timing:
-in a decode step each weight comes from memory, not from a cache that the same call
-warmed a moment earlier (every weight here fits this CPU's 32 MiB L3). Per M the candidate
-with the least total time over the shapes wins;
-the winners become ``[[largest M, kernel], ..., [null, kernel]]`` buckets. Timing runs in
-this process with torch's default threads (all cores), as the engine does.
+1.1B Llama's layers). A buffer of twice the last-level cache (at least 64 MiB) is written
+between timed calls, outside the timing: in a decode step of a model larger than the cache
+each weight comes from memory, not from a cache that the same call warmed a moment earlier
+(every weight here fits any L3 of 32 MiB or more). Per M the candidate with the least total
+time over the shapes wins; the winners become ``[[largest M, kernel], ..., [null, kernel]]``
+buckets, written under this CPU's class (``q.kernels.configs.cpu_class``: with AMX the
+winners differ in kind) and leaving other classes' tables as they are. Timing runs in this
+process with torch's default threads (all cores), as the engine does.
 
     python tests/bench/tune_kernels_cpu.py            # measure, print, write cpu.json
     python tests/bench/tune_kernels_cpu.py --dry-run  # measure and print only
@@ -42,6 +44,7 @@ import torch
 from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.torch_impl import Int8Scaled
 from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.configs import cpu_class
 from q.kernels.dense_gemm.reference import dense_gemm
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.packing.reference import pack_int4_bytes
@@ -103,7 +106,16 @@ def make_op(op: str, n: int, k: int):
     return impl, ref
 
 
-EVICT = torch.empty(64 * 2**20 // 4)
+def last_level_cache_bytes() -> int:
+    sizes = [0]
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes)
+
+
+EVICT = torch.empty(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4)
 
 
 def timed(fn, xs, repeat: int) -> float:
@@ -154,9 +166,11 @@ def main() -> None:
     ap.add_argument("--ops", default="weight_only_int8,weight_only_int4,scaled_int8,dense_bf16")
     ap.add_argument("--dry-run", action="store_true", help="do not write cpu.json")
     args = ap.parse_args()
-    table = json.loads(CONFIG.read_text()) if CONFIG.exists() else {}
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}")
+    config = json.loads(CONFIG.read_text()) if CONFIG.exists() else {}
+    table = config.setdefault(cpu_class(), {})
+    print(f"{cpu_name()} (class {cpu_class()}), {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{EVICT.numel() * 4 >> 20} MiB written between timed calls")
     for op in args.ops.split(","):
         totals = measure(op, args.repeat)
         kernels = list(next(iter(totals.values())))
@@ -171,12 +185,23 @@ def main() -> None:
         print(f"-> {table[op]}")
     table["_note"] = (f"Measured by tests/bench/tune_kernels_cpu.py on {cpu_name()}, "
                       f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-                      f"{datetime.date.today()}. Buckets: [largest M, kernel], null = any M.")
+                      f"{datetime.date.today()}.")
+    config["_note"] = ("Per CPU class (q.kernels.configs.cpu_class), as measured by "
+                       "tests/bench/tune_kernels_cpu.py on a CPU of that class. Buckets: "
+                       "[largest M, kernel], null = any M.")
     if not args.dry_run:
-        ordered = {"_note": table.pop("_note"), **dict(sorted(table.items()))}
-        lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in ordered.items()]
-        CONFIG.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-        print(f"\nwrote {CONFIG.relative_to(ROOT)}")
+        CONFIG.write_text(format_config(config))
+        print(f"\nwrote the {cpu_class()} table of {CONFIG.relative_to(ROOT)}")
+
+
+def format_config(config: dict) -> str:
+    """cpu.json with one line per op: notes first, then classes and ops sorted."""
+    def block(d: dict, indent: str) -> str:
+        keys = sorted(d, key=lambda k: (k != "_note", k))
+        lines = [f"{indent}{json.dumps(k)}: " + (block(d[k], indent + " ")
+                 if isinstance(d[k], dict) else json.dumps(d[k])) for k in keys]
+        return "{\n" + ",\n".join(lines) + "\n" + indent[:-1] + "}"
+    return block(config, " ") + "\n"
 
 
 if __name__ == "__main__":
