@@ -78,9 +78,9 @@ def engine_logits(session, ids: list[int]) -> torch.Tensor:
 
 
 def teacher_forced_agreement(model, prompt_ids: list[int],
-                             tokens: list[int]) -> tuple[float, float]:
+                             tokens: list[int]) -> tuple[float, list[float]]:
     """``model`` reads prompt + ``tokens`` (a greedy continuation) in one pass: the share of
-    ``tokens`` it ranks first, and the largest gap in log-probability between its first
+    ``tokens`` it ranks first, and per token the gap in log-probability between its first
     choice and the token that was taken."""
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0]
@@ -88,7 +88,7 @@ def teacher_forced_agreement(model, prompt_ids: list[int],
     taken = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
     best = logp.max(-1)
     agree = (best.indices == torch.tensor(tokens)).float().mean().item()
-    return agree, (best.values - taken).max().item()
+    return agree, (best.values - taken).tolist()
 
 
 def cache_kwarg(model) -> str:

@@ -116,7 +116,18 @@ def test_moe_matches_transformers_on_dequantized(tiny_moe, tmp_path, arch, schem
     ids = [3, 17, 99, 250, 4, 8, 400, 21, 77, 5]
     with torch.inference_mode():
         want = ref(input_ids=torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(engine_logits(session, ids), want, rtol=1e-4, atol=1e-4)
+    got = engine_logits(session, ids)
+    if session.report.recipe and session.report.recipe.input_activations:
+        # Activations quantized at run time: torch's kernels (_int_mm's exact int32 sums)
+        # and the reference's fp32 sums of dequantized values differ in the last bit, which
+        # can flip one activation's code (measured on Qwen3-MoE SmoothQuant on an Intel
+        # Xeon: logits equal to 3e-7 up to position 4, then off by up to 3.5e-3 out of 0.74).
+        # The engine's own logic is checked exactly on its reference ops; its kernels to
+        # within a flip (a wrong route or scale moves logits by tenths).
+        session = q.load_engine(out, dtype="float32", impl="reference")
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
+        got = engine_logits(session, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     tokens = session.generate([ids], max_tokens=10, ignore_eos=True)[0].token_ids
     assert tokens == greedy_transformers(ref, ids, 10)
 

@@ -18,7 +18,7 @@ import torch
 
 from q.kernels.block_gemm.reference import fp8_block_gemm
 from q.kernels.act_quant.reference import quantize_activation
-from q.kernels.configs import cpu_choice
+from q.kernels.configs import cpu_choice, cpu_class
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
@@ -259,7 +259,10 @@ def test_cpu_table_names_real_kernels_for_every_m():
 @pytest.mark.parametrize("m", [1, 3, 40, 300])
 def test_prepacked_bf16_linear_matches_reference(n, k, m):
     """oneDNN's prepacked bf16 Linear: within the bf16 bound of the fp32 product, and the
-    very numbers F.linear gives on the same bf16 operands (only the weight layout moved)."""
+    numbers F.linear gives on the same bf16 operands (only the weight layout moved): every
+    bit on CPUs without AMX; with AMX tiles, from M ~ 40 the two kernels split the fp32 sums
+    differently and a few outputs in 10^4 differ in their last bits (measured 3-6e-5), so
+    there each output must lie within one bf16 rounding of the other's sum."""
     from q.kernels.dense_gemm.reference import dense_gemm
     from q.kernels.dense_gemm.torch_impl import PackedLinear, unavailable_reason
 
@@ -272,4 +275,12 @@ def test_prepacked_bf16_linear_matches_reference(n, k, m):
     y = PackedLinear(w, b)(x)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, dense_gemm(x, w, b)) < BF16_BOUND
-    assert torch.equal(y, torch.nn.functional.linear(x, w, b))
+    plain = torch.nn.functional.linear(x, w, b)
+    if "amx" not in cpu_class():
+        assert torch.equal(y, plain)
+        return
+    differ = y != plain
+    assert differ.float().mean() < 1e-3, differ.float().mean()
+    # a dot product's rounding scales with the sum of |products|, not with its (cancelling) value
+    magnitude = x.float().abs() @ w.float().abs().T + b.float().abs()
+    assert ((y.float() - plain.float()).abs() <= 2 ** -7 * magnitude).all()

@@ -5,10 +5,11 @@ QuantLinear) fp8 weights dequantized at load are plain bf16 matrices. The engine
 each once at load into oneDNN's blocked layout
 (:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only that copy: 1.8-2.5x
 faster than ``F.linear`` on the plain weight at M <= 4, never slower up to M = 512, on
-this project's CPU (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``, table in
-docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice). The products are the
-very numbers ``F.linear`` gives (tests/test_kernels_torch.py checks them equal): speed
-only. A tied ``lm_head`` gets its own packed copy: the embedding keeps its table.
+an AVX-512 BF16 CPU without AMX (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``,
+tables in docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice per class of
+CPU). The products are the very numbers ``F.linear`` gives there; with AMX, from M ~ 40 a
+few outputs in 10^4 differ in the last bit (the two kernels split the fp32 sums
+differently; tests/test_kernels_torch.py checks both): speed only. A tied ``lm_head`` gets its own packed copy: the embedding keeps its table.
 """
 
 from __future__ import annotations
