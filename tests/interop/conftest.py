@@ -40,3 +40,11 @@ def vllm() -> str:
     if problem:
         pytest.skip("vLLM is not usable; test_vllm_is_usable says why")
     return resolve_vllm_python()
+
+
+def has_amx() -> bool:
+    """vLLM's CPU kernels take other paths on CPUs with AMX tiles (block fp8 runs, fp8 W8A8
+    per-channel crawls, int4 weight-only computes differently: test_vllm_checkpoints.py)."""
+    from q.plugins.engines.vllm_proxy.support import cpu_flags
+
+    return "amx_tile" in cpu_flags()

@@ -25,6 +25,24 @@ which is about the top-1 agreement of the W8A8 model with its own unquantized or
 q (90%), i.e. the scheme's own noise. A mis-loaded checkpoint (wrong scales, packing or
 zero points) lands far below all of these: under 50% agreement and a perplexity off by
 multiples.
+
+Two things depend on the CPU (both measured on a 2-core Intel Xeon with AMX, against the
+2-core AMD EPYC the bounds above come from):
+
+- vLLM runs fp8 W8A8 per-channel checkpoints through ``torch._scaled_mm``
+  (``ChannelWiseTorchFP8ScaledMMLinearKernel``), which crawled there: on SmolLM2, 178 s for
+  one 32-token window and 4 new tokens, 112 s for an 8-token window and one new token; on
+  the 2-layer random model 49 s for the whole job (0.1-4 s for every other checkpoint),
+  where the EPYC ran the full SmolLM2 job in a few minutes. On AMX CPUs those checkpoints
+  get the light job (the 8-token window, one new token): vLLM must still load and run
+  them, and the model comparison is skipped, saying why.
+- With AMX, vLLM's int4 weight-only kernel computes something else than the dequantized
+  model transformers and q compute (q's fp32 and bf16 agree to 0.1% in perplexity): on
+  SmolLM2, 4.5-7.5% higher perplexity than q, 0.85-0.87 top-1 agreement, greedy
+  continuations apart after 0-10 tokens, about what activations quantized to int8 would
+  do to SmolLM2's outlier channels; on the random Llama it agrees as without AMX (0.94).
+  There its bounds are ``AMX_INT4_MIN_AGREEMENT`` and ``AMX_INT4_PPL_GAP``, still far from
+  a mis-loaded checkpoint's, and greedy prefixes are printed, not bounded.
 """
 
 from __future__ import annotations
@@ -42,11 +60,13 @@ from q.plugins.engines.vllm_proxy import offline
 from q.plugins.engines.vllm_proxy.support import vllm_cpu_verdict
 
 from ..engine_reference import engine_logits
+from .conftest import has_amx
 
 pytestmark = pytest.mark.slow
 
 MIN_AGREEMENT = {"control": 0.95, "weight-only": 0.92, "w8a8": 0.85}
 MAX_PPL_GAP = 0.03
+AMX_INT4_MIN_AGREEMENT, AMX_INT4_PPL_GAP = 0.80, 0.10  # vLLM's int4 kernel with AMX
 MIN_MEAN_PREFIX = 4
 WINDOWS, WINDOW_LEN, GREEDY_TOKENS = 8, 256, 32
 PROMPTS = ["The capital of France is", "Hi, please introduce yourself.", "def fibonacci(n):",
@@ -65,7 +85,17 @@ class Case:
     ignore: tuple = ()
     export: str | None = None  # then `q export` the checkpoint to this format
     calib: bool = False
-    refused: bool = False  # vLLM's CPU build refuses it (on CPUs without AMX)
+    # vLLM's CPU build refuses it on CPUs without AMX. The SmolLM2 ones are still compared
+    # with q wherever vLLM runs them (with AMX: fp8-block-ragged); the random model's
+    # fp8-block ones never: on its near-flat logits W8A8 noise alone gave 0.85 top-1
+    # agreement with vLLM's own bf16, too close to any bound
+    refused: bool = False
+
+    @property
+    def fp8_scaled_mm(self) -> bool:
+        """vLLM runs it through torch._scaled_mm (fp8 per-channel W8A8)."""
+        return self.kind == "w8a8" and self.scheme in ("fp8-dynamic", "smoothquant") and (
+            self.scheme == "fp8-dynamic" or self.args.get("quant_dtype") == "fp8")
 
 
 CASES = [
@@ -169,12 +199,24 @@ def checkpoints(vllm, models, tmp_path_factory):
 def vllm_results(vllm, checkpoints, texts):
     """vLLM's results for every case: one vLLM process per model family."""
     results = {}
+    light = slow_fp8_cases()
     for family in ("smollm2", "aligned"):
-        chosen = {c.id: checkpoints[c.id] for c in CASES if c.model == family}
+        chosen = {c.id: checkpoints[c.id] for c in CASES
+                  if c.model == family and c.id not in light}
         t = texts[family]
         results.update(offline.score(chosen, t["windows"], t["prompts"],
                                      max_tokens=GREEDY_TOKENS, python=vllm))
+        chosen = {c.id: checkpoints[c.id] for c in CASES
+                  if c.model == family and c.id in light}
+        if chosen:  # load and run only: an 8-token window, one new token (~2 min each)
+            results.update(offline.score(chosen, [t["windows"][0][:9]], t["prompts"][:1],
+                                         max_tokens=1, python=vllm))
     return results
+
+
+def slow_fp8_cases() -> set[str]:
+    """The cases that get the light job on this CPU (module docstring)."""
+    return {c.id for c in CASES if c.fp8_scaled_mm} if has_amx() else set()
 
 
 _q_cache: dict[str, dict] = {}
@@ -231,19 +273,31 @@ def test_vllm_runs_what_q_says_it_runs(case_id, checkpoints, vllm_results):
             f"{got.error_type}: {got.error}")
 
 
-@pytest.mark.parametrize("case_id", [c.id for c in CASES if not c.refused])
+@pytest.mark.parametrize("case_id",
+                         [c.id for c in CASES if not c.refused or c.model == "smollm2"])
 def test_vllm_and_q_compute_the_same_model(case_id, checkpoints, texts, vllm_results):
     case = BY_ID[case_id]
     got = vllm_results[case_id]
     if not got.ok:
         pytest.skip(f"vLLM does not run {case_id} on this machine: {got.error[:200]}")
+    if case_id in slow_fp8_cases():
+        pytest.skip(f"vLLM's fp8 W8A8 path (torch._scaled_mm) crawls on AMX CPUs: {case_id} "
+                    "was only loaded and run by vLLM (test_vllm_runs_what_q_says_it_runs), "
+                    "not scored")
     mine = q_results(case, checkpoints[case_id], texts[case.model])
+    min_agreement, max_gap, greedy = MIN_AGREEMENT[case.kind], MAX_PPL_GAP, True
+    if has_amx() and case.scheme == "wint4" and case.model == "smollm2":
+        # vLLM's AMX int4 path on SmolLM2's outliers (module docstring)
+        min_agreement, max_gap, greedy = AMX_INT4_MIN_AGREEMENT, AMX_INT4_PPL_GAP, False
     agree = agreement(mine["top1"], got.top1)
     ppl_q, ppl_vllm = perplexity(mine["logprob"]), perplexity(got.logprob)
     prefixes = [shared_prefix(a, b) for a, b in zip(mine["greedy"], got.greedy)]
     print(f"\n{case_id}: top-1 agreement {agree:.4f}, perplexity q {ppl_q:.3f} vLLM "
-          f"{ppl_vllm:.3f}, shared greedy prefixes {prefixes}, vLLM load {got.load_s:.1f} s")
-    assert agree >= MIN_AGREEMENT[case.kind], agree
-    assert abs(ppl_vllm / ppl_q - 1) <= MAX_PPL_GAP, (ppl_q, ppl_vllm)
+          f"{ppl_vllm:.3f}, shared greedy prefixes {prefixes}, vLLM load {got.load_s:.1f} s, "
+          f"run {got.run_s:.1f} s")
+    assert agree >= min_agreement, agree
+    assert abs(ppl_vllm / ppl_q - 1) <= max_gap, (ppl_q, ppl_vllm)
+    if not greedy:
+        return
     assert sum(p >= 1 for p in prefixes) >= len(prefixes) - 1, prefixes
     assert sum(prefixes) / len(prefixes) >= MIN_MEAN_PREFIX, prefixes

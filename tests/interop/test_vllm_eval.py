@@ -8,6 +8,9 @@ import pytest
 import q
 from q.evaluate import evaluate
 
+from .conftest import has_amx
+from .test_vllm_checkpoints import AMX_INT4_PPL_GAP
+
 pytestmark = pytest.mark.slow
 
 
@@ -25,8 +28,11 @@ def test_eval_through_vllm_agrees_with_the_native_engine(vllm, tmp_path):
           f"{via_vllm.top1_agreement:.3f}; native: ppl {native.ppl:.3f} "
           f"({100 * native.ppl_increase:+.1f}%), top-1 {native.top1_agreement:.3f}")
     # vLLM computes in bf16, the native CPU engine in fp32 (tests/interop/
-    # test_vllm_checkpoints.py measures that gap): same model, same text, close numbers
-    assert abs(via_vllm.ppl / native.ppl - 1) < 0.03
+    # test_vllm_checkpoints.py measures that gap): same model, same text, close numbers;
+    # except that vLLM's int4 kernel on AMX CPUs computes another model (7% higher
+    # perplexity measured here; see that module's docstring)
+    gap = AMX_INT4_PPL_GAP if has_amx() else 0.03
+    assert abs(via_vllm.ppl / native.ppl - 1) < gap
     assert abs(via_vllm.ref_ppl / native.ref_ppl - 1) < 0.03
     assert abs(via_vllm.top1_agreement - native.top1_agreement) < 0.05
     assert via_vllm.kl_mean is None and not via_vllm.layers

@@ -55,6 +55,7 @@ class Scored:
     logprob: list[list[float]] | None = None
     greedy: list[list[int]] | None = None
     load_s: float | None = None
+    run_s: float | None = None  # scoring and generation, after the load
     error: str | None = None
     error_type: str | None = None
 

@@ -5,7 +5,7 @@ once with vLLM's offline API and records what the interop tests compare.
 
 JOB: ``{"checkpoints": [{"name", "path"}], "windows": [[ids]], "prompts": [[ids]],
 "max_tokens": N, "ignore_eos": bool, "max_model_len": N}``. RESULT, per checkpoint name: ``{"ok": true,
-"top1": [[ids]], "logprob": [[float]], "greedy": [[ids]], "load_s": s}`` or ``{"ok": false, "error": "...",
+"top1": [[ids]], "logprob": [[float]], "greedy": [[ids]], "load_s": s, "run_s": s}`` or ``{"ok": false, "error": "...",
 "error_type": "..."}``. A checkpoint vLLM refuses is a result, not a crash: the tests
 check that the refusal is vLLM's own stated limitation.
 
@@ -51,7 +51,8 @@ def run_one(LLM, SamplingParams, ckpt, job):
                                              ignore_eos=job.get("ignore_eos", True)),
                               use_tqdm=False)
         tf = [teacher_forced(o.prompt_logprobs, w) for o, w in zip(forced, job["windows"])]
-        return {"ok": True, "load_s": load_s, "top1": [t for t, _ in tf],
+        return {"ok": True, "load_s": load_s, "run_s": time.perf_counter() - start - load_s,
+                "top1": [t for t, _ in tf],
                 "logprob": [lp for _, lp in tf],
                 "greedy": [list(o.outputs[0].token_ids) for o in greedy]}
     finally:
