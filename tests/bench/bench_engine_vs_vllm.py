@@ -202,6 +202,9 @@ def main():
                         help="checkpoints vLLM runs (its CPU build refuses wint8, and runs "
                              "fp8-dynamic at 1.6-2.4 tok/s for 1 request on SmolLM2: compare those "
                              "with q's bf16)")
+    parser.add_argument("--vllm-setups", default=",".join(VLLM_SETUPS),
+                        help="which vLLM setups run (on 2 cores 'all cores' was the faster in "
+                             "every row measured; naming only it halves vLLM's time)")
     parser.add_argument("--rss", action="store_true", help="peak RSS per checkpoint")
     parser.add_argument("--unfused", action="store_true",
                         help="q with one GEMM per projection (no q/k/v, gate/up fusion), to "
@@ -218,7 +221,12 @@ def main():
         dense.sibling_groups = lambda names: []
 
     opts.work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, q engine defaults")
+    from q.kernels.configs import cpu_class
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), "unknown CPU")
+    print(f"CPU: {cpu} (class {cpu_class()}), {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, q engine defaults")
     for model in opts.models.split(","):
         model_dir = Path(q.default_model()) if model == "smollm2" else llama_1b(
             opts.work / "llama-1b")
@@ -235,7 +243,7 @@ def main():
             setup: vllm_rates(opts.vllm_python, {k: v for k, v in ckpts.items()
                                                  if k in opts.vllm_schemes.split(",")},
                               batch, opts.new_tokens, opts.work, env, alone, warmup)
-            for setup, env in VLLM_SETUPS.items()}
+            for setup, env in VLLM_SETUPS.items() if setup in opts.vllm_setups.split(",")}
         n = len(batch) * opts.new_tokens
         print(f"\n{model}: {len(batch)} requests x 256-token prompts, {opts.new_tokens} new "
               "tokens each (generated tok/s, prefill included)\n")
