@@ -86,7 +86,8 @@ class Case:
     export: str | None = None  # then `q export` the checkpoint to this format
     calib: bool = False
     # vLLM's CPU build refuses it on CPUs without AMX. The SmolLM2 ones are still compared
-    # with q wherever vLLM runs them (with AMX: fp8-block-ragged); the random model's
+    # with q wherever vLLM runs them (with AMX: fp8-block-ragged, which it computes wrong:
+    # the test expects that, see below); the random model's
     # fp8-block ones never: on its near-flat logits W8A8 noise alone gave 0.85 top-1
     # agreement with vLLM's own bf16, too close to any bound
     refused: bool = False
@@ -295,6 +296,14 @@ def test_vllm_and_q_compute_the_same_model(case_id, checkpoints, texts, vllm_res
     print(f"\n{case_id}: top-1 agreement {agree:.4f}, perplexity q {ppl_q:.3f} vLLM "
           f"{ppl_vllm:.3f}, shared greedy prefixes {prefixes}, vLLM load {got.load_s:.1f} s, "
           f"run {got.run_s:.1f} s")
+    if case.ragged == "quantize" and case.scheme == "fp8-block":
+        # with AMX vLLM loads partial fp8 blocks and computes them wrong (measured 0.75
+        # agreement, perplexity 40.6 against 34.1); the support table says so. A vLLM that
+        # fixes it flips this test, and the table's warning goes.
+        assert agree < min_agreement or abs(ppl_vllm / ppl_q - 1) > max_gap, (
+            f"vLLM now computes {case_id} like q: drop the partial-block warning in "
+            "plugins/engines/vllm_proxy/support.py and docs/formats.md")
+        return
     assert agree >= min_agreement, agree
     assert abs(ppl_vllm / ppl_q - 1) <= max_gap, (ppl_q, ppl_vllm)
     if not greedy:
