@@ -9,8 +9,9 @@ A ``_note`` key says where the numbers came from. Reading the files needs no Tri
 tiles, ``avx512-bf16``, ``avx512``, ``other``) and per op that the CPU kernels run with more
 than one candidate kernel, ``[largest M, kernel]`` buckets (:func:`cpu_choice`), measured
 and written by ``tests/bench/tune_kernels_cpu.py`` on a CPU of that class. The classes
-differ in kind, not degree: with AMX, oneDNN's bf16 GEMM is 3-7x faster from M ~ 16 on, so
-a crossover measured without it is wrong with it. A CPU whose class has no table takes the
+differ in kind, not degree: with AMX, oneDNN's bf16 GEMM ran 3-4x faster at M = 128-512
+(the tuner's dense_bf16 tables of both classes, docs/benchmarks.md), so a crossover
+measured without it is wrong with it. A CPU whose class has no table takes the
 nearest measured class below it (then above), and the load logs which.
 """
 
@@ -57,20 +58,23 @@ def launch_config(op: str, m: int, n: int | None = None, k: int | None = None) -
 CPU_CLASSES = ("amx", "avx512-bf16", "avx512", "other")  # fastest first
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (``flags`` on x86, ``Features`` on Arm; empty off
+    Linux), read once."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 @functools.cache
 def cpu_class() -> str:
     """This CPU's class for ``cpu.json`` (see the module docstring)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if {"amx_bf16", "amx_int8", "amx_tile"} <= flags:
         return "amx"
     if {"avx512_bf16", "avx512_vnni"} <= flags:
@@ -105,5 +109,5 @@ def cpu_choice(op: str, m: int) -> str:
     raise ValueError(f"cpu.json: the buckets of {op} end before m={m}")
 
 
-__all__ = ["CPU_CLASSES", "M_BUCKETS", "cpu_choice", "cpu_class", "launch_config",
+__all__ = ["CPU_CLASSES", "M_BUCKETS", "cpu_choice", "cpu_class", "cpu_flags", "launch_config",
            "m_bucket"]

@@ -45,6 +45,6 @@ def vllm() -> str:
 def has_amx() -> bool:
     """vLLM's CPU kernels take other paths on CPUs with AMX tiles (block fp8 runs, fp8 W8A8
     per-channel crawls, int4 weight-only computes differently: test_vllm_checkpoints.py)."""
-    from q.plugins.engines.vllm_proxy.support import cpu_flags
+    from q.kernels.configs import cpu_flags
 
     return "amx_tile" in cpu_flags()

