@@ -100,15 +100,26 @@ def paged_attention(module, query, key, value, attention_mask=None, *, scaling=N
                                dropout), None
     b = q_batch
     k_cache, v_cache = b.cache.layer(module.layer_idx)
-    heads, n, dim = query.shape[1], query.shape[2], query.shape[3]
     kv_heads, value_dim = key.shape[1], value.shape[3]  # MLA: values are narrower than keys
     k_cache[b.slot_blocks, :, :, b.slot_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
     v_cache.view(-1, kv_heads, value_dim).index_copy_(
         0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    return attend(module, query, key, value, b, scaling=scaling, sliding_window=sliding_window,
+                  softcap=softcap, dropout=dropout), None
+
+
+def attend(module, query, key, value, b: AttentionBatch, *, scaling=None, sliding_window=None,
+           softcap=None, dropout=0.0) -> torch.Tensor:
+    """Attention of the step's tokens once their keys and values are in the cache: ``query
+    [1, H, N, d]``, ``key``/``value`` ``[1, kvH, N, d]`` (what fresh prompts attend over)
+    -> ``[1, N, H, dv]``."""
+    k_cache, v_cache = b.cache.layer(module.layer_idx)
+    heads, n = query.shape[1], query.shape[2]
+    value_dim = value.shape[3]
     if not b.fresh:  # decode-only and continued chunks: one paged call for the whole step
         out = _paged(b.paged, k_cache, v_cache, query[0].transpose(0, 1), sliding_window,
                      scaling, softcap)
-        return out.unsqueeze(0).to(query.dtype), None
+        return out.unsqueeze(0).to(query.dtype)
     out = query.new_empty(n, heads, value_dim)
     for start, length in b.fresh:
         span = slice(start, start + length)
@@ -120,7 +131,7 @@ def paged_attention(module, query, key, value, attention_mask=None, *, scaling=N
         q = query[0].transpose(0, 1).index_select(0, rows)
         out[rows] = _paged(b.paged, k_cache, v_cache, q, sliding_window, scaling,
                            softcap).to(out.dtype)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
 
 
 def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torch.Tensor:

@@ -17,11 +17,14 @@ from .scheduler import Step
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device: torch.device, decode_kernel=None):
+    def __init__(self, model, cache: KVCache, device: torch.device, decode_kernel=None,
+                 forward=None):
         self.model = model
         self.cache = cache
         self.device = device
         self.decode_kernel = decode_kernel  # see attention.decode_kernel
+        # the engine's own decoder forward (decoder.build) or the model's: same logits
+        self.forward = forward or (lambda **kwargs: model(**kwargs).logits[0])
 
     def prepare(self, step: Step) -> tuple[dict, list]:
         """The model's keyword arguments for ``step``, and the sequences whose logits come
@@ -77,7 +80,7 @@ class ModelRunner:
         kwargs, sampled = self.prepare(step)
         if not sampled:  # only prompt chunks that do not reach their end: no logits needed
             kwargs["logits_to_keep"] = torch.tensor([0], device=self.device)
-        logits = self.model(**kwargs).logits[0]
+        logits = self.forward(**kwargs)
         return (logits.float() if sampled else logits[:0].float()), sampled
 
     @torch.inference_mode()
@@ -85,4 +88,4 @@ class ModelRunner:
         """Logits at every position of ``seq``'s tokens, computed as one prompt."""
         kwargs, _ = self.prepare(Step([(seq, 0, seq.num_tokens)], []))
         kwargs["logits_to_keep"] = 0  # transformers: 0 keeps every position
-        return self.model(**kwargs).logits[0].float()
+        return self.forward(**kwargs).float()

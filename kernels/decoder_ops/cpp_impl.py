@@ -1,0 +1,143 @@
+"""The decoder layer's elementwise ops in C++ (``decoder_ops.cpp``, built on first use by
+:mod:`q.kernels.cpp_build`), one pass each where transformers runs several torch ops:
+bit-exact to :mod:`.reference` for the residual add and the rotary embedding, within a bf16
+rounding step (or an fp32 ulp) for RMSNorm's and SiLU's results (a sum's order, exp's last
+bit). Each function takes the layouts the engine has (rows of a fixed stride, the last
+dimension contiguous) and raises ``ValueError`` on others: :func:`unavailable_reason` is
+asked once per load, and the engine keeps transformers' forward where it is not None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import cpp_build
+
+SOURCE = Path(__file__).with_name("decoder_ops.cpp")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.cache
+def _library():
+    lib, why = cpp_build.load(SOURCE)
+    if lib is None:
+        return None, why
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.q_rms_norm.argtypes = [i32, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32, i32,
+                               i32]
+    lib.q_rotary_cache.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64,
+                                   ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
+    lib.q_silu_mul.argtypes = [i32, ptr, i64, ptr, i64, ptr, i64, i64, i32]
+    for fn in (lib.q_rms_norm, lib.q_rotary_cache, lib.q_silu_mul):
+        fn.restype = ctypes.c_int
+    return lib, None
+
+
+@functools.cache
+def torch_sum_lanes() -> int | None:
+    """The lane count W of the sum kernel torch runs on this CPU, which fixes the order its
+    sums add in: probed once, as the W (8 or 16) whose fp32 RMSNorm matches the reference
+    on every row of random data (x86 builds of torch 2.13 sum in 8 lanes even on AVX-512
+    CPUs); None where neither matches (RMSNorm then sums in 8 lanes, within a few fp32 ulp
+    of torch's, not bit-exact)."""
+    from . import reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=gen) * 30
+    weight = torch.ones(1000)
+    want = reference.rms_norm(x, weight, 1e-6)
+    for lanes in (8, 16):
+        if torch.equal(_rms_norm(x, weight, 1e-6, None, lanes), want):
+            return lanes
+    return None
+
+
+def unavailable_reason(dtype: torch.dtype) -> str | None:
+    if dtype not in _DTYPES:
+        return f"it takes float32 or bfloat16, not {dtype}"
+    return _library()[1]
+
+
+def _rows(x: torch.Tensor, name: str, width: int | None = None) -> int:
+    """Row stride of a 2-D CPU tensor whose rows are contiguous."""
+    if x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        raise ValueError(f"{name} must be 2-D CPU rows, each contiguous (got shape "
+                         f"{tuple(x.shape)}, strides {x.stride()})")
+    if width is not None and x.shape[1] != width:
+        raise ValueError(f"{name} has {x.shape[1]} columns, expected {width}")
+    return x.stride(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None):
+    """See :func:`.reference.rms_norm`."""
+    return _rms_norm(x, weight, eps, residual, torch_sum_lanes() or 8)
+
+
+def _rms_norm(x, weight, eps, residual, lanes):
+    lib = _library()[0]
+    rows, n = x.shape
+    xs = _rows(x, "x")
+    rs = 0 if residual is None else _rows(residual, "residual", n)
+    if weight.dtype != x.dtype or not weight.is_contiguous() or weight.numel() != n:
+        raise ValueError("the norm weight must be contiguous, of the activations' width "
+                         "and dtype")
+    out = torch.empty(rows, n, dtype=x.dtype)
+    total = None if residual is None else torch.empty(rows, n, dtype=x.dtype)
+    lib.q_rms_norm(_DTYPES[x.dtype], x.data_ptr(), xs,
+                   None if residual is None else residual.data_ptr(), rs, weight.data_ptr(),
+                   out.data_ptr(), None if total is None else total.data_ptr(), rows, n, eps,
+                   lanes, torch.get_num_threads())
+    return out if residual is None else (out, total)
+
+
+def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, head_dim: int, k_cache: torch.Tensor | None = None,
+                 v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None):
+    """Rotate ``q [N, H*d]`` and ``k [N, kvH*d]`` in place and, given a cache, write each
+    token's keys and values (``v [N, kvH*dv]``) to ``slots`` (int64); as
+    :func:`.reference.rotary` then :func:`.reference.write_cache`."""
+    lib = _library()[0]
+    rows = q.shape[0]
+    dtype = q.dtype
+    if any(t.dtype != dtype for t in (k, v, cos, sin)) or head_dim % 2:
+        raise ValueError("q, k, v, cos and sin must share a dtype; the head size must be even")
+    qs, ks, vs = _rows(q, "q"), _rows(k, "k"), _rows(v, "v")
+    _rows(cos, "cos", head_dim), _rows(sin, "sin", head_dim)
+    if cos.stride(0) != head_dim or sin.stride(0) != head_dim or cos.shape[0] != rows:
+        raise ValueError("cos and sin must be contiguous [N, head_dim]")
+    heads, kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    value_dim, bs = v.shape[1] // max(kv_heads, 1), 0
+    if k_cache is not None:
+        bs = k_cache.shape[-1]
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()
+                and k_cache.dtype == v_cache.dtype == dtype
+                and tuple(k_cache.shape[1:3]) == (kv_heads, head_dim)
+                and tuple(v_cache.shape[1:]) == (bs, kv_heads, value_dim)
+                and slots.dtype == torch.int64 and slots.is_contiguous()
+                and slots.numel() == rows):
+            raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
+                             "keys and [blocks, bs, kvH, dv] values of the activations' "
+                             "dtype, with one int64 slot per row")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    lib.q_rotary_cache(_DTYPES[dtype], q.data_ptr(), qs, heads, k.data_ptr(), ks,
+                       v.data_ptr(), vs, kv_heads, head_dim, value_dim, cos.data_ptr(),
+                       sin.data_ptr(), rows, ptr(k_cache), ptr(v_cache), ptr(slots), bs,
+                       torch.get_num_threads())
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """See :func:`.reference.silu_mul`."""
+    lib = _library()[0]
+    rows, n = gate.shape
+    gs, us = _rows(gate, "gate"), _rows(up, "up", n)
+    if up.dtype != gate.dtype or up.shape[0] != rows:
+        raise ValueError("gate and up must have one shape and dtype")
+    out = torch.empty(rows, n, dtype=gate.dtype)
+    lib.q_silu_mul(_DTYPES[gate.dtype], gate.data_ptr(), gs, up.data_ptr(), us,
+                   out.data_ptr(), rows, n, torch.get_num_threads())
+    return out

@@ -1,0 +1,126 @@
+"""The decoder layer's C++ elementwise ops (q.kernels.decoder_ops.cpp_impl) against their
+torch reference, which is transformers' own arithmetic: bit-exact for the residual add, the
+rotary embedding and the cache write everywhere, for RMSNorm where torch's summation order
+is known (probed: cpp_impl.torch_sum_lanes), for bf16 SiLU x up on the sampled values;
+fp32 SiLU within 4 ulp (its exp is not torch's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from q.kernels.decoder_ops import reference
+
+cpp = pytest.importorskip("q.kernels.decoder_ops.cpp_impl")
+if cpp.unavailable_reason(torch.float32) is not None:
+    pytest.skip(f"C++ decoder ops: {cpp.unavailable_reason(torch.float32)}",
+                allow_module_level=True)
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 576), (7, 2048), (300, 576), (5, 100), (3, 1000),
+                                        (2, 7), (4, 20000)])
+def test_rms_norm_matches_transformers(dtype, rows, width):
+    g = _gen()
+    x = (torch.randn(rows, width, generator=g) * 40).to(dtype)
+    r = torch.randn(rows, width, generator=g).to(dtype)
+    w = torch.randn(width, generator=g).to(dtype)
+    got, want = cpp.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5)
+    (got_n, got_s), (want_n, want_s) = (cpp.rms_norm(x, w, 1e-5, residual=r),
+                                        reference.rms_norm(x, w, 1e-5, residual=r))
+    assert torch.equal(got_s, want_s)  # the residual add rounds once, as torch's
+    if cpp.torch_sum_lanes() is not None:  # torch's summation order found (x86 builds)
+        assert torch.equal(got, want) and torch.equal(got_n, want_n)
+    else:  # the sum's order differs: the variance within a few fp32 ulp
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+
+
+def test_rms_norm_reads_strided_rows_and_leaves_inputs_alone():
+    g = _gen(1)
+    product = torch.randn(6, 900, generator=g).bfloat16()  # a fused GEMM's output
+    x, r = product[:, 100:676], torch.randn(6, 576, generator=g).bfloat16()
+    before = product.clone(), r.clone()
+    w = torch.randn(576, generator=g).bfloat16()
+    got_n, got_s = cpp.rms_norm(x, w, 1e-6, residual=r)
+    want_n, want_s = reference.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(got_s, want_s) and torch.equal(got_n, want_n)
+    assert torch.equal(product, before[0]) and torch.equal(r, before[1])
+
+
+def _rope(positions, dim, dtype, base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+    angles = positions[:, None].float() * inv
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim,value_dim", [(9, 3, 64, 64), (32, 4, 64, 64),
+                                                          (4, 4, 128, 128), (6, 2, 32, 16)])
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_rotary_and_cache_write_match_transformers(dtype, heads, kv_heads, dim, value_dim,
+                                                   rows):
+    g = _gen(2)
+    qkv = torch.randn(rows, (heads + kv_heads) * dim + kv_heads * value_dim,
+                      generator=g).to(dtype) * 3
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * value_dim], 1)
+    cos, sin = _rope(torch.randint(0, 5000, (rows,), generator=g), dim, dtype)
+    want_q, want_k = reference.rotary(q, k, cos, sin, dim)
+    blocks, bs = 12, 64
+    k_cache = torch.randn(blocks, kv_heads, dim, bs, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, bs, kv_heads, value_dim, generator=g).to(dtype)
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(blocks * bs, generator=g)[:rows]
+    reference.write_cache(want_k, v, want_kc, want_vc, slots)
+    v_before = v.clone()
+    cpp.rotary_cache(q, k, v, cos, sin, dim, k_cache, v_cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
+    assert torch.equal(v, v_before)
+
+
+def test_rotary_without_a_cache_only_rotates():
+    g = _gen(3)
+    q, k = torch.randn(3, 4 * 16, generator=g), torch.randn(3, 2 * 16, generator=g)
+    cos, sin = _rope(torch.tensor([0, 7, 100]), 16, torch.float32)
+    want = reference.rotary(q, k, cos, sin, 16)
+    cpp.rotary_cache(q, k, torch.empty(3, 32), cos, sin, 16)
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1536), (33, 5632), (3, 100)])
+def test_silu_mul_bf16_matches_transformers(rows, width):
+    g = _gen(4)
+    gate_up = (torch.randn(rows, 2 * width, generator=g) * 6).bfloat16()
+    gate, up = gate_up.split([width, width], 1)  # strided views of one product, as fused
+    assert torch.equal(cpp.silu_mul(gate, up), reference.silu_mul(gate, up))
+
+
+def test_silu_mul_fp32_within_a_few_ulp_and_saturates():
+    g = _gen(5)
+    gate = torch.cat([torch.randn(4, 4096, generator=g) * 6,
+                      torch.tensor([[-200.0, -88.0, -30.0, 0.0, 30.0, 88.0, 200.0, 1e30]])
+                      .expand(4, 8)], 1)
+    up = torch.randn(gate.shape, generator=g)
+    got, want = cpp.silu_mul(gate, up), reference.silu_mul(gate, up)
+    torch.testing.assert_close(got, want, rtol=4 * 2 ** -23, atol=1e-37)
+
+
+def test_layouts_the_kernels_cannot_read_are_refused():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpp.rms_norm(x.t(), torch.ones(4), 1e-6)
+    with pytest.raises(ValueError, match="dtype"):
+        cpp.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="share a dtype"):
+        cpp.rotary_cache(x, x.bfloat16(), x, x, x, 8)
+    with pytest.raises(ValueError, match="cache"):
+        cpp.rotary_cache(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8),
+                         torch.ones(2, 8), torch.zeros(2, 8), 8, torch.zeros(3, 1, 8, 16),
+                         torch.zeros(3, 16, 1, 8), torch.tensor([0, 1], dtype=torch.int32))
