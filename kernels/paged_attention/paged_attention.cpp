@@ -24,21 +24,27 @@
 
 namespace {
 
+// bit casts through a union: GCC vectorizes loops with these, not with memcpy
+inline float bits_to_float(uint32_t u) {
+  union { uint32_t u; float f; } c;
+  c.u = u;
+  return c.f;
+}
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {  // bf16: the high half of an fp32
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  return bits_to_float(static_cast<uint32_t>(x) << 16);
 }
 
 // exp for x <= 0 (scores minus their maximum), vectorizable (libm's expf is not, without
-// -ffast-math): exp(x) = 2^k exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor
+// -ffast-math, nor is std::floor): exp(x) = 2^k exp(r), k = x / ln2 rounded to the nearest
+// integer (adding 1.5 * 2^23 rounds), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor
 // polynomial to degree 7 (relative error below 2e-7, about 2 ulp); below -87 it gives ~1e-38
 // where the exact value is as negligible.
 inline float exp_nonpositive(float x) {
   x = x < -87.f ? -87.f : x;
-  const float k = std::floor(x * 1.44269504f + 0.5f);
+  constexpr float shifter = 12582912.f;
+  const float k = (x * 1.44269504f + shifter) - shifter;
   const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
   float p = 1.f / 5040.f;
   p = p * r + 1.f / 720.f;
@@ -48,10 +54,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
 }
 
 template <typename T>
@@ -84,32 +87,40 @@ void block_scores(const float* q, const float* tile, float* part, int64_t heads,
   }
 }
 
-// acc[j][:] = sum over the n positions t of w[j][t] * value[t][:], R heads at a time and
-// 16 value dimensions per accumulator: one value load feeds R multiply-adds
+// acc[j][:] = sum over the n positions t of w[j][t] * value[t][:], R heads at a time: one
+// pass over the positions, a block at a time (no division per position); each value row
+// is read from L1 once per CHUNK of its elements, each feeding R multiply-adds
+constexpr int64_t CHUNK = 32;
+
 template <int R, typename T>
 void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_t first,
                   int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs, int64_t heads,
                   float* acc) {
   for (int64_t j0 = 0; j0 < heads; j0 += R) {
-    for (int64_t d0 = 0; d0 < DV; d0 += LANES) {
-      const int64_t width = std::min(LANES, DV - d0);
-      float a[R][LANES] = {};
-      float v[LANES] = {};
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t p = first + t;
-        const T* src = v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV + d0;
-        if (width == LANES)
-          load_row(src, v, LANES);
-        else
-          for (int64_t l = 0; l < width; ++l) v[l] = to_float(src[l]);
-        for (int r = 0; r < R; ++r) {
-          const float wr = w[(j0 + r) * n + t];
+    float* a = acc + j0 * DV;
+    std::memset(a, 0, sizeof(float) * R * DV);
+    for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
+      const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
+      const T* rows = v_cache + (table[blk] * bs * kvH + h) * DV;
+      for (int64_t d0 = 0; d0 < DV; d0 += CHUNK) {  // accumulators stay in registers
+        const int64_t width = std::min(CHUNK, DV - d0);
+        float part[R][CHUNK] = {};
+        float v[CHUNK] = {};
+        for (int64_t p = lo; p < hi; ++p) {
+          const T* src = rows + (p - blk * bs) * kvH * DV + d0;
+          if (width == CHUNK)
+            load_row(src, v, CHUNK);
+          else
+            for (int64_t l = 0; l < width; ++l) v[l] = to_float(src[l]);
+          for (int r = 0; r < R; ++r) {
+            const float wr = w[(j0 + r) * n + p - first];
 #pragma omp simd
-          for (int64_t l = 0; l < LANES; ++l) a[r][l] += wr * v[l];
+            for (int64_t l = 0; l < CHUNK; ++l) part[r][l] += wr * v[l];
+          }
         }
+        for (int r = 0; r < R; ++r)
+          for (int64_t l = 0; l < width; ++l) a[r * DV + d0 + l] += part[r][l];
       }
-      for (int r = 0; r < R; ++r)
-        std::memcpy(acc + (j0 + r) * DV + d0, a[r], sizeof(float) * width);
     }
   }
 }
@@ -131,9 +142,9 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       std::memset(o, 0, sizeof(float) * group * DV);
       continue;
     }
-    // query heads are scored R at a time (R = 4, or the group when it is 1 or 2): the
-    // group is padded with zero queries to a multiple of R, whose scores are dropped
-    const int64_t rows = group >= 3 ? 4 : group;
+    // query heads are scored R at a time (the group when it is at most 4, else 4): a
+    // larger group is padded with zero queries to a multiple of 4, whose scores are dropped
+    const int64_t rows = group > 4 ? 4 : group;
     const int64_t padded = (group + rows - 1) / rows * rows;
     std::vector<float> qf(padded * D, 0.f), tile(D * bs), part(padded * bs),
         scores(padded * n, 0.f), acc(padded * DV), peak(group, -INFINITY), total(group, 0.f);
@@ -152,6 +163,8 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
       if (rows == 4)
         block_scores<4>(qf.data(), tile.data(), part.data(), padded, D, bs);
+      else if (rows == 3)
+        block_scores<3>(qf.data(), tile.data(), part.data(), padded, D, bs);
       else if (rows == 2)
         block_scores<2>(qf.data(), tile.data(), part.data(), padded, D, bs);
       else
@@ -180,6 +193,9 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
     }
     if (rows == 4)
       weighted_sum<4>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+                      acc.data());
+    else if (rows == 3)
+      weighted_sum<3>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
                       acc.data());
     else if (rows == 2)
       weighted_sum<2>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
