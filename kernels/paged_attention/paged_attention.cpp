@@ -57,6 +57,14 @@ inline float exp_nonpositive(float x) {
   return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
 }
 
+// Software prefetch of n elements from p
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
+    __builtin_prefetch(c + off);
+}
+
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
 #pragma omp simd
@@ -131,7 +139,11 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
             int64_t DV, int64_t nblk, int64_t bs, int64_t window, float scale, float softcap,
             int threads) {
   const int64_t group = H / kvH;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  // a thread takes all KV heads of a sequence in turn when there are sequences enough for
+  // every thread: the heads' keys and values interleave in memory, so the lines the first
+  // head brings from memory (and their prefetched neighbours) serve the others from cache
+  const int64_t chunk = B >= 2 * threads ? kvH : 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
   for (int64_t unit = 0; unit < B * kvH; ++unit) {
     const int64_t b = unit / kvH, h = unit % kvH;
     const int64_t len = lengths[b];
@@ -152,11 +164,18 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       load_row(q + (b * H + h * group + j) * D, qf.data() + j * D, D);
       for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
     }
+    const int64_t* table = tables + b * nblk;
+    // every line this unit reads, asked for at once: decode reads the cache from memory (a
+    // step's model and cache outgrow the caches), from blocks only the table locates
+    for (int64_t blk = first / bs; blk * bs < len; ++blk) {
+      prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
+      for (int64_t p = 0; p < bs; ++p)
+        prefetch(v_cache + ((table[blk] * bs + p) * kvH + h) * DV, DV);
+    }
     // scores, a block at a time: the block's keys for this head are [D][bs] (positions
     // innermost), so each query dimension is a broadcast multiply-add over 16 positions (no
     // horizontal sums), for R query heads at once (one key load feeds R accumulators);
     // positions outside [first, len) are computed and dropped
-    const int64_t* table = tables + b * nblk;
     for (int64_t blk = first / bs; blk * bs < len; ++blk) {
       load_row(k_cache + (table[blk] * kvH + h) * D * bs, tile.data(), D * bs);
       const int64_t lo = std::max(first, blk * bs) - blk * bs;

@@ -4,9 +4,13 @@
     python tests/bench/profile_engine_cpu.py --requests 1      # SmolLM2 (the default model)
     python tests/bench/profile_engine_cpu.py --requests 32 --model CKPT
     python tests/bench/profile_engine_cpu.py --prefill          # one step of 8 x 256 prompt tokens
+    python tests/bench/profile_engine_cpu.py --requests 32 --parts  # wall time per part
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
-step time printed includes the profiler's overhead.
+step time printed includes the profiler's overhead. torch's profiler does not see the C++
+kernels q calls through ctypes (decode attention, the decoder's elementwise ops): ``--parts``
+times instead each part of the engine's own decoder forward (decoder.py) with a wall clock
+over 20 decode steps, no profiler.
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=22)
     ap.add_argument("--prefill", action="store_true",
                     help="profile one step of 8 fresh 256-token prompts (2048 tokens) instead")
+    ap.add_argument("--parts", action="store_true",
+                    help="wall time per part of q's decoder forward instead of the profiler")
     args = ap.parse_args()
     session = q.load_engine(args.model or q.default_model())
     if args.prefill:
         return profile_prefill(session, args.rows)
+    if args.parts:
+        return time_parts(session, args.requests)
     for i in range(args.requests):
         session.add_request(list(range(100 + i, 356 + i)),
                             SamplingParams(max_tokens=40, ignore_eos=True))
@@ -44,6 +52,55 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     print(f"{args.requests} requests: {elapsed / 10 * 1e3:.1f} ms per decode step (profiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def time_parts(session, requests: int) -> None:
+    """ms per decode step in each part of the engine's decoder forward (wrapped callables)."""
+    import collections
+
+    forward = session.runner.forward
+    if type(forward).__name__ != "DecoderForward":
+        raise SystemExit("this model runs transformers' forward: --parts times q's own")
+    totals, calls = collections.Counter(), collections.Counter()
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            totals[name] += time.perf_counter() - start
+            calls[name] += 1
+            return out
+        return run
+
+    from q.plugins.engines.native import decoder
+
+    ops = forward.ops
+    forward.ops = type("TimedOps", (), {n: staticmethod(timed(n, getattr(ops, n)))
+                                        for n in ("rms_norm", "rotary_cache", "silu_mul")})
+    attend = decoder.attend
+    decoder.attend = timed("attention", attend)
+    for layer in forward.layers:
+        for part in ("qkv", "o_proj", "gate_up", "down"):
+            setattr(layer, part, timed(part, getattr(layer, part)))
+    forward.lm_head = timed("lm_head", forward.lm_head)
+    for i in range(requests):
+        session.add_request(list(range(100 + i, 356 + i)),
+                            SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(10):
+        session.step()
+    totals.clear(), calls.clear()
+    start = time.perf_counter()
+    for _ in range(20):
+        session.step()
+    step = (time.perf_counter() - start) / 20
+    decoder.attend = attend
+    print(f"{requests} requests: {step * 1e3:.1f} ms per decode step\n")
+    print("| part | ms per step | calls per step |\n|---|---:|---:|")
+    for name, seconds in totals.most_common():
+        print(f"| {name} | {seconds / 20 * 1e3:.2f} | {calls[name] / 20:.0f} |")
+    rest = step - sum(totals.values()) / 20
+    print(f"| everything else (embedding, rotary tables, sampling, scheduling) | "
+          f"{rest * 1e3:.2f} | |")
 
 
 def profile_prefill(session, rows: int) -> None:
