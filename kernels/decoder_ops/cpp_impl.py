@@ -1,8 +1,7 @@
 """The decoder layer's elementwise ops in C++ (``decoder_ops.cpp``, built on first use by
 :mod:`q.kernels.cpp_build`), one pass each where transformers runs several torch ops:
-bit-exact to :mod:`.reference` for the residual add and the rotary embedding, within a bf16
-rounding step (or an fp32 ulp) for RMSNorm's and SiLU's results (a sum's order, exp's last
-bit). Each function takes the layouts the engine has (rows of a fixed stride, the last
+bit-exact to :mod:`.reference` for the residual add and the rotary embedding, and for
+RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`). Each function takes the layouts the engine has (rows of a fixed stride, the last
 dimension contiguous) and raises ``ValueError`` on others: :func:`unavailable_reason` is
 asked once per load, and the engine keeps transformers' forward where it is not None.
 """
@@ -31,8 +30,7 @@ def _library():
                                i32]
     lib.q_rotary_cache.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64,
                                    ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
-    lib.q_silu_mul.argtypes = [i32, ptr, i64, ptr, i64, ptr, i64, i64, i32]
-    for fn in (lib.q_rms_norm, lib.q_rotary_cache, lib.q_silu_mul):
+    for fn in (lib.q_rms_norm, lib.q_rotary_cache):
         fn.restype = ctypes.c_int
     return lib, None
 
@@ -128,16 +126,3 @@ def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
                        v.data_ptr(), vs, kv_heads, head_dim, value_dim, cos.data_ptr(),
                        sin.data_ptr(), rows, ptr(k_cache), ptr(v_cache), ptr(slots), bs,
                        torch.get_num_threads())
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """See :func:`.reference.silu_mul`."""
-    lib = _library()[0]
-    rows, n = gate.shape
-    gs, us = _rows(gate, "gate"), _rows(up, "up", n)
-    if up.dtype != gate.dtype or up.shape[0] != rows:
-        raise ValueError("gate and up must have one shape and dtype")
-    out = torch.empty(rows, n, dtype=gate.dtype)
-    lib.q_silu_mul(_DTYPES[gate.dtype], gate.data_ptr(), gs, up.data_ptr(), us,
-                   out.data_ptr(), rows, n, torch.get_num_threads())
-    return out

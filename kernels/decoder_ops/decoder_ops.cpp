@@ -1,15 +1,15 @@
 // The elementwise work of a Llama-style decoder layer, for CPUs, each op in one pass:
 //   q_rms_norm     (residual add +) RMSNorm, as transformers' LlamaRMSNorm computes it
 //   q_rotary_cache rotary embedding of q and k in place, and k, v written to the paged cache
-//   q_silu_mul     SiLU(gate) * up
-// transformers runs these as about 25 small torch ops per layer; at decode sizes each op's
-// fixed cost outweighs its arithmetic (tests/bench/profile_engine_cpu.py).
+// transformers runs these as about 20 small torch ops per layer; at decode sizes each op's
+// fixed cost outweighs its arithmetic (tests/bench/profile_engine_cpu.py). SiLU x up stays
+// torch's: its exp (Sleef) is faster than this file's was (tests/bench/bench_decoder_ops.py
+// measured a C++ SiLU x up at 0.4-0.9x of torch's two ops before it was dropped).
 //
 // Every rounding is where torch rounds: in bf16 each op of the reference rounds its result to
 // bf16 (round to nearest even), and here too; so the rotary embedding and the residual add are
 // bit-exact; RMSNorm adds its squares in torch's order (sum_squares), so it is bit-exact
-// where that order is known (x86 builds of torch); SiLU's exp differs from torch's in the
-// last fp32 bit at times, which a bf16 result almost never shows (tests bound both).
+// where that order is known (x86 builds of torch; tests check it).
 // No fused multiply-adds: a * b + c * d must round both products, as torch does.
 #pragma GCC optimize("fp-contract=off")
 #pragma STDC FP_CONTRACT OFF
@@ -47,30 +47,6 @@ inline void store(uint16_t* p, float x) { *p = to_bf16(x); }
 // the value an op of the reference leaves: x rounded to the tensor's dtype
 inline float round_to(float, float x) { return x; }
 inline float round_to(uint16_t, float x) { return load(to_bf16(x)); }
-
-// exp(x), vectorizable (libm's expf is not without -ffast-math): 2^k exp(r) with
-// r = x - k ln2 in [-ln2/2, ln2/2] and exp(r) by its degree-7 Taylor polynomial (relative
-// error below 2e-7; k stops at 127, so within ln2/2 of fp32's largest argument r reaches
-// ln2 and the error 2e-6); below -87 it gives ~1e-38 where the exact value is as negligible,
-// above the largest argument infinity, as expf does
-inline float exp_approx(float x) {
-  const bool overflows = x > 88.7228f;
-  x = x < -87.f ? -87.f : (overflows ? 88.7228f : x);
-  constexpr float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  float k = (x * 1.44269504f + shifter) - shifter;  // (std::floor does not vectorize)
-  k = k > 127.f ? 127.f : k;
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
-  return overflows ? INFINITY : p * scale;
-}
 
 // rows are split across threads only when there is enough work: an OpenMP team costs a few
 // microseconds, more than a decode token's whole norm
@@ -213,23 +189,6 @@ void rotary_cache(T* q, int64_t q_stride, int64_t H, T* k, int64_t k_stride, con
   }
 }
 
-template <typename T>
-void silu_mul(const T* gate, int64_t g_stride, const T* up, int64_t u_stride, T* out,
-              int64_t rows, int64_t n, int threads) {
-#pragma omp parallel for num_threads(threads) if (rows * n >= PARALLEL_ELEMENTS)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = gate + r * g_stride;
-    const T* u = up + r * u_stride;
-    T* o = out + r * n;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = load(g[i]);
-      const float act = round_to(T(), x / (1.f + exp_approx(-x)));  // F.silu, rounded
-      store(o + i, act * load(u[i]));
-    }
-  }
-}
-
 }  // namespace
 
 // dtype: 0 = float32, 1 = bfloat16 (every tensor of a call shares it). Return 0.
@@ -265,17 +224,6 @@ int q_rotary_cache(int dtype, void* q, int64_t q_stride, int64_t H, void* k, int
                  static_cast<const float*>(cos), static_cast<const float*>(sin), rows,
                  static_cast<float*>(k_cache), static_cast<float*>(v_cache), slots, bs,
                  threads);
-  return 0;
-}
-
-int q_silu_mul(int dtype, const void* gate, int64_t g_stride, const void* up, int64_t u_stride,
-               void* out, int64_t rows, int64_t n, int threads) {
-  if (dtype == 1)
-    silu_mul(static_cast<const uint16_t*>(gate), g_stride, static_cast<const uint16_t*>(up),
-             u_stride, static_cast<uint16_t*>(out), rows, n, threads);
-  else
-    silu_mul(static_cast<const float*>(gate), g_stride, static_cast<const float*>(up),
-             u_stride, static_cast<float*>(out), rows, n, threads);
   return 0;
 }
 

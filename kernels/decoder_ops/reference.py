@@ -1,6 +1,6 @@
 """The elementwise ops of a Llama-style decoder layer, in plain torch, exactly as transformers
-computes them (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ``LlamaMLP``'s ``act_fn(gate) *
-up``, the residual adds): the oracle of :mod:`.cpp_impl`.
+computes them (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, the residual adds, the KV-cache
+write as the engine's attention did it): the oracle of :mod:`.cpp_impl`.
 
 Shapes: activations are ``[N, width]`` rows (the engine's packed tokens); ``cos``/``sin`` are
 ``[N, head_dim]`` as the model's rotary module returns them (both halves equal).
@@ -45,7 +45,3 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     k_cache[slots // bs, :, :, slots % bs] = k.reshape(-1, kv_heads, dim).to(k_cache.dtype)
     v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(
         0, slots, v.reshape(-1, kv_heads, v_cache.shape[-1]).to(v_cache.dtype))
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up

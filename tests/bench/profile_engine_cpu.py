@@ -76,7 +76,7 @@ def time_parts(session, requests: int) -> None:
 
     ops = forward.ops
     forward.ops = type("TimedOps", (), {n: staticmethod(timed(n, getattr(ops, n)))
-                                        for n in ("rms_norm", "rotary_cache", "silu_mul")})
+                                        for n in ("rms_norm", "rotary_cache")})
     attend = decoder.attend
     decoder.attend = timed("attention", attend)
     for layer in forward.layers:
