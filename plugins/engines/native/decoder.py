@@ -156,8 +156,10 @@ class DecoderForward:
             h = ops.rms_norm(x, layer.norm_in, layer.eps)
             x, h = self._attention(layer, x, h, cos, sin, q_batch)
             x = x + self._mlp(layer, h)
-        rows = x if isinstance(logits_to_keep, int) and logits_to_keep == 0 \
-            else x.index_select(0, logits_to_keep)
+        if isinstance(logits_to_keep, int):  # transformers' meaning: the last n (0: all)
+            rows = x[-logits_to_keep:] if logits_to_keep else x
+        else:
+            rows = x.index_select(0, logits_to_keep)
         return self.lm_head(ops.rms_norm(rows, self.norm.weight, self.norm.variance_epsilon))
 
     def _attention(self, layer: _Layer, x, h, cos, sin, batch):
