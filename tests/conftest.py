@@ -35,6 +35,21 @@ def save_tiny_llama(path: Path, intermediate: int = 384, hidden: int = 256, laye
     return path
 
 
+def save_tiny_arch(path: Path, config_class: str, layers: int = 2, **extra) -> Path:
+    """A random-weight bf16 model of a transformers config class (``"Qwen3Config"``...):
+    hidden 128, 4 heads of 32 over 2 KV heads, MLP 256, vocab 512, with a tokenizer."""
+    import transformers
+
+    cfg = getattr(transformers, config_class)(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_hidden_layers=layers, vocab_size=512, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return path
+
+
 def save_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
     """A word-level tokenizer whose words are "w0".."w{n-3}" plus <s> and </s>, so engines
     can encode and decode text for tiny random models."""

@@ -184,18 +184,10 @@ ARCHS = {
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_architectures_match_transformers(arch, tmp_path):
-    import transformers
-
-    from .conftest import save_tiny_tokenizer
+    from .conftest import save_tiny_arch
 
     cls_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cls_name)(
-        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, num_hidden_layers=2, vocab_size=512, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
+    save_tiny_arch(tmp_path, cls_name, **extra)
     session = q.load_engine(tmp_path, scheme="wint8", dtype="float32")
     deq = q.dequantize(q.quantize(tmp_path, "wint8", tmp_path / "o", progress=False).output,
                        tmp_path / "d", dtype="float32", progress=False).output

@@ -14,7 +14,7 @@ import torch
 import q
 from q.generation import SamplingParams
 
-from .conftest import save_tiny_tokenizer
+from .conftest import save_tiny_arch
 
 cpp = pytest.importorskip("q.kernels.decoder_ops.cpp_impl")
 if cpp.unavailable_reason(torch.bfloat16) is not None:
@@ -30,17 +30,8 @@ ARCHS = {
 
 
 def _save(tmp_path, arch: str):
-    import transformers
-
     cls_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cls_name)(
-        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, num_hidden_layers=2, vocab_size=512, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
-    return tmp_path
+    return save_tiny_arch(tmp_path, cls_name, **extra)
 
 
 def _step_logits(session, forward) -> list[torch.Tensor]:
@@ -105,13 +96,7 @@ def test_prompt_logits_use_the_same_forward(tmp_path):
 
 
 def test_models_it_does_not_know_keep_transformers_forward(tmp_path, caplog):
-    import transformers
-
-    cfg = transformers.GemmaConfig(hidden_size=128, intermediate_size=256,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   num_hidden_layers=1, vocab_size=512)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
+    save_tiny_arch(tmp_path, "GemmaConfig", layers=1)
     with caplog.at_level(logging.INFO, logger="q.engine"):
         session = q.load_engine(tmp_path, dtype="bfloat16")
     assert type(session.runner.forward).__name__ != "DecoderForward"
