@@ -6,7 +6,9 @@ compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the files include no torc
 so each builds in about a second. They are loaded with ctypes and parallelize with OpenMP:
 libgomp has the soname torch's own copy has, so the process keeps one OpenMP runtime.
 Where no compiler is found or a build fails, :func:`load` says why and callers keep their
-torch path. ``Q_NO_CPP_KERNELS=1`` turns them all off.
+torch path. ``Q_NO_CPP_KERNELS=1`` turns them all off. :func:`bind` loads a source and
+declares its exported functions' argument types, so each op's ``cpp_impl.py`` states its
+signatures in one line each.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger("q.engine")
+
+# The ``int dtype`` argument q's kernels take for their float tensors
+_DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+# argument codes of bind()'s signatures
+_ARG_TYPES = {"i": ctypes.c_int, "l": ctypes.c_int64, "p": ctypes.c_void_p, "f": ctypes.c_float}
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -81,3 +88,22 @@ def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
         return ctypes.CDLL(str(_build(source, compiler))), None
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"building it failed: {e}"
+
+
+@functools.cache
+def bind(source: Path, **signatures: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """:func:`load`, with each named function's arguments declared: ``q_fn="ipll f"`` is
+    (int, pointer, int64, int64, float); spaces are ignored. Every kernel returns int."""
+    lib, why = load(source)
+    if lib is None:
+        return None, why
+    for name, codes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [_ARG_TYPES[c] for c in codes.replace(" ", "")]
+        fn.restype = ctypes.c_int
+    return lib, None
+
+
+def dtype_code(dtype) -> int | None:
+    """The kernels' code for a torch dtype (float32, bfloat16), or None."""
+    return _DTYPE_CODES.get(str(dtype).removeprefix("torch."))

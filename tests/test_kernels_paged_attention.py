@@ -124,6 +124,7 @@ def test_engine_logs_its_decode_path(monkeypatch, caplog):
 
 def _clear_caches():
     cpp_impl._library.cache_clear()
+    cpp_build.bind.cache_clear()
     cpp_build.load.cache_clear()
 
 

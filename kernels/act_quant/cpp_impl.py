@@ -6,7 +6,6 @@ that are not each contiguous) and the caller keeps the reference."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -15,26 +14,18 @@ import torch
 from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("int8_per_token.cpp")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.cache
 def _kernel():
-    lib, _ = cpp_build.load(SOURCE)
-    if lib is None:
-        return None
-    fn = lib.q_quantize_int8_per_token
-    i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p, i64] + [ctypes.c_void_p] * 2 \
-        + [i64] * 2 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    lib, _ = cpp_build.bind(SOURCE, q_quantize_int8_per_token="i pl pp ll i")
+    return None if lib is None else lib.q_quantize_int8_per_token
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``x [M, K]`` -> (int8 codes ``[M, K]``, fp32 scales ``[M, 1]``), or None."""
     fn = _kernel()
-    dtype = _DTYPES.get(x.dtype)
+    dtype = cpp_build.dtype_code(x.dtype)
     if (fn is None or dtype is None or x.dim() != 2 or x.device.type != "cpu"
             or x.stride(1) != 1):
         return None

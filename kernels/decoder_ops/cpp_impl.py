@@ -1,14 +1,14 @@
 """The decoder layer's elementwise ops in C++ (``decoder_ops.cpp``, built on first use by
 :mod:`q.kernels.cpp_build`), one pass each where transformers runs several torch ops:
 bit-exact to :mod:`.reference` for the residual add and the rotary embedding, and for
-RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`). Each function takes the layouts the engine has (rows of a fixed stride, the last
-dimension contiguous) and raises ``ValueError`` on others: :func:`unavailable_reason` is
-asked once per load, and the engine keeps transformers' forward where it is not None.
+RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`). Each function
+takes the layouts the engine has (rows of a fixed stride, the last dimension contiguous)
+and raises ``ValueError`` on others: :func:`unavailable_reason` is asked once per load, and
+the engine keeps transformers' forward where it is not None.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -17,22 +17,12 @@ import torch
 from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("decoder_ops.cpp")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.cache
 def _library():
-    lib, why = cpp_build.load(SOURCE)
-    if lib is None:
-        return None, why
-    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.q_rms_norm.argtypes = [i32, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32, i32,
-                               i32]
-    lib.q_rotary_cache.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64,
-                                   ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
-    for fn in (lib.q_rms_norm, lib.q_rotary_cache):
-        fn.restype = ctypes.c_int
-    return lib, None
+    return cpp_build.bind(SOURCE, q_rms_norm="iplpl pppll fii",
+                          q_rotary_cache="ipll plpl lll pp l ppp li")
 
 
 @functools.cache
@@ -55,7 +45,7 @@ def torch_sum_lanes() -> int | None:
 
 
 def unavailable_reason(dtype: torch.dtype) -> str | None:
-    if dtype not in _DTYPES:
+    if cpp_build.dtype_code(dtype) is None:
         return f"it takes float32 or bfloat16, not {dtype}"
     return _library()[1]
 
@@ -86,7 +76,7 @@ def _rms_norm(x, weight, eps, residual, lanes):
                          "and dtype")
     out = torch.empty(rows, n, dtype=x.dtype)
     total = None if residual is None else torch.empty(rows, n, dtype=x.dtype)
-    lib.q_rms_norm(_DTYPES[x.dtype], x.data_ptr(), xs,
+    lib.q_rms_norm(cpp_build.dtype_code(x.dtype), x.data_ptr(), xs,
                    None if residual is None else residual.data_ptr(), rs, weight.data_ptr(),
                    out.data_ptr(), None if total is None else total.data_ptr(), rows, n, eps,
                    lanes, torch.get_num_threads())
@@ -122,7 +112,7 @@ def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
                              "keys and [blocks, bs, kvH, dv] values of the activations' "
                              "dtype, with one int64 slot per row")
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    lib.q_rotary_cache(_DTYPES[dtype], q.data_ptr(), qs, heads, k.data_ptr(), ks,
+    lib.q_rotary_cache(cpp_build.dtype_code(dtype), q.data_ptr(), qs, heads, k.data_ptr(), ks,
                        v.data_ptr(), vs, kv_heads, head_dim, value_dim, cos.data_ptr(),
                        sin.data_ptr(), rows, ptr(k_cache), ptr(v_cache), ptr(slots), bs,
                        torch.get_num_threads())

@@ -1,6 +1,6 @@
 """The elementwise ops of a Llama-style decoder layer, in plain torch, exactly as transformers
-computes them (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, the residual adds, the KV-cache
-write as the engine's attention did it): the oracle of :mod:`.cpp_impl`.
+computes them (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, the residual adds) and the
+engine's KV-cache write: the oracle of :mod:`.cpp_impl`.
 
 Shapes: activations are ``[N, width]`` rows (the engine's packed tokens); ``cos``/``sin`` are
 ``[N, head_dim]`` as the model's rotary module returns them (both halves equal).
@@ -39,8 +39,10 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Token ``i``'s keys and values into slot ``slots[i]`` of one layer's cache: keys
-    ``[blocks, kvH, d, bs]``, values ``[blocks, bs, kvH, dv]``."""
+    """Token ``i``'s keys and values (``k``/``v`` ``[N, kvH * d]`` or ``[N, kvH, d]``) into
+    slot ``slots[i]`` of one layer's cache: keys ``[blocks, kvH, d, bs]``, values
+    ``[blocks, bs, kvH, dv]``. The engine's attention writes the cache with this for
+    transformers' forward (any model, any device); q's own forward with the C++ kernel."""
     kv_heads, dim, bs = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     k_cache[slots // bs, :, :, slots % bs] = k.reshape(-1, kv_heads, dim).to(k_cache.dtype)
     v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(

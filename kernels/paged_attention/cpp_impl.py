@@ -4,7 +4,6 @@ and the engine keeps gathering blocks for SDPA."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -13,27 +12,19 @@ import torch
 from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 LANES = 16  # positions per accumulator in the kernel: block sizes are multiples of it
 
 
 @functools.cache
 def _library() -> tuple[object, str | None]:
     """(the kernel's function, None) or (None, why it is unavailable)."""
-    lib, why = cpp_build.load(SOURCE)
-    if lib is None:
-        return None, why
-    fn = lib.q_paged_decode
-    i64 = ctypes.c_int64
-    fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 6 + [i64] * 8
-                   + [ctypes.c_float] * 2 + [ctypes.c_int])
-    fn.restype = ctypes.c_int
-    return fn, None
+    lib, why = cpp_build.bind(SOURCE, q_paged_decode="i pppppp llllllll ff i")
+    return (None, why) if lib is None else (lib.q_paged_decode, None)
 
 
 def unavailable_reason(dtype: torch.dtype | None = None) -> str | None:
     """Why the kernel cannot run here (None: it can)."""
-    if dtype is not None and dtype not in _DTYPES:
+    if dtype is not None and cpp_build.dtype_code(dtype) is None:
         return f"it takes float32 or bfloat16 caches, not {dtype}"
     return _library()[1]
 
@@ -48,7 +39,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     batch, heads, dim = q.shape
     _, kv_heads, _, block_size = k_cache.shape
     value_dim = v_cache.shape[-1]
-    dtype = _DTYPES[k_cache.dtype]
+    dtype = cpp_build.dtype_code(k_cache.dtype)
     q = q.to(k_cache.dtype).contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()
             and v_cache.dtype == k_cache.dtype and heads % kv_heads == 0

@@ -6,7 +6,6 @@ keeps the torch ops."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import torch
 from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("int8_gemm.cpp")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def unavailable_reason() -> str | None:
@@ -25,14 +23,8 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def _library():
-    lib, _ = cpp_build.load(SOURCE)
-    if lib is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.q_int8_epilogue.argtypes = [ctypes.c_int] + [ptr] * 4 + [i64] * 2 + [ctypes.c_int]
-    lib.q_int8_gemv.argtypes = [ctypes.c_int] + [ptr] * 5 + [i64] * 3 + [ctypes.c_int]
-    lib.q_int8_epilogue.restype = lib.q_int8_gemv.restype = ctypes.c_int
-    return lib
+    return cpp_build.bind(SOURCE, q_int8_epilogue="i pppp ll i",
+                          q_int8_gemv="i ppppp lll i")[0]
 
 
 def _fp32_vector(t: torch.Tensor, n: int) -> bool:
@@ -44,7 +36,7 @@ def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
     """``(acc.float() * xs) * ws`` as ``out_dtype``: ``acc [M, N]`` int32, ``xs [M, 1]`` and
     ``ws [1, N]`` fp32 (contiguous); None where the kernel cannot run."""
     lib = _library()
-    dtype = _DTYPES.get(out_dtype)
+    dtype = cpp_build.dtype_code(out_dtype)
     m, n = acc.shape
     if (lib is None or dtype is None or acc.dtype != torch.int32 or not acc.is_contiguous()
             or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)):
@@ -60,7 +52,7 @@ def int8_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     """``int8_epilogue(xq @ wq.T, xs, ws)`` with the weight streamed once (for a few
     tokens): ``xq [M, K]`` and ``wq [N, K]`` int8, contiguous; None where it cannot run."""
     lib = _library()
-    dtype = _DTYPES.get(out_dtype)
+    dtype = cpp_build.dtype_code(out_dtype)
     m, k = xq.shape
     n = wq.shape[0]
     if (lib is None or dtype is None or xq.dtype != torch.int8 or wq.dtype != torch.int8

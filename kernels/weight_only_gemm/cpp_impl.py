@@ -6,7 +6,6 @@ keeps those ops."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
@@ -20,14 +19,8 @@ TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 
 @functools.cache
 def _library():
-    lib, _ = cpp_build.load(SOURCE)
-    if lib is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.q_dequant_int4pack.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_int]
-    lib.q_dequant_int8.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
-    lib.q_dequant_int4pack.restype = lib.q_dequant_int8.restype = ctypes.c_int
-    return lib
+    return cpp_build.bind(SOURCE, q_dequant_int4pack="ppp llll i",
+                          q_dequant_int8="pppp lll i")[0]
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,

@@ -13,8 +13,10 @@ Per op, at M = 1 (a decode step of one request), 32 and 2048 rows (a prefill ste
 
 Then the W8A8 projections of a whole SmolLM2-135M decode step (q, k, v, o, gate, up,
 down of its 30 layers: 106 MB of int8 weights, so each comes from memory as in a real
-step) for M = 1, 2 and 4: q's C++ GEMV against ``_int_mm`` + the C++ epilogue. Times are
-medians of repeated calls (bench_moe.time_cpu) at torch's thread count.
+step) for M = 1, 2 and 4: q's C++ GEMV against ``_int_mm`` + the C++ epilogue. Last, the
+greedy pick of a decode step over SmolLM2's vocabulary (49152 fp32 logits per request):
+``argmax(-1)`` against ``max(-1).indices``, which the engine uses (the same token). Times
+are medians of repeated calls (bench_moe.time_cpu) at torch's thread count.
 """
 
 from __future__ import annotations
@@ -83,6 +85,19 @@ def decode_step_gemms(repeat: int) -> None:
         print(f"| {m} | {a:.2f} | {mb / a:.1f} | {b:.2f} | {mb / b:.1f} | {b / a:.2f}x |")
 
 
+def greedy_pick(repeat: int) -> None:
+    print("\nGreedy pick over 49152 fp32 logits per request\n")
+    print("| requests | argmax (ms) | max(-1).indices (ms) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 32):
+        logits = torch.randn(rows, 49152, generator=g)
+        assert torch.equal(logits.argmax(-1), logits.max(-1).indices)
+        a = time_cpu(lambda: logits.argmax(-1), repeat)
+        b = time_cpu(lambda: logits.max(-1).indices, repeat)
+        print(f"| {rows} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=100)
@@ -93,6 +108,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     small_ops(args.repeat)
     decode_step_gemms(args.repeat)
+    greedy_pick(args.repeat)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@
     python tests/bench/profile_engine_cpu.py --requests 32 --model CKPT
     python tests/bench/profile_engine_cpu.py --prefill          # one step of 8 x 256 prompt tokens
     python tests/bench/profile_engine_cpu.py --requests 32 --parts  # wall time per part
+    python tests/bench/profile_engine_cpu.py --phases  # the engine bench's workload: prefill vs decode
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
 step time printed includes the profiler's overhead. torch's profiler does not see the C++
 kernels q calls through ctypes (decode attention, the decoder's elementwise ops): ``--parts``
 times instead each part of the engine's own decoder forward (decoder.py) with a wall clock
-over 20 decode steps, no profiler.
+over 20 decode steps, no profiler. ``--phases`` runs bench_engine_vs_vllm.py's workload (32
+prompts of 256 tokens, 64 new tokens each, greedy) twice and splits each run's wall time
+into the steps that carry prompt tokens and the decode-only steps.
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ def main() -> None:
                     help="profile one step of 8 fresh 256-token prompts (2048 tokens) instead")
     ap.add_argument("--parts", action="store_true",
                     help="wall time per part of q's decoder forward instead of the profiler")
+    ap.add_argument("--phases", action="store_true",
+                    help="prefill and decode time of the 32-request engine bench workload")
     args = ap.parse_args()
     session = q.load_engine(args.model or q.default_model())
     if args.prefill:
         return profile_prefill(session, args.rows)
+    if args.phases:
+        return time_phases(session)
     if args.parts:
         return time_parts(session, args.requests)
     for i in range(args.requests):
@@ -52,6 +59,26 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     print(f"{args.requests} requests: {elapsed / 10 * 1e3:.1f} ms per decode step (profiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def time_phases(session) -> None:
+    """Wall time of the steps that carry prompt tokens and of the decode-only steps."""
+    for run in range(2):
+        for i in range(32):
+            session.add_request(list(range(1000 + 300 * i, 1256 + 300 * i)),
+                                SamplingParams(max_tokens=64, ignore_eos=True))
+        prefill, decode, steps = 0.0, 0.0, 0
+        while session.has_unfinished():
+            carries_prompt = session.num_waiting > 0 or any(
+                seq.computed < seq.num_tokens - 1 for seq in session.scheduler.running)
+            start = time.perf_counter()
+            session.step()
+            elapsed = time.perf_counter() - start
+            prefill, decode = (prefill + elapsed, decode) if carries_prompt else \
+                (prefill, decode + elapsed)
+            steps += 1
+        print(f"run {run + 1}: {prefill + decode:.2f} s in {steps} steps: {prefill:.2f} s in "
+              f"steps with prompt tokens, {decode:.2f} s decoding")
 
 
 def time_parts(session, requests: int) -> None:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from q.kernels.decoder_ops.reference import write_cache
+
 log = logging.getLogger("q.engine")
 
 IMPLEMENTATION = "q_paged"
@@ -82,13 +84,6 @@ class AttentionBatch:
     fresh: list[tuple[int, int]]  # (first row, length) of each prompt starting at position 0
     paged: PagedBatch | None
 
-    @functools.cached_property
-    def slot_blocks(self) -> torch.Tensor:
-        return self.slot_mapping // self.cache.block_size
-
-    @functools.cached_property
-    def slot_offsets(self) -> torch.Tensor:
-        return self.slot_mapping % self.cache.block_size
 
 
 def paged_attention(module, query, key, value, attention_mask=None, *, scaling=None,
@@ -100,10 +95,8 @@ def paged_attention(module, query, key, value, attention_mask=None, *, scaling=N
                                dropout), None
     b = q_batch
     k_cache, v_cache = b.cache.layer(module.layer_idx)
-    kv_heads, value_dim = key.shape[1], value.shape[3]  # MLA: values are narrower than keys
-    k_cache[b.slot_blocks, :, :, b.slot_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
-    v_cache.view(-1, kv_heads, value_dim).index_copy_(
-        0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    write_cache(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache,
+                b.slot_mapping)
     return attend(module, query, key, value, b, scaling=scaling, sliding_window=sliding_window,
                   softcap=softcap, dropout=dropout), None
 

@@ -14,10 +14,11 @@ the down projection and the last residual add.
 It reads the model's own modules (the projections, already q's fast Linears; the norms'
 weights; the rotary module, once per step) and gives the logits transformers' forward gives:
 the same ops in the same order and dtype, the rotary embedding and residual adds bit-exact,
-RMSNorm summed in torch's order (tests/test_engine_decoder.py compares both forwards). :func:`build` checks that a model is one it knows (Llama, Mistral, Qwen2, Qwen3
-layers: RMSNorm, rotary over the whole head, a SiLU-gated MLP; not MoE layers) and logs why
-when not; the engine then keeps transformers' forward. Plain forwards
-(``q eval``'s windows, hooks) still go through transformers.
+RMSNorm summed in torch's order (tests/test_engine_decoder.py compares both forwards).
+:func:`build` checks that a model is one it knows (Llama, Mistral, Qwen2, Qwen3 layers:
+RMSNorm, rotary over the whole head, a SiLU-gated MLP; not MoE layers) and logs why when
+not; the engine then keeps transformers' forward. Plain forwards (``q eval``'s windows,
+hooks) still go through transformers.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class _Layer:
         self.attn = attn
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
-        self.eps = layer.input_layernorm.variance_epsilon
-        self.norm_in = layer.input_layernorm.weight
-        self.norm_post = layer.post_attention_layernorm.weight
+        self.norm_in = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.norm_post = (layer.post_attention_layernorm.weight,
+                          layer.post_attention_layernorm.variance_epsilon)
         self.qk_norms = None
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of every head before the rotation
             self.qk_norms = (attn.q_norm.weight, attn.k_norm.weight,
@@ -153,7 +154,7 @@ class DecoderForward:
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         for layer in self.layers:
-            h = ops.rms_norm(x, layer.norm_in, layer.eps)
+            h = ops.rms_norm(x, *layer.norm_in)
             x, h = self._attention(layer, x, h, cos, sin, q_batch)
             x = x + self._mlp(layer, h)
         if isinstance(logits_to_keep, int):  # transformers' meaning: the last n (0: all)
@@ -166,21 +167,20 @@ class DecoderForward:
         """The attention half: -> (residual stream after it, its post-attention norm)."""
         ops, d = self.ops, layer.head_dim
         q, k, v = layer.qkv(h)
+        n = q.shape[0]
         if layer.qk_norms is not None:
             qw, kw, eps = layer.qk_norms
-            n = q.shape[0]
             q = ops.rms_norm(q.reshape(-1, d), qw, eps).view(n, -1)
             k = ops.rms_norm(k.reshape(-1, d), kw, eps).view(n, -1)
         k_cache, v_cache = batch.cache.layer(layer.index)
         ops.rotary_cache(q, k, v, cos, sin, d, k_cache, v_cache, batch.slot_mapping)
-        n = q.shape[0]
         # attention wants transformers' [1, heads, N, d] views
         out = attend(layer.attn, q.view(1, n, -1, d).transpose(1, 2),
                      k.view(1, n, -1, d).transpose(1, 2),
                      v.view(1, n, k.shape[1] // d, -1).transpose(1, 2), batch,
                      scaling=layer.scaling, sliding_window=layer.window)
         o = layer.o_proj(out.reshape(n, -1))
-        normed, x = ops.rms_norm(o, layer.norm_post, layer.eps, residual=x)
+        normed, x = ops.rms_norm(o, *layer.norm_post, residual=x)
         return x, normed
 
     @staticmethod
