@@ -69,6 +69,8 @@ def test_weight_only_int8_kernels_match_reference(n, k, group, asym):
     impl = wo.WeightOnlyTorch(codes, scale, group, 8, zero)
     packable = group == k and not asym and k % 16 == 0  # torch's int8pack needs K % 16
     expect = ("int8pack", "dequantize") if packable else ("dequantize",)
+    if group == k and not asym and wo.gemv_unavailable() is None:
+        expect = ("gemv", *expect)  # q's C++ GEMV: per-channel scales, any K
     assert impl.kernels == expect
     for m in MS:
         x = acts(m, k, n)
@@ -84,6 +86,27 @@ def test_weight_only_int8_in_fp32_is_the_reference():
     x = acts(5, 96).float()
     ref = weight_only_gemm(x, codes, scale, 32, 8, zero)
     assert rel_err(impl(x), ref) < 1e-6
+
+
+def test_int8_weight_gemv_in_cpp_matches_the_reference_and_refuses_what_it_cannot_read():
+    from q.kernels.weight_only_gemm import cpp_impl
+
+    if cpp_impl.gemv_unavailable() is not None:  # CI machines have a compiler
+        pytest.fail(f"the C++ int8 GEMV did not build: {cpp_impl.gemv_unavailable()}")
+    for m, n, k in [(1, 576, 576), (3, 33, 2048), (2, 40, 100), (1, 7, 5), (5, 4, 17)]:
+        codes, scale, _ = int_weight(n, k, 8, k, False)
+        ref = weight_only_gemm(acts(m, k, n).float(), codes, scale, k, 8)
+        for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, BF16_BOUND)):
+            x = acts(m, k, n).to(dtype)
+            got = cpp_impl.int8_weight_gemv(x, codes, scale.float().reshape(n))
+            assert got.dtype == dtype and rel_err(got, ref) < bound, (m, n, k, dtype)
+    # the largest sums: every code at -128 against activations of 1 (exact in fp32)
+    low = torch.full((2, 4096), -128, dtype=torch.int8)
+    got = cpp_impl.int8_weight_gemv(torch.ones(1, 4096), low, torch.tensor([1.0, 0.5]))
+    assert got.tolist() == [[-128 * 4096, -64 * 4096]]
+    assert cpp_impl.int8_weight_gemv(torch.ones(1, 4096), low, torch.ones(2).double()) is None
+    assert cpp_impl.int8_weight_gemv(torch.ones(1, 4096).half(), low, torch.ones(2)) is None
+    assert cpp_impl.int8_weight_gemv(torch.ones(4096, 2).t(), low, torch.ones(2)) is None
 
 
 @pytest.mark.parametrize("n,k,group,asym", [
@@ -216,6 +239,10 @@ def test_int8_gemv_and_epilogue_are_bit_exact_and_refuse_what_they_cannot_read()
     out = cpp_impl.int8_gemv(full, one, torch.cat([full, -full]), torch.ones(1, 2),
                              torch.float32)
     assert out.tolist() == [[127 * 127 * 4096, -127 * 127 * 4096]]
+    low = torch.full((1, 4096), -128, dtype=torch.int8)  # int8's own extreme, both sides
+    sums = cpp_impl.weight_row_sums(low)
+    assert cpp_impl.int8_gemv(low, one, low, one, torch.float32, sums).item() == 128 * 128 * 4096
+    assert cpp_impl.int8_gemv(low, one, low, one, torch.float32, sums.long()) is None
     strided = torch.cat([full, full], dim=1)[:, ::2]
     assert cpp_impl.int8_gemv(full, one, strided, one, torch.float32) is None
     assert cpp_impl.int8_gemv(full, one, full, one, torch.float16) is None
@@ -247,7 +274,7 @@ def test_int8_activation_quantization_in_cpp_is_bit_exact(dtype):
 
 
 def test_cpu_table_names_real_kernels_for_every_m():
-    kernels = {"weight_only_int8": wo.KERNELS[8], "weight_only_int4": wo.KERNELS[4],
+    kernels = {"weight_only_int8": ("gemv", *wo.KERNELS[8]), "weight_only_int4": wo.KERNELS[4],
                "scaled_int8": ("gemv", "int8pack", "int_mm"),
                "dense_bf16": ("linear", "prepacked")}
     for op, names in kernels.items():

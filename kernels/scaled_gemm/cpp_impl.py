@@ -24,7 +24,7 @@ def unavailable_reason() -> str | None:
 @functools.cache
 def _library():
     return cpp_build.bind(SOURCE, q_int8_epilogue="i pppp ll i",
-                          q_int8_gemv="i ppppp lll i")[0]
+                          q_int8_gemv="i pppppp lll i")[0]
 
 
 def _fp32_vector(t: torch.Tensor, n: int) -> bool:
@@ -47,10 +47,18 @@ def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
     return out
 
 
+def weight_row_sums(wq: torch.Tensor) -> torch.Tensor:
+    """``sum_k wq[n, k]`` in int32: what :func:`int8_gemv` subtracts (see int8_gemm.cpp)."""
+    return wq.sum(1, dtype=torch.int32).contiguous()
+
+
 def int8_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor | None:
+              out_dtype: torch.dtype, rowsum: torch.Tensor | None = None
+              ) -> torch.Tensor | None:
     """``int8_epilogue(xq @ wq.T, xs, ws)`` with the weight streamed once (for a few
-    tokens): ``xq [M, K]`` and ``wq [N, K]`` int8, contiguous; None where it cannot run."""
+    tokens): ``xq [M, K]`` and ``wq [N, K]`` int8, contiguous; ``rowsum``:
+    :func:`weight_row_sums` of ``wq``, kept by callers that call often (computed here
+    otherwise). None where it cannot run."""
     lib = _library()
     dtype = cpp_build.dtype_code(out_dtype)
     m, k = xq.shape
@@ -59,7 +67,10 @@ def int8_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
             or wq.shape[1] != k or not xq.is_contiguous() or not wq.is_contiguous()
             or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)):
         return None
+    rowsum = weight_row_sums(wq) if rowsum is None else rowsum
+    if rowsum.dtype != torch.int32 or rowsum.numel() != n or not rowsum.is_contiguous():
+        return None
     out = torch.empty(m, n, dtype=out_dtype)
     lib.q_int8_gemv(dtype, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
-                    out.data_ptr(), m, n, k, torch.get_num_threads())
+                    rowsum.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
     return out

@@ -37,7 +37,7 @@ from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
-from .cpp_impl import int8_epilogue, int8_gemv
+from .cpp_impl import int8_epilogue, int8_gemv, weight_row_sums
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
 
 
@@ -52,6 +52,7 @@ class Int8Scaled:
         self.wq = wq.contiguous()
         self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.ws_bf16 = self.ws[0].bfloat16()
+        self.rowsum = weight_row_sums(self.wq) if "gemv" in self.kernels else None
         self.out_dtype = out_dtype
 
     def run(self, x: torch.Tensor, kernel: str, quantized=None) -> torch.Tensor:
@@ -62,7 +63,7 @@ class Int8Scaled:
             raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
                              f"{', '.join(self.kernels)}")
         if kernel == "gemv":
-            y = int8_gemv(xq, xs, self.wq, self.ws, self.out_dtype)
+            y = int8_gemv(xq, xs, self.wq, self.ws, self.out_dtype, self.rowsum)
             if y is not None:
                 return y
             kernel = "int_mm"  # an input the GEMV does not take: same bits from _int_mm

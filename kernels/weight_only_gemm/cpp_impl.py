@@ -14,6 +14,7 @@ import torch
 from .. import cpp_build
 
 SOURCE = Path(__file__).with_name("dequant.cpp")
+GEMV_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 
 
@@ -21,6 +22,36 @@ TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 def _library():
     return cpp_build.bind(SOURCE, q_dequant_int4pack="ppp llll i",
                           q_dequant_int8="pppp lll i")[0]
+
+
+@functools.cache
+def _gemv():
+    lib, _ = cpp_build.bind(GEMV_SOURCE, q_int8_weight_gemv="i ppp p lll i")
+    return None if lib is None else lib.q_int8_weight_gemv
+
+
+def gemv_unavailable() -> str | None:
+    """Why :func:`int8_weight_gemv` cannot run here (None: it can)."""
+    return cpp_build.load(GEMV_SOURCE)[1]
+
+
+def int8_weight_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
+                     ) -> torch.Tensor | None:
+    """``(x @ codes^T) * scale`` in ``x``'s dtype (bf16 or fp32) for a few tokens, the
+    weight streamed once (``int8_gemv.cpp``): ``x [M, K]``, ``codes [N, K]`` int8,
+    ``scale [N]`` fp32, all contiguous. None where it cannot run."""
+    kernel = _gemv()
+    dtype = cpp_build.dtype_code(x.dtype)
+    m, k = x.shape
+    n = codes.shape[0]
+    if (kernel is None or dtype is None or codes.dtype != torch.int8 or codes.shape[1] != k
+            or scale.dtype != torch.float32 or scale.numel() != n or not x.is_contiguous()
+            or not codes.is_contiguous() or not scale.is_contiguous()):
+        return None
+    out = torch.empty(m, n, dtype=x.dtype)
+    kernel(dtype, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k,
+           torch.get_num_threads())
+    return out
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,

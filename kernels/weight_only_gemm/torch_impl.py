@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
-from .cpp_impl import dequantize_int4pack, dequantize_int8
+from .cpp_impl import dequantize_int4pack, dequantize_int8, gemv_unavailable, int8_weight_gemv
 
 INT4_GROUPS = (32, 64, 128, 256)
 # _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
@@ -114,8 +114,12 @@ class WeightOnlyTorch:
             self.group_size = min(group_size, k)
             self.scale = scale.to(dtype)  # [N, groups]
             self.zero = None if zero is None else zero.to(dtype)
-            packable = self.group_size == k and zero is None and k % INT8PACK_K_MULTIPLE == 0
+            per_channel = self.group_size == k and zero is None
+            packable = per_channel and k % INT8PACK_K_MULTIPLE == 0
             self.kernels = KERNELS[8] if packable else ("dequantize",)
+            if per_channel and gemv_unavailable() is None:
+                self.kernels = ("gemv", *self.kernels)
+                self.scale_fp32 = scale.float().reshape(n).contiguous()
             return
         self.group = _int4_group(k, group_size)
         groups = k // self.group
@@ -168,6 +172,11 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
+        if kernel == "gemv":
+            y = int8_weight_gemv(x.contiguous(), self.codes, self.scale_fp32)
+            if y is not None:
+                return y
+            kernel = "dequantize"  # an input the GEMV does not take
         if kernel == "int8pack":
             return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale[:, 0])
         return F.linear(x, self.dequantized())
@@ -175,7 +184,13 @@ class WeightOnlyTorch:
     def choose(self, m: int) -> str:
         if len(self.kernels) == 1:
             return self.kernels[0]
-        return cpu_choice(f"weight_only_int{self.bits}", m)
+        kernel = cpu_choice(f"weight_only_int{self.bits}", m)
+        if kernel in self.kernels:
+            return kernel
+        # a decode-size kernel this weight cannot take (int8pack for a K it misreads, the
+        # GEMV without a compiler): the other decode-size kernel, else dequantize
+        small = "gemv" if kernel == "int8pack" else "int8pack"
+        return small if small in self.kernels else "dequantize"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.choose(x.shape[0]))

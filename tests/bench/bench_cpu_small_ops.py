@@ -65,6 +65,7 @@ def decode_step_gemms(repeat: int) -> None:
     shapes = SMOLLM2_LAYER * 30
     weights = [torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in shapes]
     scales = [torch.rand(1, n, generator=g) for n, _ in shapes]
+    sums = [int8_cpp.weight_row_sums(w) for w in weights]  # the engine keeps them
     mb = sum(n * k for n, k in shapes) / 1e6
     print(f"\nW8A8 projections of one SmolLM2-135M decode step ({mb:.0f} MB of int8 weights)\n")
     print("| M | C++ GEMV (ms) | GB/s | _int_mm + C++ epilogue (ms) | GB/s | speed-up |")
@@ -74,8 +75,8 @@ def decode_step_gemms(repeat: int) -> None:
                     torch.rand(m, 1, generator=g)) for k in (576, 1536)}
 
         def gemv():
-            for (n, k), w, s in zip(shapes, weights, scales):
-                int8_cpp.int8_gemv(*acts[k], w, s, torch.bfloat16)
+            for (n, k), w, s, r in zip(shapes, weights, scales, sums):
+                int8_cpp.int8_gemv(*acts[k], w, s, torch.bfloat16, r)
 
         def int_mm():
             for (n, k), w, s in zip(shapes, weights, scales):

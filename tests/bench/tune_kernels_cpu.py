@@ -16,11 +16,13 @@ For each op the engine runs on torch's built-in CPU kernels with more than one c
 every candidate is first checked against the fp32 reference op on each shape (relative
 error printed; a candidate off by more than 1% is dropped), then timed (median of
 ``--repeat`` calls after warm-up, fresh activations, the weights of SmolLM2-135M's and a
-1.1B Llama's layers). A buffer of twice the last-level cache (at least 64 MiB) is written
+1.1B Llama's layers). A buffer of twice the last-level cache (at least 64 MiB) is read
 between timed calls, outside the timing: in a decode step of a model larger than the cache
 each weight comes from memory, not from a cache that the same call warmed a moment earlier
-(every weight here fits any L3 of 32 MiB or more). Per M the candidate with the least total
-time over the shapes wins; the winners become ``[[largest M, kernel], ..., [null, kernel]]``
+(every weight here fits any L3 of 32 MiB or more). Read, not written: the dirty lines a
+write leaves were written back during the next timed call and made every kernel about 2x
+slower than the same weights streamed in a model's order. Per M the candidate with the
+least total time over the shapes wins; the winners become ``[[largest M, kernel], ..., [null, kernel]]``
 buckets, written under this CPU's class (``q.kernels.configs.cpu_class``: with AMX the
 winners differ in kind) and leaving other classes' tables as they are. Timing runs in this
 process with torch's default threads (all cores), as the engine does.
@@ -123,7 +125,10 @@ def timed(fn, xs, repeat: int) -> float:
         fn(x)
     times = []
     for i in range(repeat):
-        EVICT.fill_(i)  # the weight leaves the caches, as between a model's layers
+        # the weight leaves the caches, as between a model's layers: read, not written (a
+        # write leaves that many dirty lines, whose write-back ran during the timed call
+        # and made every kernel 2x slower than in a model-sized stream of weights)
+        EVICT.sum()
         t0 = time.perf_counter()
         fn(xs[i % len(xs)])
         times.append(time.perf_counter() - t0)
@@ -170,7 +175,7 @@ def main() -> None:
     table = config.setdefault(cpu_class(), {})
     print(f"{cpu_name()} (class {cpu_class()}), {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{EVICT.numel() * 4 >> 20} MiB written between timed calls")
+          f"{EVICT.numel() * 4 >> 20} MiB read between timed calls")
     for op in args.ops.split(","):
         totals = measure(op, args.repeat)
         kernels = list(next(iter(totals.values())))

@@ -1,0 +1,101 @@
+"""A decode step's projections on CPU, streamed in a model's order: q's C++ GEMVs against
+torch's kernels, per scheme, in one run.
+
+    python tests/bench/bench_decode_gemms_cpu.py [--layers 22] [--tokens 1,2,4]
+
+The weights of ``--layers`` layers of a 1.1B Llama (TinyLlama's shapes: q/k/v fused
+2560x2048, o 2048x2048, gate/up fused 11264x2048, down 2048x5632; 22 layers are the whole
+model, 0.97 G weights) are each a separate tensor and are multiplied in order, so every
+weight comes from memory as in a real decode step, and nothing is written between calls
+(tune_kernels_cpu.py times one shape at a time instead). Per scheme and token count, the
+median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
+
+- int8 W8A8: ``gemv`` (``scaled_gemm/int8_gemm.cpp``, scaling included) against ``_int_mm``
+  (int32 out, its scaling not timed);
+- weight-only int8: ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) against
+  ``_weight_int8pack_mm``;
+- weight-only int4 g64: ``_weight_int4pack_mm_for_cpu`` (the engine's kernel);
+- bf16: the oneDNN-prepacked Linear the engine runs for unquantized weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from q.kernels.dense_gemm.torch_impl import PackedLinear
+from q.kernels.scaled_gemm.cpp_impl import int8_gemv, weight_row_sums
+from q.kernels.weight_only_gemm.cpp_impl import int8_weight_gemv
+from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
+
+LAYER = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]  # (N, K)
+
+
+def build(layers: int):
+    g = torch.Generator().manual_seed(0)
+    weights = []
+    for n, k in LAYER * layers:
+        codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) / 100 + 1e-3
+        int4 = WeightOnlyTorch(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
+                               torch.rand(n, k // 64, generator=g) / 100 + 1e-3, 64, 4)
+        weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
+                        "scale_bf16": scale.bfloat16(), "int4": int4,
+                        "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
+    return weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--tokens", default="1,2,4")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    weights = build(args.layers)
+    gweights = sum(w["codes"].numel() for w in weights) / 1e9
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
+          f"layers of TinyLlama-1.1B's projections, {gweights:.2f} G weights\n")
+    print("| tokens | kernel | ms per step | GB/s of weights | speed-up over torch's |")
+    print("|---:|---|---:|---:|---:|")
+    for m in map(int, args.tokens.split(",")):
+        g = torch.Generator().manual_seed(m)
+        xq = {k: torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+              for _, k in LAYER}
+        xs = torch.rand(m, generator=g) / 100
+        xb = {k: torch.randn(m, k, generator=g).bfloat16() for _, k in LAYER}
+        runs = {
+            "W8A8 gemv": lambda w: int8_gemv(xq[w["codes"].shape[1]], xs, w["codes"],
+                                             w["scale"], torch.bfloat16, w["rowsum"]),
+            "W8A8 _int_mm": lambda w: torch._int_mm(xq[w["codes"].shape[1]], w["codes"].t()),
+            "wint8 gemv": lambda w: int8_weight_gemv(xb[w["codes"].shape[1]], w["codes"],
+                                                     w["scale"]),
+            "wint8 _weight_int8pack_mm": lambda w: torch.ops.aten._weight_int8pack_mm(
+                xb[w["codes"].shape[1]], w["codes"], w["scale_bf16"]),
+            "wint4 g64 _weight_int4pack_mm": lambda w: w["int4"].run(
+                xb[w["codes"].shape[1]], "int4pack"),
+            "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
+        }
+        times = {name: [] for name in runs}
+        for name, run in runs.items():  # warm-up pass
+            for w in weights:
+                run(w)
+        for _ in range(args.repeat):  # interleaved, so a drift of the machine hits all
+            for name, run in runs.items():
+                start = time.perf_counter()
+                for w in weights:
+                    run(w)
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        versus = {"W8A8 gemv": "W8A8 _int_mm", "wint8 gemv": "wint8 _weight_int8pack_mm"}
+        for name, t in med.items():
+            nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
+            ratio = f"{med[versus[name]] / t:.2f}x" if name in versus else ""
+            print(f"| {m} | {name} | {t * 1e3:.1f} | {nbytes / t:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
