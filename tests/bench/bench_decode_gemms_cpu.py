@@ -1,7 +1,7 @@
 """A decode step's projections on CPU, streamed in a model's order: q's C++ GEMVs against
 torch's kernels, per scheme, in one run.
 
-    python tests/bench/bench_decode_gemms_cpu.py [--layers 22] [--tokens 1,2,4]
+    python tests/bench/bench_decode_gemms_cpu.py [--layers 22] [--tokens 1,4,8,32]
 
 The weights of ``--layers`` layers of a 1.1B Llama (TinyLlama's shapes: q/k/v fused
 2560x2048, o 2048x2048, gate/up fused 11264x2048, down 2048x5632; 22 layers are the whole
@@ -11,7 +11,9 @@ weight comes from memory as in a real decode step, and nothing is written betwee
 median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
 
 - int8 W8A8: ``gemv`` (``scaled_gemm/int8_gemm.cpp``, scaling included) against ``_int_mm``
-  (int32 out, its scaling not timed);
+  (int32 out, its scaling not timed) and oneDNN's quantized Linear on a weight reordered
+  once (``qlinear``: ``onednn.qlinear_prepack`` + ``qlinear_pointwise``, fp32 out, the
+  per-token scale not timed; not one of the engine's kernels, see docs/benchmarks.md);
 - weight-only int8: ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) against
   ``_weight_int8pack_mm``;
 - weight-only int4 g64: ``_weight_int4pack_mm_for_cpu`` (the engine's kernel);
@@ -43,6 +45,8 @@ def build(layers: int):
         int4 = WeightOnlyTorch(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
                                torch.rand(n, k // 64, generator=g) / 100 + 1e-3, 64, 4)
         weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
+                        "qlinear": torch.ops.onednn.qlinear_prepack(codes, None),
+                        "zeros": torch.zeros(n, dtype=torch.long),
                         "scale_bf16": scale.bfloat16(), "int4": int4,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
     return weights
@@ -51,7 +55,7 @@ def build(layers: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--tokens", default="1,2,4")
+    ap.add_argument("--tokens", default="1,4,8,32")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     weights = build(args.layers)
@@ -70,6 +74,9 @@ def main() -> None:
             "W8A8 gemv": lambda w: int8_gemv(xq[w["codes"].shape[1]], xs, w["codes"],
                                              w["scale"], torch.bfloat16, w["rowsum"]),
             "W8A8 _int_mm": lambda w: torch._int_mm(xq[w["codes"].shape[1]], w["codes"].t()),
+            "W8A8 qlinear": lambda w: torch.ops.onednn.qlinear_pointwise(
+                xq[w["codes"].shape[1]], 1.0, 0, w["qlinear"], w["scale"], w["zeros"], None,
+                1.0, 0, torch.float32, "none", [], ""),
             "wint8 gemv": lambda w: int8_weight_gemv(xb[w["codes"].shape[1]], w["codes"],
                                                      w["scale"]),
             "wint8 _weight_int8pack_mm": lambda w: torch.ops.aten._weight_int8pack_mm(
@@ -89,7 +96,8 @@ def main() -> None:
                     run(w)
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
-        versus = {"W8A8 gemv": "W8A8 _int_mm", "wint8 gemv": "wint8 _weight_int8pack_mm"}
+        versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
+                  "wint8 gemv": "wint8 _weight_int8pack_mm"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
             ratio = f"{med[versus[name]] / t:.2f}x" if name in versus else ""
