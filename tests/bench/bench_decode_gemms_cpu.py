@@ -14,9 +14,10 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
   (int32 out, its scaling not timed) and oneDNN's quantized Linear on a weight reordered
   once (``qlinear``: ``onednn.qlinear_prepack`` + ``qlinear_pointwise``, fp32 out, the
   per-token scale not timed; not one of the engine's kernels, see docs/benchmarks.md);
-- weight-only int8: ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) against
-  ``_weight_int8pack_mm``;
-- weight-only int4 g64: ``_weight_int4pack_mm_for_cpu`` (the engine's kernel);
+- weight-only int8: ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) and ``dequantize`` (the
+  weight to bf16 for the call, then bf16 GEMM) against ``_weight_int8pack_mm``;
+- weight-only int4 g64: ``dequantize`` (unpacked to bf16 for the call) against
+  ``_weight_int4pack_mm_for_cpu``;
 - bf16: the oneDNN-prepacked Linear the engine runs for unquantized weights.
 """
 
@@ -42,12 +43,13 @@ def build(layers: int):
     for n, k in LAYER * layers:
         codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) / 100 + 1e-3
+        int8 = WeightOnlyTorch(codes, scale[:, None], k, 8)
         int4 = WeightOnlyTorch(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
                                torch.rand(n, k // 64, generator=g) / 100 + 1e-3, 64, 4)
         weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
                         "qlinear": torch.ops.onednn.qlinear_prepack(codes, None),
                         "zeros": torch.zeros(n, dtype=torch.long),
-                        "scale_bf16": scale.bfloat16(), "int4": int4,
+                        "scale_bf16": scale.bfloat16(), "int4": int4, "int8": int8,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
     return weights
 
@@ -81,8 +83,11 @@ def main() -> None:
                                                      w["scale"]),
             "wint8 _weight_int8pack_mm": lambda w: torch.ops.aten._weight_int8pack_mm(
                 xb[w["codes"].shape[1]], w["codes"], w["scale_bf16"]),
+            "wint8 dequantize": lambda w: w["int8"].run(xb[w["codes"].shape[1]], "dequantize"),
             "wint4 g64 _weight_int4pack_mm": lambda w: w["int4"].run(
                 xb[w["codes"].shape[1]], "int4pack"),
+            "wint4 g64 dequantize": lambda w: w["int4"].run(xb[w["codes"].shape[1]],
+                                                             "dequantize"),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
         }
         times = {name: [] for name in runs}
@@ -97,7 +102,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
         versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
-                  "wint8 gemv": "wint8 _weight_int8pack_mm"}
+                  "wint8 gemv": "wint8 _weight_int8pack_mm",
+                  "wint8 dequantize": "wint8 _weight_int8pack_mm",
+                  "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
             ratio = f"{med[versus[name]] / t:.2f}x" if name in versus else ""
