@@ -71,6 +71,8 @@ def test_weight_only_int8_kernels_match_reference(n, k, group, asym):
     expect = ("int8pack", "dequantize") if packable else ("dequantize",)
     if group == k and not asym and wo.gemv_unavailable() is None:
         expect = ("gemv", *expect)  # q's C++ GEMV: per-channel scales, any K
+    if group == k and not asym and wo.amx_unavailable(n, k) is None:
+        expect = ("amx",)  # AMX tiles: one kernel, the weight kept in its layout only
     assert impl.kernels == expect
     for m in MS:
         x = acts(m, k, n)
@@ -86,6 +88,35 @@ def test_weight_only_int8_in_fp32_is_the_reference():
     x = acts(5, 96).float()
     ref = weight_only_gemm(x, codes, scale, 32, 8, zero)
     assert rel_err(impl(x), ref) < 1e-6
+
+
+def test_int8_weight_amx_matches_the_reference_for_any_number_of_tokens():
+    from q.kernels.weight_only_gemm import cpp_impl
+
+    reason = cpp_impl.amx_unavailable(16, 32)
+    if reason is not None:
+        pytest.skip(reason)
+    # 1-4 tokens: registers; 5-16: one tile; 17-31: a second tile overlapping the first;
+    # 33+: more passes over the widened strip; 129+: more chunks of tokens
+    for n, k in [(16, 32), (48, 96), (256, 2048)]:
+        codes, scale, _ = int_weight(n, k, 8, k, False)
+        amx = cpp_impl.to_amx_layout(codes)
+        for m in (1, 2, 4, 5, 16, 17, 31, 32, 33, 70, 130, 300):
+            x = acts(m, k, n)
+            ref = weight_only_gemm(x.float(), codes, scale, k, 8)
+            got = cpp_impl.int8_weight_amx(x, amx, scale.float().reshape(n))
+            assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
+            # each token's row is its own: the same bits in a smaller batch on the same path
+            # (1-4 tokens take the register path, more the tiles)
+            tail = x[-(1 if m <= 4 else 5):].contiguous()
+            alone = cpp_impl.int8_weight_amx(tail, amx, scale.float().reshape(n))
+            assert torch.equal(got[-tail.shape[0]:], alone), (n, k, m)
+    assert "N % 16" in cpp_impl.amx_unavailable(200, 64)
+    assert "K % 32" in cpp_impl.amx_unavailable(64, 72)
+    amx = cpp_impl.to_amx_layout(torch.ones(16, 64, dtype=torch.int8))
+    assert cpp_impl.int8_weight_amx(torch.ones(1, 64), amx, torch.ones(16)) is None  # fp32 x
+    assert cpp_impl.int8_weight_amx(torch.ones(1, 32, dtype=torch.bfloat16), amx,
+                                    torch.ones(16)) is None  # K mismatch
 
 
 def test_int8_weight_gemv_in_cpp_matches_the_reference_and_refuses_what_it_cannot_read():
@@ -152,11 +183,12 @@ def test_int8_dequantization_in_cpp_is_bit_identical_to_torch_ops(n, k, group, a
 
     codes, scale, zero = int_weight(n, k, 8, group, asym)
     impl = wo.WeightOnlyTorch(codes, scale * 37.0, group, 8, zero)
-    fast = dequantize_int8(impl.codes, impl.scale, impl.zero, impl.group_size)
+    fast = dequantize_int8(impl.plain_codes(), impl.scale, impl.zero, impl.group_size)
     assert fast is not None, "the C++ int8 dequantization kernel did not build"
     assert torch.equal(fast, impl.dequantized_torch())
     assert torch.equal(impl.dequantized(), fast)
-    assert dequantize_int8(impl.codes, impl.scale.float(), None, impl.group_size) is None
+    assert torch.equal(impl.plain_codes(), codes)  # also from the AMX layout
+    assert dequantize_int8(codes, impl.scale.float(), None, impl.group_size) is None
 
 
 @pytest.mark.parametrize("n,k,group,reason", [

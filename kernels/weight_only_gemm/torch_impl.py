@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
-from .cpp_impl import dequantize_int4pack, dequantize_int8, gemv_unavailable, int8_weight_gemv
+from .cpp_impl import (amx_unavailable, dequantize_int4pack, dequantize_int8, gemv_unavailable,
+                       int8_weight_amx, int8_weight_gemv, to_amx_layout)
 
 INT4_GROUPS = (32, 64, 128, 256)
 # _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
@@ -115,6 +116,13 @@ class WeightOnlyTorch:
             self.scale = scale.to(dtype)  # [N, groups]
             self.zero = None if zero is None else zero.to(dtype)
             per_channel = self.group_size == k and zero is None
+            if per_channel and dtype == torch.bfloat16 and amx_unavailable(n, k) is None:
+                # AMX tiles: one kernel for every M, and the only copy of the weight
+                self.kernels = ("amx",)
+                self.amx_codes = to_amx_layout(codes)
+                self.codes = None
+                self.scale_fp32 = scale.float().reshape(n).contiguous()
+                return
             packable = per_channel and k % INT8PACK_K_MULTIPLE == 0
             self.kernels = KERNELS[8] if packable else ("dequantize",)
             if per_channel and gemv_unavailable() is None:
@@ -131,6 +139,13 @@ class WeightOnlyTorch:
         block = int4pack_block_n()
         self.kernels = KERNELS[4] if block and n % block == 0 else ("int4pack",)
 
+    def plain_codes(self) -> torch.Tensor:
+        """int8 codes ``[N, K]`` (a copy where the weight is kept in the AMX layout)."""
+        if self.codes is not None:
+            return self.codes
+        n, k = self.shape
+        return self.amx_codes.permute(0, 2, 1, 3).reshape(n, k)
+
     def dequantized(self) -> torch.Tensor:
         """The weight in ``dtype``. int8: exact codes (and codes - zero points, |.| <= 255,
         which bf16's 8 significant bits hold), then one rounding by the scale. int4: ``(q - 8)
@@ -141,7 +156,7 @@ class WeightOnlyTorch:
             w = dequantize_int4pack(self.packed, self.scales_and_zeros, n, k, self.group,
                                     int4pack_block_n())
         elif self.bits == 8 and self.dtype == torch.bfloat16:
-            w = dequantize_int8(self.codes, self.scale, self.zero, self.group_size)
+            w = dequantize_int8(self.plain_codes(), self.scale, self.zero, self.group_size)
         # the C++ kernels: the same bits in one pass; else (None) the torch ops
         return self.dequantized_torch() if w is None else w
 
@@ -154,7 +169,7 @@ class WeightOnlyTorch:
             w = w.view(n, k // self.group, self.group)
             w.mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
             return w.view(n, k)
-        w = self.codes.to(self.dtype)
+        w = self.plain_codes().to(self.dtype)
 
         def per_column(t):
             return t if t.shape[1] == 1 else t.repeat_interleave(self.group_size, 1)[:, :k]
@@ -172,6 +187,8 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
+        if kernel == "amx":  # every input the kernel refuses was refused at load
+            return int8_weight_amx(x.contiguous(), self.amx_codes, self.scale_fp32)
         if kernel == "gemv":
             y = int8_weight_gemv(x.contiguous(), self.codes, self.scale_fp32)
             if y is not None:

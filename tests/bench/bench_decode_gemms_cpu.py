@@ -14,8 +14,9 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
   (int32 out, its scaling not timed) and oneDNN's quantized Linear on a weight reordered
   once (``qlinear``: ``onednn.qlinear_prepack`` + ``qlinear_pointwise``, fp32 out, the
   per-token scale not timed; not one of the engine's kernels, see docs/benchmarks.md);
-- weight-only int8: ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) and ``dequantize`` (the
-  weight to bf16 for the call, then bf16 GEMM) against ``_weight_int8pack_mm``;
+- weight-only int8: ``amx`` (``weight_only_gemm/amx_gemm.cpp``, on CPUs with AMX-BF16) and
+  ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) against ``_weight_int8pack_mm`` (dequantizing
+  for the call: 630-640 ms at 8-32 tokens in the run docs/benchmarks.md quotes);
 - weight-only int4 g64: ``dequantize`` (unpacked to bf16 for the call) against
   ``_weight_int4pack_mm_for_cpu``;
 - bf16: the oneDNN-prepacked Linear the engine runs for unquantized weights.
@@ -31,25 +32,26 @@ import torch
 
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.scaled_gemm.cpp_impl import int8_gemv, weight_row_sums
-from q.kernels.weight_only_gemm.cpp_impl import int8_weight_gemv
+from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_amx,
+                                                 int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
 
 LAYER = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]  # (N, K)
 
 
-def build(layers: int):
+def build(layers: int, amx: bool):
     g = torch.Generator().manual_seed(0)
     weights = []
     for n, k in LAYER * layers:
         codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) / 100 + 1e-3
-        int8 = WeightOnlyTorch(codes, scale[:, None], k, 8)
         int4 = WeightOnlyTorch(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
                                torch.rand(n, k // 64, generator=g) / 100 + 1e-3, 64, 4)
         weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
                         "qlinear": torch.ops.onednn.qlinear_prepack(codes, None),
                         "zeros": torch.zeros(n, dtype=torch.long),
-                        "scale_bf16": scale.bfloat16(), "int4": int4, "int8": int8,
+                        "scale_bf16": scale.bfloat16(), "int4": int4,
+                        "amx": to_amx_layout(codes) if amx else None,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
     return weights
 
@@ -60,7 +62,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,8,32")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    weights = build(args.layers)
+    amx_reason = amx_unavailable(16, 32)
+    weights = build(args.layers, amx_reason is None)
     gweights = sum(w["codes"].numel() for w in weights) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
           f"layers of TinyLlama-1.1B's projections, {gweights:.2f} G weights\n")
@@ -83,13 +86,16 @@ def main() -> None:
                                                      w["scale"]),
             "wint8 _weight_int8pack_mm": lambda w: torch.ops.aten._weight_int8pack_mm(
                 xb[w["codes"].shape[1]], w["codes"], w["scale_bf16"]),
-            "wint8 dequantize": lambda w: w["int8"].run(xb[w["codes"].shape[1]], "dequantize"),
+            "wint8 amx": lambda w: int8_weight_amx(xb[w["codes"].shape[1]], w["amx"],
+                                                   w["scale"]),
             "wint4 g64 _weight_int4pack_mm": lambda w: w["int4"].run(
                 xb[w["codes"].shape[1]], "int4pack"),
             "wint4 g64 dequantize": lambda w: w["int4"].run(xb[w["codes"].shape[1]],
                                                              "dequantize"),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
         }
+        if amx_reason is not None:
+            del runs["wint8 amx"]
         times = {name: [] for name in runs}
         for name, run in runs.items():  # warm-up pass
             for w in weights:
@@ -103,7 +109,7 @@ def main() -> None:
         med = {name: statistics.median(t) for name, t in times.items()}
         versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
-                  "wint8 dequantize": "wint8 _weight_int8pack_mm",
+                  "wint8 amx": "wint8 _weight_int8pack_mm",
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
