@@ -21,6 +21,7 @@ from q.kernels.act_quant.reference import quantize_activation
 from q.kernels.configs import cpu_choice, cpu_class
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm.reference import scaled_gemm
+from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
 from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
 from q.kernels.weight_only_gemm import torch_impl as wo
 from q.kernels.weight_only_gemm.reference import weight_only_gemm
@@ -209,14 +210,15 @@ def test_a_kernel_a_weight_cannot_take_is_refused():
 
 
 @pytest.mark.parametrize("n,k,tensor_scale", [(256, 512, False), (200, 72, False),
-                                              (96, 130, True)])
+                                              (96, 130, True), (96, 128, True)])
 def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
     g = gen("w8a8", n, k)
     wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     ws = (torch.rand(1 if tensor_scale else n, 1, generator=g) / 50 + 1e-3).bfloat16().float()
     bf16, fp32 = Int8Scaled(wq, ws, torch.bfloat16), Int8Scaled(wq, ws, torch.float32)
-    assert bf16.kernels == (("gemv", "int8pack", "int_mm") if k % 16 == 0
-                            else ("gemv", "int_mm"))
+    amx = amx_int8_unavailable(n, k) is None  # AMX tiles: one kernel, one weight layout
+    assert bf16.kernels == (("amx",) if amx else ("gemv", "int8pack", "int_mm")
+                            if k % 16 == 0 else ("gemv", "int_mm"))
     for m in MS:
         x = acts(m, k, n)
         xq, xs = quantize_activation(x.float(), None, torch.int8)
@@ -229,7 +231,7 @@ def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
         # the C++ GEMV and _int_mm + the C++ epilogue: the same bits as the torch ops
         xq, xs = quantize_activation(x, None, torch.int8)
         torch_ops = torch._int_mm(xq, wq.t()).float().mul_(xs).mul_(bf16.ws).bfloat16()
-        for kernel in ("gemv", "int_mm"):
+        for kernel in ("amx",) if amx else ("gemv", "int_mm"):
             assert torch.equal(bf16.run(x, kernel), torch_ops), (kernel, m)
 
 
@@ -279,6 +281,38 @@ def test_int8_gemv_and_epilogue_are_bit_exact_and_refuse_what_they_cannot_read()
     assert cpp_impl.int8_gemv(full, one, strided, one, torch.float32) is None
     assert cpp_impl.int8_gemv(full, one, full, one, torch.float16) is None
     assert cpp_impl.int8_epilogue(acc.t(), xs, ws, torch.float32) is None
+
+
+def test_int8_amx_is_bit_exact_for_any_number_of_tokens():
+    from q.kernels.scaled_gemm import cpp_impl
+
+    reason = cpp_impl.amx_unavailable(16, 64)
+    if reason is not None:
+        pytest.skip(reason)
+    g = gen("amx-int8")
+    # 1-4 tokens: vpdpbusd; 5-16: one tile; 17-31: a second tile overlapping the first;
+    # 33+: more passes; 129+: more chunks. int8's full range, -128 included
+    for n, k in [(16, 64), (48, 192), (512, 2048)]:
+        wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.rand(1, n, generator=g)
+        amx, sums = cpp_impl.to_amx_int8_layout(wq), cpp_impl.weight_row_sums(wq)
+        for m in (1, 2, 3, 4, 5, 16, 17, 31, 32, 33, 130):
+            xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+            xs = torch.rand(m, 1, generator=g)
+            acc = xq.int() @ wq.int().t()  # exact integer sums
+            for dtype in (torch.bfloat16, torch.float32):
+                want = acc.float().mul_(xs).mul_(ws).to(dtype)
+                got = cpp_impl.int8_amx(xq, xs, amx, ws, sums, dtype)
+                assert torch.equal(got, want), (n, k, m, dtype)
+    assert "K % 64" in cpp_impl.amx_unavailable(16, 96)
+    assert "N % 16" in cpp_impl.amx_unavailable(40, 64)
+    one = torch.ones(1, 64, dtype=torch.int8)
+    amx = cpp_impl.to_amx_int8_layout(torch.ones(16, 64, dtype=torch.int8))
+    sums = torch.full((16,), 64, dtype=torch.int32)
+    assert cpp_impl.int8_amx(one, torch.ones(1), amx, torch.ones(16), sums.long(),
+                             torch.float32) is None
+    assert cpp_impl.int8_amx(one, torch.ones(1), amx, torch.ones(16), sums,
+                             torch.float16) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -74,3 +74,64 @@ def int8_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     lib.q_int8_gemv(dtype, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
                     rowsum.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
     return out
+
+
+AMX_SOURCE = Path(__file__).with_name("amx_int8.cpp")
+AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni"}
+
+
+@functools.cache
+def _amx():
+    from ..configs import cpu_flags
+
+    if not AMX_FLAGS <= cpu_flags():
+        return None, "this CPU has no AMX-INT8 tiles"
+    lib, why = cpp_build.bind(AMX_SOURCE, q_amx_int8_init="", q_int8_amx="i pppppp lll i")
+    if lib is None:
+        return None, why
+    if lib.q_amx_int8_init() != 0:
+        return None, "Linux refused this process the AMX tile state (arch_prctl)"
+    for m in (1, 5):  # a probe of both paths, with a known, exact answer
+        x, xs = torch.ones(m, 64, dtype=torch.int8), torch.ones(m)
+        w = torch.ones(16, 64, dtype=torch.int8)
+        ws, out = torch.ones(16), torch.empty(m, 16)
+        rowsum, amx_w = weight_row_sums(w), to_amx_int8_layout(w)  # alive during the call
+        lib.q_int8_amx(0, x.data_ptr(), xs.data_ptr(), amx_w.data_ptr(), ws.data_ptr(),
+                       rowsum.data_ptr(), out.data_ptr(), m, 16, 64, 1)
+        if not torch.equal(out, torch.full((m, 16), 64.0)):
+            return None, "the AMX int8 kernel's probe gave a wrong sum on this CPU"
+    return lib, None
+
+
+def amx_unavailable(n: int, k: int) -> str | None:
+    """Why :func:`int8_amx` cannot run an ``[n, k]`` weight here (None: it can)."""
+    if n % 16 or k % 64:
+        return f"N={n}, K={k}: the AMX kernel takes N % 16 == 0 and K % 64 == 0"
+    return _amx()[1]
+
+
+def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` int8 -> ``[N / 16, K / 4, 16, 4]``: per 16 channels, four columns' codes of
+    each side by side, the B operand of AMX's int8 tiles (amx_int8.cpp)."""
+    n, k = wq.shape
+    return wq.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
+             rowsum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`int8_gemv`'s result (the same bits) for any number of tokens, on AMX tiles:
+    ``amx_w`` from :func:`to_amx_int8_layout`, ``rowsum`` :func:`weight_row_sums` of the
+    plain weight. None where it cannot run."""
+    lib = _amx()[0]
+    dtype = cpp_build.dtype_code(out_dtype)
+    m, k = xq.shape
+    n = amx_w.shape[0] * 16
+    if (lib is None or dtype is None or m == 0 or xq.dtype != torch.int8 or not xq.is_contiguous()
+            or amx_w.dtype != torch.int8 or amx_w.shape[1] * 4 != k or not amx_w.is_contiguous()
+            or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)
+            or rowsum.dtype != torch.int32 or rowsum.numel() != n or not rowsum.is_contiguous()):
+        return None
+    out = torch.empty(m, n, dtype=out_dtype)
+    lib.q_int8_amx(dtype, xq.data_ptr(), xs.data_ptr(), amx_w.data_ptr(), ws.data_ptr(),
+                   rowsum.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
+    return out

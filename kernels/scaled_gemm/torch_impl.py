@@ -37,7 +37,8 @@ from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
-from .cpp_impl import int8_epilogue, int8_gemv, weight_row_sums
+from .cpp_impl import (amx_unavailable, int8_amx, int8_epilogue, int8_gemv, to_amx_int8_layout,
+                       weight_row_sums)
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
 
 
@@ -45,15 +46,21 @@ class Int8Scaled:
     """int8 W8A8: ``wq [N, K]`` int8 codes, ``ws [N, 1]`` or ``[1, 1]`` scales."""
 
     def __init__(self, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype):
+        self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
+        self.out_dtype = out_dtype
+        if amx_unavailable(*wq.shape) is None:
+            # AMX tiles: one kernel for every M, and the only copy of the weight
+            self.kernels = ("amx",)
+            self.amx_w, self.rowsum = to_amx_int8_layout(wq), weight_row_sums(wq)
+            self.wq = None
+            return
         self.kernels = ("int8pack", "int_mm") if wq.shape[1] % INT8PACK_K_MULTIPLE == 0 \
             else ("int_mm",)
         if int8_gemv_unavailable() is None:
             self.kernels = ("gemv", *self.kernels)
         self.wq = wq.contiguous()
-        self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.ws_bf16 = self.ws[0].bfloat16()
         self.rowsum = weight_row_sums(self.wq) if "gemv" in self.kernels else None
-        self.out_dtype = out_dtype
 
     def run(self, x: torch.Tensor, kernel: str, quantized=None) -> torch.Tensor:
         """One named kernel (the tuner times each; :meth:`__call__` picks). ``quantized``:
@@ -62,6 +69,9 @@ class Int8Scaled:
         if kernel not in self.kernels:
             raise ValueError(f"kernel {kernel!r} cannot run this weight; it takes "
                              f"{', '.join(self.kernels)}")
+        if kernel == "amx":  # every weight the kernel refuses was refused at load
+            return int8_amx(xq.contiguous(), xs.float().contiguous(), self.amx_w, self.ws,
+                            self.rowsum, self.out_dtype)
         if kernel == "gemv":
             y = int8_gemv(xq, xs, self.wq, self.ws, self.out_dtype, self.rowsum)
             if y is not None:
@@ -75,6 +85,8 @@ class Int8Scaled:
         return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
+        if self.kernels == ("amx",):  # exact int32 sums, like _int_mm
+            return self.run(x, "amx", quantized)
         if self.out_dtype == torch.float32 or self.kernels == ("int_mm",):
             return self.run(x, "int_mm", quantized)  # fp32 asks for accuracy: exact sums
         kernel = cpu_choice("scaled_int8", x.shape[0])

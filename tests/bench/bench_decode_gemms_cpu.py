@@ -10,7 +10,8 @@ weight comes from memory as in a real decode step, and nothing is written betwee
 (tune_kernels_cpu.py times one shape at a time instead). Per scheme and token count, the
 median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
 
-- int8 W8A8: ``gemv`` (``scaled_gemm/int8_gemm.cpp``, scaling included) against ``_int_mm``
+- int8 W8A8: ``amx`` (``scaled_gemm/amx_int8.cpp``, on CPUs with AMX-INT8 and AMX-BF16)
+  and ``gemv`` (``scaled_gemm/int8_gemm.cpp``), scaling included, against ``_int_mm``
   (int32 out, its scaling not timed) and oneDNN's quantized Linear on a weight reordered
   once (``qlinear``: ``onednn.qlinear_prepack`` + ``qlinear_pointwise``, fp32 out, the
   per-token scale not timed; not one of the engine's kernels, see docs/benchmarks.md);
@@ -31,7 +32,9 @@ import time
 import torch
 
 from q.kernels.dense_gemm.torch_impl import PackedLinear
-from q.kernels.scaled_gemm.cpp_impl import int8_gemv, weight_row_sums
+from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
+from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_gemv, to_amx_int8_layout,
+                                            weight_row_sums)
 from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_amx,
                                                  int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
@@ -52,6 +55,7 @@ def build(layers: int, amx: bool):
                         "zeros": torch.zeros(n, dtype=torch.long),
                         "scale_bf16": scale.bfloat16(), "int4": int4,
                         "amx": to_amx_layout(codes) if amx else None,
+                        "amx_int8": to_amx_int8_layout(codes) if amx else None,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
     return weights
 
@@ -62,7 +66,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,8,32")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    amx_reason = amx_unavailable(16, 32)
+    amx_reason = amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
     weights = build(args.layers, amx_reason is None)
     gweights = sum(w["codes"].numel() for w in weights) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
@@ -78,6 +82,8 @@ def main() -> None:
         runs = {
             "W8A8 gemv": lambda w: int8_gemv(xq[w["codes"].shape[1]], xs, w["codes"],
                                              w["scale"], torch.bfloat16, w["rowsum"]),
+            "W8A8 amx": lambda w: int8_amx(xq[w["codes"].shape[1]], xs, w["amx_int8"],
+                                           w["scale"], w["rowsum"], torch.bfloat16),
             "W8A8 _int_mm": lambda w: torch._int_mm(xq[w["codes"].shape[1]], w["codes"].t()),
             "W8A8 qlinear": lambda w: torch.ops.onednn.qlinear_pointwise(
                 xq[w["codes"].shape[1]], 1.0, 0, w["qlinear"], w["scale"], w["zeros"], None,
@@ -95,7 +101,7 @@ def main() -> None:
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
         }
         if amx_reason is not None:
-            del runs["wint8 amx"]
+            del runs["wint8 amx"], runs["W8A8 amx"]
         times = {name: [] for name in runs}
         for name, run in runs.items():  # warm-up pass
             for w in weights:
@@ -107,7 +113,7 @@ def main() -> None:
                     run(w)
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
-        versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
+        versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 amx": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm"}

@@ -1,0 +1,165 @@
+// int8 W8A8 on AMX-INT8 tiles, for any number of tokens: the weight is read once per call
+// at its own size, straight into the tiles (no widening), and the int32 sums are exact.
+//
+// Why: torch._int_mm reorders its weight on every call, which kept it at 100-120 ms for a
+// 1.1B model's weights at 1-32 tokens when they stream from memory, no faster than bf16
+// (tests/bench/bench_decode_gemms_cpu.py); oneDNN's prepacked int8 Linear avoids that but
+// needs its own copy of the weight.
+//
+// Layout (made once at load by cpp_impl.to_amx_int8_layout): codes [N / 16][K / 4][16][4]
+// int8: per block of 16 output channels, row r holds codes k = 4r..4r+3 of the 16 channels
+// in turn, the B operand of tdpbssd (a 16 x 64-byte tile covers K = 64).
+//
+// Up to 4 tokens, no tiles: vpdpbusd with each token's 4 activation codes broadcast (as x +
+// 128, unsigned; the weight's row sums take the 128 * sum(w) back out), 16 channels per
+// accumulator. From 5 tokens on, tdpbssd, 32 tokens per pass, tokens in L2-sized chunks.
+// Either way the int32 sums are exact, then (float(acc) * xs[m]) * ws[n] in fp32 and the
+// output dtype: the bits of torch._int_mm followed by the torch ops' scaling.
+// N % 16 == 0, K % 64 == 0; out_dtype 0 float32, 1 bfloat16.
+#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__) || !defined(__AVX512VNNI__)
+#error "this CPU has no AMX-INT8 tiles (or the compiler does not target them)"
+#endif
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct TileConfig {  // the layout ldtilecfg reads (palette 1)
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+constexpr int64_t kChunk = 128;  // tokens per chunk: 128 x K int8 stays in L2
+
+// 16 exact sums of one token -> scaled -> out (fp32 or bf16, nearest even)
+inline void store16(__m512i acc, float xs, const float* ws, void* out, int dtype) {
+  const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs)),
+                                 _mm512_loadu_ps(ws));
+  if (dtype == 0) {
+    _mm512_storeu_ps(out, y);
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(y));
+  }
+}
+
+template <int M>
+void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
+                const int32_t* rowsum, char* out, int dtype, int64_t N, int64_t K,
+                int threads) {
+  std::vector<uint8_t> xu(M * K);  // x + 128, once per call
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
+  const int64_t strips = N / 16, esize = dtype == 0 ? 4 : 2;
+  const int nt = N * K >= (1 << 18) ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t s = 0; s < strips; ++s) {
+    const int8_t* src = codes + s * K * 16;
+    __m512i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t r = 0; r < K / 4; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + r * 64 + 4096), _MM_HINT_T0);
+      const __m512i w = _mm512_loadu_si512(src + r * 64);
+      for (int m = 0; m < M; ++m) {
+        int32_t quad;
+        std::memcpy(&quad, xu.data() + m * K + 4 * r, sizeof quad);
+        acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(quad), w);
+      }
+    }
+    const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + s * 16), 7);
+    for (int m = 0; m < M; ++m)
+      store16(_mm512_sub_epi32(acc[m], correction), xs[m], ws + s * 16,
+              out + (m * N + s * 16) * esize, dtype);
+  }
+}
+
+void configure(int rows) {  // C0 C1 (int32 sums), A0 A1 (tokens), B (weights)
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows);
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[4] = 16;
+  cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* ws, char* out,
+           int dtype, int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t strips = N / 16, steps = K / 64, esize = dtype == 0 ? 4 : 2;
+  const int nt = strips > 1 ? threads : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    alignas(64) int32_t acc[16 * 16];
+    int configured = 0;
+    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
+      const int64_t c1 = M - c0 < kChunk ? M : c0 + kChunk;
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < strips; ++s) {
+        const int8_t* strip = codes + s * K * 16;
+        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strip
+          const int64_t rows0 = c1 - m0 < 16 ? c1 - m0 : 16;
+          const int64_t rows1 = c1 - m0 - 16 < 16 ? (c1 - m0 - 16 > 0 ? c1 - m0 - 16 : 0) : 16;
+          if (configured != rows0) {
+            configure(static_cast<int>(rows0));
+            configured = static_cast<int>(rows0);
+          }
+          // the second pair of tiles also loads 16 tokens: on a last pass of 17-31 it
+          // takes the last 16 (overlapping the first tile's, with the same exact sums)
+          const int64_t t1 = m0 + (rows1 == 16 ? 16 : rows1);
+          _tile_zero(0);
+          _tile_zero(1);
+          for (int64_t k = 0; k < steps; ++k) {
+            _tile_loadd(4, strip + k * 1024, 64);
+            _tile_loadd(2, x + m0 * K + k * 64, K);
+            _tile_dpbssd(0, 2, 4);
+            if (rows1) {
+              _tile_loadd(3, x + t1 * K + k * 64, K);
+              _tile_dpbssd(1, 3, 4);
+            }
+          }
+          _tile_stored(0, acc, 64);
+          for (int64_t i = 0; i < rows0; ++i)
+            store16(_mm512_load_si512(acc + i * 16), xs[m0 + i], ws + s * 16,
+                    out + ((m0 + i) * N + s * 16) * esize, dtype);
+          if (rows1) {
+            _tile_stored(1, acc, 64);
+            for (int64_t i = 0; i < 16; ++i)
+              store16(_mm512_load_si512(acc + i * 16), xs[t1 + i], ws + s * 16,
+                      out + ((t1 + i) * N + s * 16) * esize, dtype);
+          }
+        }
+      }
+    }
+    if (configured) _tile_release();
+  }
+}
+
+}  // namespace
+
+// 0 when this process may use AMX tiles (Linux grants the permission per process)
+extern "C" int q_amx_int8_init() {
+  return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                  18 /* XFEATURE_XTILEDATA */));
+}
+
+// x [M, K] int8 codes with scales xs [M]; codes in the layout above with scales ws [N] and
+// row sums rowsum [N] (int32, sum_k w[n, k]); out [M, N] in out_dtype.
+extern "C" int q_int8_amx(int out_dtype, const int8_t* x, const float* xs, const int8_t* codes,
+                          const float* ws, const int32_t* rowsum, void* out, int64_t M,
+                          int64_t N, int64_t K, int threads) {
+  if (N % 16 || K % 64 || M < 1 || (out_dtype != 0 && out_dtype != 1)) return 1;
+  char* o = static_cast<char*>(out);
+  switch (M) {
+    case 1: few_tokens<1>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
+    case 2: few_tokens<2>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
+    case 3: few_tokens<3>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
+    case 4: few_tokens<4>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
+    default: tiles(x, xs, codes, ws, o, out_dtype, M, N, K, threads); return 0;
+  }
+}
