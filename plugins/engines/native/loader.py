@@ -17,6 +17,7 @@ from torch import nn
 
 from q.api import detect_format, make_recipe
 from q.errors import CheckpointError, IncompatibleError
+from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
 from q.planning import build_entries
 from q.modeling import parameters_on_meta
 from q.source import ModelSource, model_dtype
@@ -199,9 +200,10 @@ def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype
     biases = [parts[n][1] for n in names]
     stacked = stack_quantized(qts)
     if stacked is not None and stacked.qdata.dtype == torch.int8 and \
-            choose_kind(stacked, acts, device, impl) == "scaled":
-        # int8 W8A8 (_int_mm) measured slower fused on the 1.1B model: 33.5 against 39.3
-        # tok/s at 32 requests, the same at 1 (docs/benchmarks.md)
+            choose_kind(stacked, acts, device, impl) == "scaled" and \
+            amx_int8_unavailable(*stacked.qdata.shape) is not None:
+        # int8 W8A8 on _int_mm measured slower fused on the 1.1B model: 33.5 against 39.3
+        # tok/s at 32 requests, the same at 1 (docs/benchmarks.md); the AMX kernel is not
         stacked = None
     layer = None
     if stacked is not None:
