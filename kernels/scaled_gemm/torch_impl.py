@@ -1,13 +1,17 @@
 """W8A8 GEMMs on torch's built-in CPU kernels.
 
 - int8 (:class:`Int8Scaled`): activations quantized per token (the C++ kernel of
-  ``act_quant.cpp_impl``, the reference's exact codes), then one of three kernels, by M
-  (``kernels/configs/cpu.json``, measured by ``tests/bench/tune_kernels_cpu.py``):
+  ``act_quant.cpp_impl``, the reference's exact codes), then
 
-  - ``gemv`` (M <= 4 on this project's CPU): ``int8_gemm.cpp``, the int8 weight streamed
-    once with exact int32 sums (``vpdpwssd``) and the scaling in the same pass. Same bits
-    as ``int_mm``; 1.8x faster at M = 1 over a SmolLM2 step's weights
-    (``tests/bench/bench_cpu_small_ops.py``).
+  - ``amx`` on CPUs with AMX-INT8 (N % 16 == K % 64 == 0), the only kernel there:
+    ``amx_int8.cpp``, the weight kept in the tiles' own layout (its only copy), every M.
+    ``_int_mm`` reorders its weight on every call, which kept it at bf16's speed with the
+    weights streaming from memory; this is 1.4-1.9x faster at 1-32 tokens
+    (``tests/bench/bench_decode_gemms_cpu.py``), with the same bits.
+  - elsewhere one of three kernels, by M (``kernels/configs/cpu.json``, measured by
+    ``tests/bench/tune_kernels_cpu.py``): ``gemv``, ``int_mm``, ``int8pack`` below.
+  - ``gemv`` (a few tokens): ``int8_gemm.cpp``, the int8 weight streamed once with exact
+    int32 sums (``vpdpbusd``) and the scaling in the same pass. Same bits as ``int_mm``.
   - ``int_mm``: ``torch._int_mm(xq, w^T)`` in int32 (AVX-512 VNNI), scaled by ``xs * ws``
     in fp32. The integer sum is exact, so this is the reference's result up to fp32
     rounding of the two scalings; ``_int_mm`` takes the transposed weight as a view. The

@@ -4,6 +4,11 @@ Prepared once from the codes and scales :func:`reference.weight_only_gemm` takes
 codes unpacked, one int8 per value), into the layout each kernel wants, and nothing else:
 the weight stays 1 byte (int8) or half a byte (int4) per value in memory.
 
+- int8, per-channel scales, bf16, on CPUs with AMX-BF16 (N % 16 == K % 32 == 0): ``amx``
+  (``amx_gemm.cpp``), the only kernel there, every M, the codes kept only in the tiles'
+  layout; 2-4.5x ``_weight_int8pack_mm`` at 8-32 tokens with the weights streaming from
+  memory (``tests/bench/bench_decode_gemms_cpu.py``). Elsewhere, at M = 1, ``gemv``
+  (``int8_gemv.cpp``: 1.2-1.3x ``_weight_int8pack_mm``), then as follows.
 - int8, per-channel scales: ``aten._weight_int8pack_mm(x, w [N, K] int8, scales [N])``.
   Its inner loop is a GEMV: from M ~ 32 on, dequantizing the weight to bf16 for the call
   and running bf16 GEMM (``dequantize``) is faster. ``kernels/configs/cpu.json`` holds the

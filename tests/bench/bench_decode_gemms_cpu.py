@@ -113,7 +113,8 @@ def main() -> None:
                     run(w)
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
-        versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 amx": "W8A8 _int_mm", "W8A8 qlinear": "W8A8 _int_mm",
+        versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 amx": "W8A8 _int_mm",
+                  "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm"}
