@@ -3,8 +3,9 @@
 // multiplied there by tdpbf16ps.
 //
 // Why: torch's packed int8 kernel is a GEMV run once per token, and dequantizing the whole
-// weight for a call writes and reads back a bf16 copy; both were 3-5x slower than bf16 GEMM
-// at 8-32 tokens with the weights streaming from memory (tests/bench/bench_decode_gemms_cpu.py).
+// weight for a call writes and reads back a bf16 copy: with the weights streaming from
+// memory the first ran 1.3-1.6x bf16 GEMM's time at 8 tokens and 3-4x at 32, the second
+// 4-5x (tests/bench/bench_decode_gemms_cpu.py).
 //
 // Layout (made once at load by cpp_impl.to_amx_layout): codes [N / 16][K / 2][16][2] int8,
 // i.e. for each block of 16 output channels, row r holds the code pairs (k = 2r, 2r + 1) of

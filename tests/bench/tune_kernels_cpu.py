@@ -177,6 +177,10 @@ def main() -> None:
           f"{torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{EVICT.numel() * 4 >> 20} MiB read between timed calls")
     for op in args.ops.split(","):
+        only = make_op(op, *SHAPES[0])[0].kernels
+        if len(only) == 1:  # e.g. the AMX kernels: no table to choose from on this CPU
+            print(f"\n{op}: one kernel here ({only[0]}), nothing to tune; table left as is")
+            continue
         totals = measure(op, args.repeat)
         kernels = list(next(iter(totals.values())))
         print(f"\n{op}: ms per call, summed over {len(SHAPES)} shapes (N x K: "
