@@ -20,8 +20,8 @@ error printed; a candidate off by more than 1% is dropped), then timed (median o
 between timed calls, outside the timing: in a decode step of a model larger than the cache
 each weight comes from memory, not from a cache that the same call warmed a moment earlier
 (every weight here fits any L3 of 32 MiB or more). Read, not written: the dirty lines a
-write leaves were written back during the next timed call and made every kernel about 2x
-slower than the same weights streamed in a model's order. Per M the candidate with the
+write leaves were written back during the next timed call and slowed every kernel (up to
+5.7x for q's W8A8 GEMV at M = 1 in the run that found it, docs/benchmarks.md). Per M the candidate with the
 least total time over the shapes wins; the winners become ``[[largest M, kernel], ..., [null, kernel]]``
 buckets, written under this CPU's class (``q.kernels.configs.cpu_class``: with AMX the
 winners differ in kind) and leaving other classes' tables as they are. Timing runs in this
@@ -126,8 +126,7 @@ def timed(fn, xs, repeat: int) -> float:
     times = []
     for i in range(repeat):
         # the weight leaves the caches, as between a model's layers: read, not written (a
-        # write leaves that many dirty lines, whose write-back ran during the timed call
-        # and made every kernel 2x slower than in a model-sized stream of weights)
+        # write leaves that many dirty lines, whose write-back ran during the timed call)
         EVICT.sum()
         t0 = time.perf_counter()
         fn(xs[i % len(xs)])
