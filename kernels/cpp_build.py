@@ -1,9 +1,10 @@
 """Small C++ kernels compiled on first use, for the CPU paths torch has no kernel for.
 
-A source is compiled once per source text, compiler, flags and CPU (``-march=native``: the
-CPU's flags are part of the cache key) into ``<q cache>/kernels/`` with the machine's C++
-compiler (``$CXX``, else ``c++``/``g++``/``clang++``); the files include no torch headers,
-so each builds in about a second. They are loaded with ctypes and parallelize with OpenMP:
+A source is compiled once per source text (with the q headers it includes), compiler, flags
+and CPU (``-march=native``: the CPU's flags are part of the cache key) into
+``<q cache>/kernels/`` with the machine's C++ compiler (``$CXX``, else
+``c++``/``g++``/``clang++``); the files include no torch headers, so each builds in about a
+second. They are loaded with ctypes and parallelize with OpenMP:
 libgomp has the soname torch's own copy has, so the process keeps one OpenMP runtime.
 Where no compiler is found or a build fails, :func:`load` says why and callers keep their
 torch path. ``Q_NO_CPP_KERNELS=1`` turns them all off. :func:`bind` loads a source and
@@ -18,6 +19,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -52,10 +54,21 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def _source_bytes(source: Path) -> bytes:
+    """The source and the q headers it includes (``#include "..."``, relative to it): an
+    edited header must rebuild every kernel that includes it."""
+    text = source.read_bytes()
+    return text + b"".join(_source_bytes(source.parent / name.decode())
+                           for name in _INCLUDE.findall(text))
+
+
 def _build(source: Path, compiler: str) -> Path:
     from q.embedded import cache_dir
 
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode()
+    key = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *FLAGS]).encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -107,3 +120,23 @@ def bind(source: Path, **signatures: str) -> tuple[ctypes.CDLL | None, str | Non
 def dtype_code(dtype) -> int | None:
     """The kernels' code for a torch dtype (float32, bfloat16), or None."""
     return _DTYPE_CODES.get(str(dtype).removeprefix("torch."))
+
+
+def bind_amx(source: Path, flags: set[str], init: str, probe, **signatures: str
+             ) -> tuple[ctypes.CDLL | None, str | None]:
+    """:func:`bind` for a kernel on AMX tiles (``amx_tiles.h``): (library, None) once the
+    CPU has ``flags``, the source builds, Linux grants the process the tile state (the
+    exported ``init``) and ``probe(library)``, a call with a known exact answer, gets it;
+    else (None, why)."""
+    from .configs import cpu_flags
+
+    if not flags <= cpu_flags():
+        return None, f"this CPU lacks {', '.join(sorted(flags - cpu_flags()))} (AMX tiles)"
+    lib, why = bind(source, **{init: ""}, **signatures)
+    if lib is None:
+        return None, why
+    if getattr(lib, init)() != 0:
+        return None, "Linux refused this process the AMX tile state (arch_prctl)"
+    if not probe(lib):
+        return None, f"{source.name}'s probe gave a wrong sum on this CPU"
+    return lib, None

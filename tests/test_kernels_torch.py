@@ -148,13 +148,70 @@ def test_int8_weight_gemv_in_cpp_matches_the_reference_and_refuses_what_it_canno
 ])
 def test_weight_only_int4_kernels_match_reference(n, k, group, asym):
     codes, scale, zero = int_weight(n, k, 4, group, asym)
-    impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
-    assert impl.kernels == (("int4pack", "dequantize") if n % 64 == 0 else ("int4pack",))
+    impls = [wo.WeightOnlyTorch(codes, scale, group, 4, zero, amx=amx) for amx in (True, False)]
+    torch_kernels = ("int4pack", "dequantize") if n % 64 == 0 else ("int4pack",)
+    assert impls[1].kernels == torch_kernels
+    assert impls[0].kernels == (torch_kernels if wo.amx_int4_unavailable(n, k, impls[0].group)
+                                else ("amx",))
     for m in MS:
         x = acts(m, k, n, group)
         ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
-        for kernel in impl.kernels:
-            assert rel_err(impl.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
+        for impl in impls:
+            for kernel in impl.kernels:
+                assert rel_err(impl.run(x, kernel), ref) < BF16_BOUND, (kernel, m)
+            assert rel_err(impl(x), ref) < BF16_BOUND
+    if "dequantize" in impls[1].kernels:  # both layouts give the weight the same bf16 numbers
+        assert torch.equal(impls[0].dequantized_torch(), impls[1].dequantized_torch())
+
+
+def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
+    from q.kernels.weight_only_gemm import cpp_impl
+
+    reason = cpp_impl.amx_int4_unavailable(16, 32, 32)
+    if reason is not None:
+        pytest.skip(reason)
+    for n, k, group in [(16, 32, 32), (48, 256, 64), (256, 2048, 128), (32, 512, 256)]:
+        codes, scale, zero = int_weight(n, k, 4, group, True)
+        impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
+        assert impl.kernels == ("amx",) and impl.has_zero
+        for m in (1, 2, 3, 4, 5, 16, 17, 31, 33, 130):
+            x = acts(m, k, n, group)
+            ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
+            got = impl.run(x, "amx")
+            assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
+            tail = x[-(1 if m <= 4 else 5):].contiguous()  # each token's row is its own
+            assert torch.equal(got[-tail.shape[0]:], impl.run(tail, "amx")), (n, k, m)
+    # exact arithmetic (small integer activations, power-of-two scales, integer zeros): both
+    # paths sum exactly and round once, so any misplaced nibble or scale would show
+    n, k, group = 64, 256, 64
+    g = gen("int4-exact", n, k)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = 2.0 ** torch.randint(-3, 2, (n, k // group), generator=g).float()
+    zero = torch.randint(-2, 3, (n, k // group), generator=g).float()
+    impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
+    for m in (1, 3, 4, 5, 40):
+        x = torch.randint(-3, 4, (m, k), generator=g).to(torch.bfloat16)
+        ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
+        assert torch.equal(impl.run(x, "amx"), ref.bfloat16()), m
+    assert impl.has_zero and not wo.WeightOnlyTorch(codes, scale, group, 4).has_zero
+    assert "groups of 48" in cpp_impl.amx_int4_unavailable(64, 96, 48)
+    assert "N % 16" in cpp_impl.amx_int4_unavailable(40, 64, 32)
+    x = acts(2, k)
+    assert cpp_impl.int4_weight_amx(x.float(), impl.amx_codes, impl.amx_scales, group,
+                                    True) is None  # fp32 activations
+    assert cpp_impl.int4_weight_amx(x, impl.amx_codes, impl.amx_scales, 128, True) is None
+
+
+def test_int4_amx_layout_round_trips_bit_exactly():
+    from q.kernels.weight_only_gemm import cpp_impl
+
+    codes = torch.randint(-8, 8, (48, 96), generator=gen("amx4", 48, 96), dtype=torch.int8)
+    amx = cpp_impl.to_amx_int4_layout(codes)
+    assert amx.shape == (3, 24, 32) and amx.dtype == torch.uint8
+    assert torch.equal(cpp_impl.from_amx_int4_layout(amx).to(torch.int16) - 8,
+                       codes.to(torch.int16))
+    # byte 3 of block 0 of strip 0: channel 1's q at k = 1 (low) and k = 3 (high)
+    assert amx[0, 0, 3].item() == (codes[1, 1] + 8).item() | ((codes[1, 3] + 8).item() << 4)
 
 
 @pytest.mark.parametrize("n,k,group,asym", [
@@ -167,7 +224,7 @@ def test_int4_unpacking_in_cpp_is_bit_identical_to_torch_ops(n, k, group, asym):
     from q.kernels.weight_only_gemm.cpp_impl import dequantize_int4pack
 
     codes, scale, zero = int_weight(n, k, 4, group, asym)
-    impl = wo.WeightOnlyTorch(codes, scale * 37.0, group, 4, zero)  # scales near 1: big w
+    impl = wo.WeightOnlyTorch(codes, scale * 37.0, group, 4, zero, amx=False)  # big w
     fast = dequantize_int4pack(impl.packed, impl.scales_and_zeros, n, k, impl.group,
                                wo.int4pack_block_n())
     assert fast is not None, "the C++ int4 unpacking kernel did not build"

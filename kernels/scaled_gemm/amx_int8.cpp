@@ -19,23 +19,13 @@
 #if !defined(__AMX_TILE__) || !defined(__AMX_INT8__) || !defined(__AVX512VNNI__)
 #error "this CPU has no AMX-INT8 tiles (or the compiler does not target them)"
 #endif
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "../amx_tiles.h"
+
 namespace {
-
-struct TileConfig {  // the layout ldtilecfg reads (palette 1)
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-constexpr int64_t kChunk = 128;  // tokens per chunk: 128 x K int8 stays in L2
 
 // 16 exact sums of one token -> scaled -> out (fp32 or bf16, nearest even)
 inline void store16(__m512i acc, float xs, const float* ws, void* out, int dtype) {
@@ -77,76 +67,23 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
   }
 }
 
-void configure(int rows) {  // C0 C1 (int32 sums), A0 A1 (tokens), B (weights)
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 4; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows);
-    cfg.colsb[t] = 64;
-  }
-  cfg.rows[4] = 16;
-  cfg.colsb[4] = 64;
-  _tile_loadconfig(&cfg);
-}
-
 void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* ws, char* out,
            int dtype, int64_t M, int64_t N, int64_t K, int threads) {
-  const int64_t strips = N / 16, steps = K / 64, esize = dtype == 0 ? 4 : 2;
-  const int nt = strips > 1 ? threads : 1;
-#pragma omp parallel num_threads(nt)
-  {
-    alignas(64) int32_t acc[16 * 16];
-    int configured = 0;
-    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-      const int64_t c1 = M - c0 < kChunk ? M : c0 + kChunk;
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < strips; ++s) {
-        const int8_t* strip = codes + s * K * 16;
-        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strip
-          const int64_t rows0 = c1 - m0 < 16 ? c1 - m0 : 16;
-          const int64_t rows1 = c1 - m0 - 16 < 16 ? (c1 - m0 - 16 > 0 ? c1 - m0 - 16 : 0) : 16;
-          if (configured != rows0) {
-            configure(static_cast<int>(rows0));
-            configured = static_cast<int>(rows0);
-          }
-          // the second pair of tiles also loads 16 tokens: on a last pass of 17-31 it
-          // takes the last 16 (overlapping the first tile's, with the same exact sums)
-          const int64_t t1 = m0 + (rows1 == 16 ? 16 : rows1);
-          _tile_zero(0);
-          _tile_zero(1);
-          for (int64_t k = 0; k < steps; ++k) {
-            _tile_loadd(4, strip + k * 1024, 64);
-            _tile_loadd(2, x + m0 * K + k * 64, K);
-            _tile_dpbssd(0, 2, 4);
-            if (rows1) {
-              _tile_loadd(3, x + t1 * K + k * 64, K);
-              _tile_dpbssd(1, 3, 4);
-            }
-          }
-          _tile_stored(0, acc, 64);
-          for (int64_t i = 0; i < rows0; ++i)
-            store16(_mm512_load_si512(acc + i * 16), xs[m0 + i], ws + s * 16,
-                    out + ((m0 + i) * N + s * 16) * esize, dtype);
-          if (rows1) {
-            _tile_stored(1, acc, 64);
-            for (int64_t i = 0; i < 16; ++i)
-              store16(_mm512_load_si512(acc + i * 16), xs[t1 + i], ws + s * 16,
-                      out + ((t1 + i) * N + s * 16) * esize, dtype);
-          }
-        }
-      }
-    }
-    if (configured) _tile_release();
-  }
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  q_amx::tile_loop(
+      reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, 0, threads,
+      [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
+      [] { _tile_dpbssd(0, 2, 4); }, [] { _tile_dpbssd(1, 3, 4); },
+      [&](const char* sums, int64_t m, int64_t s) {
+        store16(_mm512_load_si512(sums), xs[m], ws + s * 16, out + (m * N + s * 16) * esize,
+                dtype);
+      });
 }
 
 }  // namespace
 
-// 0 when this process may use AMX tiles (Linux grants the permission per process)
-extern "C" int q_amx_int8_init() {
-  return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                  18 /* XFEATURE_XTILEDATA */));
-}
+// 0 when this process may use AMX tiles
+extern "C" int q_amx_int8_init() { return q_amx::request_permission(); }
 
 // x [M, K] int8 codes with scales xs [M]; codes in the layout above with scales ws [N] and
 // row sums rowsum [N] (int32, sum_k w[n, k]); out [M, N] in out_dtype.

@@ -80,18 +80,8 @@ AMX_SOURCE = Path(__file__).with_name("amx_int8.cpp")
 AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni"}
 
 
-@functools.cache
-def _amx():
-    from ..configs import cpu_flags
-
-    if not AMX_FLAGS <= cpu_flags():
-        return None, "this CPU has no AMX-INT8 tiles"
-    lib, why = cpp_build.bind(AMX_SOURCE, q_amx_int8_init="", q_int8_amx="i pppppp lll i")
-    if lib is None:
-        return None, why
-    if lib.q_amx_int8_init() != 0:
-        return None, "Linux refused this process the AMX tile state (arch_prctl)"
-    for m in (1, 5):  # a probe of both paths, with a known, exact answer
+def _probe(lib) -> bool:
+    for m in (1, 5):  # both paths (registers, tiles); every sum is exactly 64
         x, xs = torch.ones(m, 64, dtype=torch.int8), torch.ones(m)
         w = torch.ones(16, 64, dtype=torch.int8)
         ws, out = torch.ones(16), torch.empty(m, 16)
@@ -99,8 +89,14 @@ def _amx():
         lib.q_int8_amx(0, x.data_ptr(), xs.data_ptr(), amx_w.data_ptr(), ws.data_ptr(),
                        rowsum.data_ptr(), out.data_ptr(), m, 16, 64, 1)
         if not torch.equal(out, torch.full((m, 16), 64.0)):
-            return None, "the AMX int8 kernel's probe gave a wrong sum on this CPU"
-    return lib, None
+            return False
+    return True
+
+
+@functools.cache
+def _amx():
+    return cpp_build.bind_amx(AMX_SOURCE, AMX_FLAGS, "q_amx_int8_init", _probe,
+                              q_int8_amx="i pppppp lll i")
 
 
 def amx_unavailable(n: int, k: int) -> str | None:

@@ -21,21 +21,13 @@
 #if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
 #error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
 #endif
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "../amx_tiles.h"
 
-struct TileConfig {  // the layout ldtilecfg reads (palette 1)
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+namespace {
 
 // 16 sums times their channels' scales, rounded to bf16 (nearest even)
 inline void store_row(const float* acc, __m512 scale, uint16_t* out) {
@@ -104,29 +96,10 @@ void few_tokens(const uint16_t* xb, const int8_t* codes, const float* scale, uin
     few_tokens_strip<M>(x.data(), codes + s * K * 16, scale + s * 16, out + s * 16, N, K);
 }
 
-// tokens per chunk of the tile path: 128 x K bf16 activations (0.5-1.4 MB for K = 2048-5632)
-// fit a 2 MB L2
-constexpr int64_t kChunk = 128;
-
-void configure(int rows) {  // C0 C1 (fp32 accumulators), A0 A1 (tokens), B (weights)
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 4; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows);
-    cfg.colsb[t] = 64;
-  }
-  cfg.rows[4] = 16;
-  cfg.colsb[4] = 64;
-  _tile_loadconfig(&cfg);
-}
-
 }  // namespace
 
-// 0 when this thread may use AMX tiles (Linux asks for the permission per process)
-extern "C" int q_amx_init() {
-  return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                  18 /* XFEATURE_XTILEDATA */));
-}
+// 0 when this process may use AMX tiles
+extern "C" int q_amx_init() { return q_amx::request_permission(); }
 
 // x [M, K] bf16, codes in the layout above, scale [N] fp32; out [M, N] bf16.
 extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float* scale,
@@ -139,59 +112,18 @@ extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float
     case 4: few_tokens<4>(x, codes, scale, out, N, K, threads); return 0;
     default: break;
   }
-  const int64_t strips = N / 16, steps = K / 32;
-  const int nt = strips > 1 ? threads : 1;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<uint16_t> buffer(K * 16 + 32);
-    // 64-byte aligned view of the thread's bf16 strip
-    uint16_t* strip = reinterpret_cast<uint16_t*>(
-        (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float acc[16 * 16];
-    int configured = 0;
-    // Tokens in chunks whose activations stay in the core's L2 while every strip passes
-    // over them (a prompt's 2048 tokens re-read from memory per strip cost more than
-    // widening each strip once per chunk).
-    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-      const int64_t c1 = M - c0 < kChunk ? M : c0 + kChunk;
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < strips; ++s) {
+  const char* xb = reinterpret_cast<const char*>(x);
+  q_amx::tile_loop(
+      xb, K * 2, M, N / 16, K / 32, K * 32, threads,
+      [&](int64_t s, char* buffer) {
+        uint16_t* strip = reinterpret_cast<uint16_t*>(buffer);
         widen_strip(codes + s * K * 16, strip, K);
-        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strip
-          const int64_t rows0 = c1 - m0 < 16 ? c1 - m0 : 16;
-          const int64_t rows1 = c1 - m0 - 16 < 16 ? (c1 - m0 - 16 > 0 ? c1 - m0 - 16 : 0) : 16;
-          if (configured != rows0) {
-            configure(static_cast<int>(rows0));
-            configured = static_cast<int>(rows0);
-          }
-          // the second pair of tiles also loads 16 tokens: on a last pass of 17-31 it takes
-          // the last 16 (overlapping the first tile's, which it computes to the same bits)
-          const int64_t t1 = m0 + (rows1 == 16 ? 16 : rows1);
-          const uint16_t* x1 = x + t1 * K;
-          _tile_zero(0);
-          _tile_zero(1);
-          for (int64_t k = 0; k < steps; ++k) {
-            _tile_loadd(4, strip + k * 512, 64);
-            _tile_loadd(2, x + m0 * K + k * 32, K * 2);
-            _tile_dpbf16ps(0, 2, 4);
-            if (rows1) {
-              _tile_loadd(3, x1 + k * 32, K * 2);
-              _tile_dpbf16ps(1, 3, 4);
-            }
-          }
-          const __m512 sc = _mm512_loadu_ps(scale + s * 16);
-          _tile_stored(0, acc, 64);
-          for (int64_t i = 0; i < rows0; ++i)
-            store_row(acc + i * 16, sc, out + (m0 + i) * N + s * 16);
-          if (rows1) {
-            _tile_stored(1, acc, 64);
-            for (int64_t i = 0; i < 16; ++i)
-              store_row(acc + i * 16, sc, out + (t1 + i) * N + s * 16);
-          }
-        }
-      }
-    }
-    if (configured) _tile_release();
-  }
+        return static_cast<const char*>(buffer);
+      },
+      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      [&](const char* sums, int64_t m, int64_t s) {
+        store_row(reinterpret_cast<const float*>(sums), _mm512_loadu_ps(scale + s * 16),
+                  out + m * N + s * 16);
+      });
   return 0;
 }

@@ -16,6 +16,7 @@ from .. import cpp_build
 SOURCE = Path(__file__).with_name("dequant.cpp")
 GEMV_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cpp")
+AMX_INT4_SOURCE = Path(__file__).with_name("amx_int4.cpp")
 AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 
@@ -56,25 +57,19 @@ def int8_weight_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     return out
 
 
-@functools.cache
-def _amx() -> tuple[object | None, str | None]:
-    from ..configs import cpu_flags
-
-    if not AMX_FLAGS <= cpu_flags():
-        return None, "this CPU has no AMX-BF16 tiles"
-    lib, why = cpp_build.bind(AMX_SOURCE, q_amx_init="", q_wo_int8_amx="pppp lll i")
-    if lib is None:
-        return None, why
-    if lib.q_amx_init() != 0:
-        return None, "Linux refused this process the AMX tile state (arch_prctl)"
-    x = torch.ones(1, 32, dtype=torch.bfloat16)  # a probe with a known, exact answer
+def _probe_int8(lib) -> bool:
+    x = torch.ones(1, 32, dtype=torch.bfloat16)  # every sum is exactly 32
     codes = to_amx_layout(torch.ones(16, 32, dtype=torch.int8))
     scale, out = torch.ones(16), torch.empty(1, 16, dtype=torch.bfloat16)
     lib.q_wo_int8_amx(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), out.data_ptr(), 1, 16,
                       32, 1)
-    if not torch.equal(out, torch.full((1, 16), 32.0, dtype=torch.bfloat16)):
-        return None, "the AMX kernel's probe gave a wrong sum on this CPU"
-    return lib, None
+    return torch.equal(out, torch.full((1, 16), 32.0, dtype=torch.bfloat16))
+
+
+@functools.cache
+def _amx() -> tuple[object | None, str | None]:
+    return cpp_build.bind_amx(AMX_SOURCE, AMX_FLAGS, "q_amx_init", _probe_int8,
+                              q_wo_int8_amx="pppp lll i")
 
 
 def amx_unavailable(n: int, k: int) -> str | None:
@@ -107,6 +102,83 @@ def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tenso
     out = torch.empty(m, n, dtype=torch.bfloat16)
     lib.q_wo_int8_amx(x.data_ptr(), amx_codes.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       m, n, k, torch.get_num_threads())
+    return out
+
+
+def _probe_int4(lib) -> bool:
+    for m in (1, 5):  # both paths (registers, tiles); codes 1, scale 1, zero 0.5: 32 * 1.5
+        x = torch.ones(m, 32, dtype=torch.bfloat16)
+        codes = to_amx_int4_layout(torch.ones(16, 32, dtype=torch.int8))
+        sz = to_amx_int4_scales(torch.ones(16, 1), torch.full((16, 1), 0.5))
+        out = torch.empty(m, 16, dtype=torch.bfloat16)
+        lib.q_wo_int4_amx(x.data_ptr(), codes.data_ptr(), sz.data_ptr(), out.data_ptr(), m, 16,
+                          32, 32, 1, 1)
+        if not torch.equal(out, torch.full((m, 16), 48.0, dtype=torch.bfloat16)):
+            return False
+    return True
+
+
+@functools.cache
+def _amx_int4() -> tuple[object | None, str | None]:
+    return cpp_build.bind_amx(AMX_INT4_SOURCE, AMX_FLAGS, "q_amx_int4_init", _probe_int4,
+                              q_wo_int4_amx="pppp llll ii")
+
+
+def amx_int4_unavailable(n: int, k: int, group: int) -> str | None:
+    """Why :func:`int4_weight_amx` cannot run an ``[n, k]`` weight in groups of ``group``
+    here (None: it can)."""
+    if n % 16 or group % 32 or k % group:
+        return (f"N={n}, K={k}, groups of {group}: the AMX int4 kernel takes N % 16 == 0 and "
+                "groups of a multiple of 32 that divide K")
+    return _amx_int4()[1]
+
+
+def to_amx_int4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` int4 codes (int8, -8..7) -> ``[N / 16, K / 4, 32]`` bytes of ``q = code +
+    8``: byte i of block t holds channel i // 2's q at k = 4t + i % 2 (low nibble) and at
+    k = 4t + 2 + i % 2 (high nibble) (amx_int4.cpp)."""
+    n, k = codes.shape
+    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n // 16, 16, k // 4, 2, 2)
+    low, high = (q[:, :, :, h].permute(0, 2, 1, 3).reshape(n // 16, k // 4, 32)
+                 for h in (0, 1))
+    return (low | (high << 4)).contiguous()
+
+
+def from_amx_int4_layout(amx_codes: torch.Tensor) -> torch.Tensor:
+    """:func:`to_amx_int4_layout` undone: ``[N, K]`` unsigned ``q`` (uint8, 0..15)."""
+    strips, quads, _ = amx_codes.shape
+    halves = torch.stack([amx_codes & 0xF, amx_codes >> 4], dim=2)  # [s, t, h, 32]
+    q = halves.reshape(strips, quads, 2, 16, 2).permute(0, 3, 1, 2, 4)  # [s, c, t, h, p]
+    return q.reshape(strips * 16, quads * 4)
+
+
+def to_amx_int4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """bf16 ``[N / 16, groups, 2, 16]`` from ``scale`` and ``zero`` ``[N, groups]`` (w =
+    (q - 8) * scale + zero): per strip and group, its 16 scales then its 16 zeros."""
+    n, groups = scale.shape
+    both = torch.stack([scale, zero]).to(torch.bfloat16)  # [2, N, groups]
+    return both.reshape(2, n // 16, 16, groups).permute(1, 3, 0, 2).contiguous()
+
+
+def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
+                    group: int, zero: bool) -> torch.Tensor | None:
+    """``x @ w^T`` in bf16 on AMX tiles for any number of tokens, ``w = (q - 8) * s + z``:
+    ``x [M, K]`` bf16, ``amx_codes`` from :func:`to_amx_int4_layout`, ``amx_scales`` from
+    :func:`to_amx_int4_scales`, ``zero``: whether any z is nonzero. None where it cannot
+    run."""
+    lib = _amx_int4()[0]
+    m, k = x.shape
+    n = amx_codes.shape[0] * 16
+    if (lib is None or m == 0 or x.dtype != torch.bfloat16 or not x.is_contiguous()
+            or amx_codes.dtype != torch.uint8 or amx_codes.shape[1] * 4 != k
+            or not amx_codes.is_contiguous() or group % 32 or k % group
+            or amx_scales.dtype != torch.bfloat16
+            or tuple(amx_scales.shape) != (n // 16, k // group, 2, 16)
+            or not amx_scales.is_contiguous()):
+        return None
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.q_wo_int4_amx(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(), out.data_ptr(),
+                      m, n, k, group, int(zero), torch.get_num_threads())
     return out
 
 

@@ -14,13 +14,17 @@ the weight stays 1 byte (int8) or half a byte (int4) per value in memory.
   and running bf16 GEMM (``dequantize``) is faster. ``kernels/configs/cpu.json`` holds the
   crossover, measured by ``tests/bench/tune_kernels_cpu.py``. Zero points and int8 groups
   always take ``dequantize``, and so does a K that is not a multiple of 16 (the packed
-  kernel silently computes garbage there, see ``INT8PACK_K_MULTIPLE``): folding a zero point in as ``- rowsum(x) * zp * s`` after the
-  packed kernel would subtract two rounded bf16 numbers.
+  kernel silently computes garbage there, see ``INT8PACK_K_MULTIPLE``): folding a zero
+  point in as ``- rowsum(x) * zp * s`` after the packed kernel would subtract two rounded
+  bf16 numbers.
 - int4, groups of 32/64/128/256 dividing K (per channel: the channel's scale repeated over
-  groups of the largest such size), N a multiple of 16: ``_convert_weight_to_int4pack_for_cpu``
-  + ``_weight_int4pack_mm_for_cpu``. Its ``scales_and_zeros [K/g, N, 2]`` puts the zero in
-  the float domain, ``w = (q - 8) * s + z``: q's codes c (-8..7) give ``q = c + 8``, and a
-  zero point zp gives ``z = -zp * s``. Above the crossover the weight is unpacked from that
+  groups of the largest such size), N a multiple of 16. On CPUs with AMX-BF16 (bf16): ``amx``
+  (``amx_int4.cpp``), the only kernel there, every M, the codes and group scales kept only in
+  its layout (half a byte per weight, as torch's). Elsewhere
+  ``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``. Its
+  ``scales_and_zeros [K/g, N, 2]`` puts the zero in the float domain, ``w = (q - 8) * s +
+  z``: q's codes c (-8..7) give ``q = c + 8``, and a zero point zp gives ``z = -zp * s`` (the
+  AMX kernel takes the same s and z). Above the crossover the weight is unpacked from that
   same packed tensor and multiplied by bf16 GEMM; the unpacking is one pass of a small C++
   kernel (:mod:`.cpp_impl`) where it builds, else torch ops (:func:`unpack_int4pack`).
 
@@ -36,8 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
-from .cpp_impl import (amx_unavailable, dequantize_int4pack, dequantize_int8, gemv_unavailable,
-                       int8_weight_amx, int8_weight_gemv, to_amx_layout)
+from .cpp_impl import (amx_int4_unavailable, amx_unavailable, dequantize_int4pack,
+                       dequantize_int8, from_amx_int4_layout, gemv_unavailable,
+                       int4_weight_amx, int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
+                       to_amx_int4_scales, to_amx_layout)
 
 INT4_GROUPS = (32, 64, 128, 256)
 # _weight_int8pack_mm (torch 2.13, AVX-512) reads K in vectors of 16 without checking: any
@@ -109,7 +115,10 @@ class WeightOnlyTorch:
     """``y = x @ ((w - zero) * scale)^T`` for ``x [M, K]`` in ``dtype`` (bf16)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int,
-                 zero: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+                 zero: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                 amx: bool = True):
+        """``amx=False`` keeps torch's kernels where the AMX ones would run (benches and
+        tests compare the two)."""
         n, k = codes.shape
         reason = unsupported(bits, n, k, group_size)
         if reason:
@@ -121,7 +130,7 @@ class WeightOnlyTorch:
             self.scale = scale.to(dtype)  # [N, groups]
             self.zero = None if zero is None else zero.to(dtype)
             per_channel = self.group_size == k and zero is None
-            if per_channel and dtype == torch.bfloat16 and amx_unavailable(n, k) is None:
+            if amx and per_channel and dtype == torch.bfloat16 and amx_unavailable(n, k) is None:
                 # AMX tiles: one kernel for every M, and the only copy of the weight
                 self.kernels = ("amx",)
                 self.amx_codes = to_amx_layout(codes)
@@ -139,6 +148,14 @@ class WeightOnlyTorch:
         s = scale.float().expand(n, groups) if scale.shape[1] == 1 else scale.float()
         z = torch.zeros_like(s) if zero is None else \
             -(zero.float().expand(n, groups) if zero.shape[1] == 1 else zero.float()) * s
+        if amx and dtype == torch.bfloat16 and amx_int4_unavailable(n, k, self.group) is None:
+            # AMX tiles: one kernel for every M, the weight kept in its layout only
+            self.kernels = ("amx",)
+            self.amx_codes = to_amx_int4_layout(codes)
+            self.amx_scales = to_amx_int4_scales(s, z)
+            self.has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
+            self.packed = self.scales_and_zeros = None
+            return
         self.packed = _pack_int4(codes.to(torch.int32) + 8)
         self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
         block = int4pack_block_n()
@@ -157,6 +174,8 @@ class WeightOnlyTorch:
         * s + z`` with the packed kernel's bf16 scales and zeros."""
         n, k = self.shape
         w = None
+        if self.bits == 4 and self.packed is None:
+            return self.dequantized_torch()  # kept in the AMX layout: never dequantized to run
         if self.bits == 4 and self.dtype == torch.bfloat16:
             w = dequantize_int4pack(self.packed, self.scales_and_zeros, n, k, self.group,
                                     int4pack_block_n())
@@ -168,12 +187,13 @@ class WeightOnlyTorch:
     def dequantized_torch(self) -> torch.Tensor:
         """:meth:`dequantized` in torch ops (the C++ kernel's oracle, and its fallback)."""
         n, k = self.shape
+        if self.bits == 4 and self.packed is None:  # the AMX layout [N/16, groups, 2, 16]
+            q = from_amx_int4_layout(self.amx_codes)
+            s, z = self.amx_scales.permute(2, 0, 3, 1).reshape(2, n, k // self.group)
+            return self._int4(q, s, z)
         if self.bits == 4:
-            w = unpack_int4pack(self.packed, n, k).to(self.dtype).sub_(8)
             sz = self.scales_and_zeros  # [K/g, N, 2]
-            w = w.view(n, k // self.group, self.group)
-            w.mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
-            return w.view(n, k)
+            return self._int4(unpack_int4pack(self.packed, n, k), sz[..., 0].t(), sz[..., 1].t())
         w = self.plain_codes().to(self.dtype)
 
         def per_column(t):
@@ -182,6 +202,13 @@ class WeightOnlyTorch:
         if self.zero is not None:
             w.sub_(per_column(self.zero))
         return w.mul_(per_column(self.scale))
+
+    def _int4(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``(q - 8) * s + z`` in ``dtype`` with its roundings, ``s``/``z [N, groups]``."""
+        n, k = self.shape
+        w = q.to(self.dtype).sub_(8).view(n, k // self.group, self.group)
+        w.mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1))
+        return w.view(n, k)
 
     def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         """One named kernel (the tuner times each; :meth:`__call__` picks)."""
@@ -192,7 +219,10 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
-        if kernel == "amx":  # every input the kernel refuses was refused at load
+        if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
+            return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
+                                   self.has_zero)
+        if kernel == "amx":
             return int8_weight_amx(x.contiguous(), self.amx_codes, self.scale_fp32)
         if kernel == "gemv":
             y = int8_weight_gemv(x.contiguous(), self.codes, self.scale_fp32)

@@ -2,6 +2,7 @@
 torch's kernels, per scheme, in one run.
 
     python tests/bench/bench_decode_gemms_cpu.py [--layers 22] [--tokens 1,4,8,32]
+        [--kernels wint4,bf16]
 
 The weights of ``--layers`` layers of a 1.1B Llama (TinyLlama's shapes: q/k/v fused
 2560x2048, o 2048x2048, gate/up fused 11264x2048, down 2048x5632; 22 layers are the whole
@@ -18,8 +19,8 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
 - weight-only int8: ``amx`` (``weight_only_gemm/amx_gemm.cpp``, on CPUs with AMX-BF16) and
   ``gemv`` (``weight_only_gemm/int8_gemv.cpp``) against ``_weight_int8pack_mm`` (dequantizing
   for the call: 630-640 ms at 8-32 tokens in the run docs/benchmarks.md quotes);
-- weight-only int4 g64: ``dequantize`` (unpacked to bf16 for the call) against
-  ``_weight_int4pack_mm_for_cpu``;
+- weight-only int4 g64: ``amx`` (``weight_only_gemm/amx_int4.cpp``, on CPUs with AMX-BF16)
+  and ``dequantize`` (unpacked to bf16 for the call) against ``_weight_int4pack_mm_for_cpu``;
 - bf16: the oneDNN-prepacked Linear the engine runs for unquantized weights.
 """
 
@@ -48,12 +49,14 @@ def build(layers: int, amx: bool):
     for n, k in LAYER * layers:
         codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) / 100 + 1e-3
-        int4 = WeightOnlyTorch(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8),
-                               torch.rand(n, k // 64, generator=g) / 100 + 1e-3, 64, 4)
+        int4_codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        int4_scale = torch.rand(n, k // 64, generator=g) / 100 + 1e-3
+        int4 = WeightOnlyTorch(int4_codes, int4_scale, 64, 4, amx=False)
+        int4_amx = WeightOnlyTorch(int4_codes, int4_scale, 64, 4) if amx else None
         weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
                         "qlinear": torch.ops.onednn.qlinear_prepack(codes, None),
                         "zeros": torch.zeros(n, dtype=torch.long),
-                        "scale_bf16": scale.bfloat16(), "int4": int4,
+                        "scale_bf16": scale.bfloat16(), "int4": int4, "int4_amx": int4_amx,
                         "amx": to_amx_layout(codes) if amx else None,
                         "amx_int8": to_amx_int8_layout(codes) if amx else None,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
@@ -65,6 +68,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--tokens", default="1,4,8,32")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kernels", default="",
+                    help="comma-separated name prefixes to time (default: all), e.g. wint4,bf16")
     args = ap.parse_args()
     amx_reason = amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
     weights = build(args.layers, amx_reason is None)
@@ -98,10 +103,14 @@ def main() -> None:
                 xb[w["codes"].shape[1]], "int4pack"),
             "wint4 g64 dequantize": lambda w: w["int4"].run(xb[w["codes"].shape[1]],
                                                              "dequantize"),
+            "wint4 g64 amx": lambda w: w["int4_amx"].run(xb[w["codes"].shape[1]], "amx"),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
         }
         if amx_reason is not None:
-            del runs["wint8 amx"], runs["W8A8 amx"]
+            del runs["wint8 amx"], runs["W8A8 amx"], runs["wint4 g64 amx"]
+        if args.kernels:
+            runs = {name: run for name, run in runs.items()
+                    if name.startswith(tuple(args.kernels.split(",")))}
         times = {name: [] for name in runs}
         for name, run in runs.items():  # warm-up pass
             for w in weights:
@@ -117,10 +126,11 @@ def main() -> None:
                   "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",
-                  "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm"}
+                  "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm",
+                  "wint4 g64 amx": "wint4 g64 _weight_int4pack_mm"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
-            ratio = f"{med[versus[name]] / t:.2f}x" if name in versus else ""
+            ratio = f"{med[versus[name]] / t:.2f}x" if versus.get(name) in med else ""
             print(f"| {m} | {name} | {t * 1e3:.1f} | {nbytes / t:.1f} | {ratio} |")
 
 

@@ -1,0 +1,112 @@
+// What q's AMX GEMM kernels share: the tile configuration, Linux's permission request, and
+// the loop that runs the weight strip by strip over tokens in tiles.
+//
+// Every kernel keeps its weight in 16-channel strips laid out as AMX's B operand: one
+// 16 x 64-byte B tile per K step (K = 32 bf16 pairs, or K = 64 int8 quads), 1024 bytes
+// each. A strip is used as it lies in memory (int8 W8A8) or widened to bf16 into a
+// per-thread buffer first (the weight-only kernels); either way each strip passes over 32
+// tokens at a time (two 16-row A tiles against one B tile), the tokens taken in chunks of
+// kChunk whose activations stay in the core's L2 while every strip passes over them.
+//
+// Included by the kernels' .cpp files; q.kernels.cpp_build hashes it with each of them, so
+// an edit here rebuilds them all.
+#pragma once
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace q_amx {
+
+struct TileConfig {  // the layout ldtilecfg reads (palette 1)
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// tokens per chunk: 128 rows of activations (0.25-1.4 MB for K = 2048-5632) fit a 2 MB L2
+constexpr int64_t kChunk = 128;
+
+// tiles 0 and 1: 16 x 16 fp32 / int32 sums of `rows` tokens; 2 and 3: those tokens'
+// activations (`rows` x 64 bytes); 4: the weight's B tile (16 x 64 bytes)
+inline void configure(int rows) {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows);
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[4] = 16;
+  cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// 0 when this process may use AMX tiles (Linux grants the tile state per process)
+inline int request_permission() {
+  return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                  18 /* XFEATURE_XTILEDATA */));
+}
+
+// y = x @ strip^T for M tokens and `strips` strips of `steps` K steps, on `threads` threads.
+//   x: M rows of x_row bytes, 64 bytes of them per K step.
+//   strip_of(s, buffer): the strip's B tiles (steps x 1024 bytes, 64-byte rows); `buffer`
+//     is the thread's own, 64-byte aligned, of buffer_bytes (0: the kernel reads in place).
+//   dot0(), dot1(): tile 0 += tile 2 . tile 4, tile 1 += tile 3 . tile 4 (tdpbf16ps or
+//     tdpbssd: the instruction takes tile numbers as immediates, hence two callables).
+//   store(sums, m, s): token m's 16 sums (64 bytes) for strip s, to the output.
+template <class StripOf, class Dot0, class Dot1, class Store>
+void tile_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
+               int64_t buffer_bytes, int threads, StripOf strip_of, Dot0 dot0, Dot1 dot1,
+               Store store) {
+  const int nt = strips > 1 ? threads : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<char> buffer(buffer_bytes + 64);
+    char* own = reinterpret_cast<char*>(
+        (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+    alignas(64) char sums[16 * 64];
+    int configured = 0;
+    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
+      const int64_t c1 = M - c0 < kChunk ? M : c0 + kChunk;
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < strips; ++s) {
+        const char* b = strip_of(s, own);
+        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strip
+          const int64_t left = c1 - m0;
+          const int64_t rows0 = left < 16 ? left : 16;
+          const int64_t rows1 = left <= 16 ? 0 : (left - 16 < 16 ? left - 16 : 16);
+          if (configured != rows0) {
+            configure(static_cast<int>(rows0));
+            configured = static_cast<int>(rows0);
+          }
+          // the second pair of tiles also loads 16 tokens: on a last pass of 17-31 it takes
+          // the last 16 (overlapping the first tile's, which it computes to the same bits)
+          const int64_t t1 = m0 + (rows1 == 16 ? 16 : rows1);
+          _tile_zero(0);
+          _tile_zero(1);
+          for (int64_t k = 0; k < steps; ++k) {
+            _tile_loadd(4, b + k * 1024, 64);
+            _tile_loadd(2, x + m0 * x_row + k * 64, x_row);
+            dot0();
+            if (rows1) {
+              _tile_loadd(3, x + t1 * x_row + k * 64, x_row);
+              dot1();
+            }
+          }
+          _tile_stored(0, sums, 64);
+          for (int64_t i = 0; i < rows0; ++i) store(sums + i * 64, m0 + i, s);
+          if (rows1) {
+            _tile_stored(1, sums, 64);
+            for (int64_t i = 0; i < 16; ++i) store(sums + i * 64, t1 + i, s);
+          }
+        }
+      }
+    }
+    if (configured) _tile_release();
+  }
+}
+
+}  // namespace q_amx

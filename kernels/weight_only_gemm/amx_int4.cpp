@@ -1,0 +1,177 @@
+// Weight-only int4 GEMM (groups of 32-256 along K, a scale and a float zero per group) on
+// AMX-BF16 tiles, for any number of tokens: the packed weight is read once per call at its
+// own size (half a byte per value, plus the group scales).
+//
+// Why: torch's _weight_int4pack_mm_for_cpu runs a GEMV per token (400-450 ms for a 1.1B
+// model's weights at 32 tokens streaming from memory, 2-3x bf16 GEMM), and dequantizing
+// the whole weight for a call writes and reads back a bf16 copy of it
+// (tests/bench/bench_decode_gemms_cpu.py).
+//
+// Layout (made once at load by cpp_impl.to_amx_int4_layout): codes [N / 16][K / 4][32]
+// bytes holding q = code + 8 (0..15). Byte i of block t of a 16-channel strip holds channel
+// i / 2's q at k = 4t + i % 2 in its low nibble and at k = 4t + 2 + i % 2 in its high one:
+// a block's low nibbles widened to 16 bits are the strip's B-operand row for the pair
+// (4t, 4t + 1) of tdpbf16ps, its high nibbles the row for (4t + 2, 4t + 3).
+// sz [N / 16][K / group][2][16] bf16: per strip and group, the 16 channels' scales, then
+// their zeros; w = (q - 8) * s + z (torch's int4pack convention, z = -zero_point * s).
+//
+// From 5 tokens on, each strip is widened to bf16 weights in the core's cache with the
+// roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
+// again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass.
+// Up to 4 tokens, no tiles and no dequantization: a nibble OR 0x4300 is the bf16 number
+// 128 + q, so vdpbf16ps sums D = sum x * (128 + q) over a group straight from the codes,
+// and the group adds s * D + (z - 136 s) * sum(x) to the result, in fp32 (sum x * w exactly
+// as real numbers; the fp32 roundings differ from the tile path's, both within bf16
+// rounding of the reference). N % 16 == 0, group % 32 == 0, K % group == 0.
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
+#error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
+#endif
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../amx_tiles.h"
+
+namespace {
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 values (q in int32 lanes) -> (q - 8) * s, rounded to bf16, + z (as fp32; the caller
+// rounds it to bf16 once more). q * s - 8 s in one FMA is exact: q * s and 8 s hold at most
+// 12 significant bits, and so does their difference, (q - 8) * s.
+inline __m512 dequant16(__m512i q, __m512 s, __m512 minus_8s, __m512 z, bool zero) {
+  __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, minus_8s);
+  if (zero) w = _mm512_add_ps(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(w)), z);
+  return w;
+}
+
+// one strip -> K / 2 rows of 32 bf16 weights: the B tiles of tdpbf16ps, 1024 bytes per K step
+void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t K,
+                 int64_t group, bool zero) {
+  // element i of a row is channel i / 2's: the first 16 elements are channels 0-7
+  const __m512i first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512i low = _mm512_set1_epi32(0xF);
+  const int64_t blocks = group / 4;
+  for (int64_t g = 0; g < K / group; ++g) {
+    const __m512 s = load_bf16x16(sz + g * 32), z = load_bf16x16(sz + g * 32 + 16);
+    const __m512 s0 = _mm512_permutexvar_ps(first, s), s1 = _mm512_permutexvar_ps(second, s);
+    const __m512 z0 = _mm512_permutexvar_ps(first, z), z1 = _mm512_permutexvar_ps(second, z);
+    const __m512 eight = _mm512_set1_ps(-8.0f);
+    const __m512 m0 = _mm512_mul_ps(eight, s0), m1 = _mm512_mul_ps(eight, s1);
+    for (int64_t t = g * blocks; t < (g + 1) * blocks; ++t) {
+      const uint8_t* b = src + t * 32;
+      if ((t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
+      const __m128i* bytes = reinterpret_cast<const __m128i*>(b);
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes));
+      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + 1));
+      const __m512 a0 = dequant16(_mm512_and_si512(v0, low), s0, m0, z0, zero);
+      const __m512 a1 = dequant16(_mm512_and_si512(v1, low), s1, m1, z1, zero);
+      const __m512 c0 = dequant16(_mm512_srli_epi32(v0, 4), s0, m0, z0, zero);
+      const __m512 c1 = dequant16(_mm512_srli_epi32(v1, 4), s1, m1, z1, zero);
+      _mm512_store_si512(dst + t * 64, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
+      _mm512_store_si512(dst + t * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(c1, c0));
+    }
+  }
+}
+
+// Up to 4 tokens on one strip: D per group from the codes (see the header), four
+// accumulators per token so consecutive vdpbf16ps do not wait on each other.
+template <int M>
+void few_tokens_strip(const uint16_t* x, const float* xsum, const uint8_t* src,
+                      const uint16_t* sz, uint16_t* out, int64_t N, int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi16(0xF), bias = _mm512_set1_epi16(0x4300);
+  const int64_t groups = K / group, blocks = group / 4;
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+    for (int64_t t = g * blocks; t < (g + 1) * blocks; t += 2) {  // blocks is even
+      // 4 KB ahead, as the int8 kernel's register path
+      _mm_prefetch(reinterpret_cast<const char*>(src + t * 32 + 4096), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i w = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (t + h) * 32)));
+        const __m512bh u0 = (__m512bh)_mm512_or_si512(_mm512_and_si512(w, low), bias);
+        const __m512bh u1 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), bias);
+        for (int m = 0; m < M; ++m) {
+          int32_t p0, p1;  // (x[4t], x[4t + 1]) and (x[4t + 2], x[4t + 3]) of this block
+          std::memcpy(&p0, x + m * K + 4 * (t + h), sizeof p0);
+          std::memcpy(&p1, x + m * K + 4 * (t + h) + 2, sizeof p1);
+          acc[m][2 * h] = _mm512_dpbf16_ps(acc[m][2 * h], (__m512bh)_mm512_set1_epi32(p0), u0);
+          acc[m][2 * h + 1] =
+              _mm512_dpbf16_ps(acc[m][2 * h + 1], (__m512bh)_mm512_set1_epi32(p1), u1);
+        }
+      }
+    }
+    const __m512 s = load_bf16x16(sz + g * 32), z = load_bf16x16(sz + g * 32 + 16);
+    const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, z);  // z - 136 s
+    for (int m = 0; m < M; ++m) {
+      const __m512 d = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                     _mm512_add_ps(acc[m][2], acc[m][3]));
+      total[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * groups + g]), total[m]);
+      total[m] = _mm512_fmadd_ps(s, d, total[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N),
+                        (__m256i)_mm512_cvtneps_pbh(total[m]));
+}
+
+template <int M>
+void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uint16_t* out,
+                int64_t N, int64_t K, int64_t group, int threads) {
+  const int64_t groups = K / group;
+  std::vector<float> xsum(M * groups);  // each token's sum over each group, once per call
+  for (int64_t i = 0; i < M * groups; ++i) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < group; k += 16)
+      sum = _mm512_add_ps(sum, load_bf16x16(x + i * group + k));
+    xsum[i] = _mm512_reduce_add_ps(sum);
+  }
+  const int64_t strips = N / 16;
+  const int nt = N * K >= (1 << 18) ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t s = 0; s < strips; ++s)
+    few_tokens_strip<M>(x, xsum.data(), codes + s * K * 8, sz + s * groups * 32, out + s * 16,
+                        N, K, group);
+}
+
+}  // namespace
+
+// 0 when this process may use AMX tiles
+extern "C" int q_amx_int4_init() { return q_amx::request_permission(); }
+
+// x [M, K] bf16; codes, sz in the layout above (zero: whether any z is nonzero); out [M, N]
+// bf16.
+extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint16_t* sz,
+                             uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t group,
+                             int zero, int threads) {
+  if (N % 16 || group % 32 || group < 32 || K % group || M < 1) return 1;
+  switch (M) {  // a few tokens: the register path (no AMX state needed)
+    case 1: few_tokens<1>(x, codes, sz, out, N, K, group, threads); return 0;
+    case 2: few_tokens<2>(x, codes, sz, out, N, K, group, threads); return 0;
+    case 3: few_tokens<3>(x, codes, sz, out, N, K, group, threads); return 0;
+    case 4: few_tokens<4>(x, codes, sz, out, N, K, group, threads); return 0;
+    default: break;
+  }
+  const int64_t groups = K / group;
+  q_amx::tile_loop(
+      reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, K * 32, threads,
+      [&](int64_t s, char* buffer) {
+        widen_strip(codes + s * K * 8, sz + s * groups * 32, reinterpret_cast<uint16_t*>(buffer),
+                    K, group, zero != 0);
+        return static_cast<const char*>(buffer);
+      },
+      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      [&](const char* sums, int64_t m, int64_t s) {
+        const __m512 y = _mm512_load_ps(reinterpret_cast<const float*>(sums));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + s * 16),
+                            (__m256i)_mm512_cvtneps_pbh(y));
+      });
+  return 0;
+}
