@@ -145,6 +145,28 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
         _clear_caches()
 
 
+def test_an_edited_header_rebuilds_the_kernels_that_include_it(monkeypatch, tmp_path):
+    """The build cache keys a kernel on its source and the q headers it includes: a kernel
+    built against an old header must not be reused."""
+    if cpp_build._compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("Q_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "inc").mkdir()
+    header = tmp_path / "inc" / "answer.h"
+    source = tmp_path / "kernel.cpp"
+    source.write_text('#include "inc/answer.h"\nextern "C" int q_answer() { return ANSWER; }\n')
+    answers = []
+    for value in (41, 42):
+        header.write_text(f"#define ANSWER {value}\n")
+        cpp_build.load.cache_clear()
+        lib, why = cpp_build.load(source)
+        assert why is None
+        answers.append(lib.q_answer())
+    cpp_build.load.cache_clear()
+    assert answers == [41, 42]
+    assert len(list((tmp_path / "cache" / "kernels").glob("kernel-*.so"))) == 2
+
+
 @pytest.mark.parametrize("dtype,steps", [("float32", 12), ("bfloat16", 2)])
 def test_engine_decodes_the_same_with_the_kernel_and_with_sdpa(tiny_llama, dtype, steps):
     """A batch of ragged requests decoding past block edges (64-token blocks): the kernel's
