@@ -216,6 +216,9 @@ class QuantLinear(nn.Module):
         self.fast = self._build_torch(qt, dtype) if self.backend == "torch" else None
         if self.fast is None:
             self._keep_reference_layout(qt, device)
+        kernels = getattr(self.fast, "kernels", None)
+        if kernels:  # which of them (q's AMX / C++ kernels or torch's), for the log line
+            why += f"; {'kernel' if len(kernels) == 1 else 'kernels by M'}: {', '.join(kernels)}"
         self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
         path = describe_path(self.kind, qt, self.backend, why)
         if path not in _logged_kinds:
