@@ -422,7 +422,7 @@ def test_prepacked_bf16_linear_matches_reference(n, k, m):
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16()
     x = torch.randn(m, k, generator=g).bfloat16()
-    y = PackedLinear(w, b)(x)
+    y = PackedLinear(w, b, amx=False)(x)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, dense_gemm(x, w, b)) < BF16_BOUND
     plain = torch.nn.functional.linear(x, w, b)
@@ -434,3 +434,36 @@ def test_prepacked_bf16_linear_matches_reference(n, k, m):
     # a dot product's rounding scales with the sum of |products|, not with its (cancelling) value
     magnitude = x.float().abs() @ w.float().abs().T + b.float().abs()
     assert ((y.float() - plain.float()).abs() <= 2 ** -7 * magnitude).all()
+
+
+def test_bf16_amx_matches_the_reference_for_any_number_of_tokens():
+    from q.kernels.dense_gemm import cpp_impl
+    from q.kernels.dense_gemm.reference import dense_gemm
+
+    reason = cpp_impl.amx_unavailable(16, 32)
+    if reason is not None:
+        pytest.skip(reason)
+    for n, k in [(16, 32), (48, 96), (256, 2048)]:
+        g = gen("amx-bf16", n, k)
+        w = torch.randn(n, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+        amx = cpp_impl.to_amx_bf16_layout(w)
+        assert torch.equal(cpp_impl.from_amx_bf16_layout(amx), w)
+        for m in (1, 2, 3, 4, 5, 16, 17, 31, 33, 130):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            got = cpp_impl.bf16_amx(x, amx, b.float())
+            assert got.dtype == torch.bfloat16
+            assert rel_err(got, dense_gemm(x, w, b)) < BF16_BOUND, (n, k, m)
+            # small integers: exact sums, one rounding (the bias added before it)
+            xi = torch.randint(-3, 4, (m, k), generator=g).bfloat16()
+            wi = torch.randint(-3, 4, (n, k), generator=g).bfloat16()
+            want = (xi.float() @ wi.float().T + b.float()).bfloat16()
+            got = cpp_impl.bf16_amx(xi, cpp_impl.to_amx_bf16_layout(wi), b.float())
+            assert torch.equal(got, want), (n, k, m)
+            assert torch.equal(cpp_impl.bf16_amx(xi, cpp_impl.to_amx_bf16_layout(wi), None),
+                               (xi.float() @ wi.float().T).bfloat16())
+    assert "N % 16" in cpp_impl.amx_unavailable(40, 64)
+    assert "K % 32" in cpp_impl.amx_unavailable(64, 48)
+    amx = cpp_impl.to_amx_bf16_layout(torch.ones(16, 64, dtype=torch.bfloat16))
+    assert cpp_impl.bf16_amx(torch.ones(1, 64), amx, None) is None  # fp32 activations
+    assert cpp_impl.bf16_amx(torch.ones(1, 32, dtype=torch.bfloat16), amx, None) is None

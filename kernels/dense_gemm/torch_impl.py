@@ -1,4 +1,5 @@
-"""bf16 Linear on oneDNN with the weight prepacked once (see the package docstring)."""
+"""bf16 Linear with the weight prepacked once: q's AMX kernel or oneDNN (see the package
+docstring)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from .cpp_impl import amx_unavailable, bf16_amx, to_amx_bf16_layout
 
 
 @functools.cache
@@ -29,18 +32,32 @@ def unavailable_reason() -> str | None:
 
 
 class PackedLinear:
-    """``y = x W^T + b`` for bf16 ``x [M, K]`` with ``W`` reordered once for oneDNN. The
-    packed weight replaces the plain one (same bytes). ``batch_hint`` is the M oneDNN picks
-    the blocked layout for; any M runs."""
+    """``y = x W^T + b`` for bf16 ``x [M, K]`` with ``W`` reordered once, into the kernel's
+    own layout (the packed weight replaces the plain one: same bytes): on CPUs with AMX-BF16
+    and N % 16 == K % 32 == 0, q's AMX kernel (``amx_bf16.cpp``: 1.04-1.24x oneDNN's
+    prepacked Linear at 1-128 tokens over a 1.1B step's weights,
+    ``tests/bench/bench_decode_gemms_cpu.py``); else oneDNN's blocked layout, for
+    ``batch_hint`` tokens (any M runs). ``amx=False`` keeps oneDNN (the tuner times it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 batch_hint: int = 1):
+                 batch_hint: int = 1, amx: bool = True):
         if weight.dtype != torch.bfloat16:
             raise ValueError(f"PackedLinear takes bf16 weights, got {weight.dtype}")
         self.shape = tuple(weight.shape)
+        if amx and amx_unavailable(*self.shape) is None:
+            self.kernel, self.packed = "amx", to_amx_bf16_layout(weight)
+            self.bias = None if bias is None else \
+                bias.to(torch.bfloat16).float().contiguous()  # bf16 numbers, added in fp32
+            return
+        self.kernel = "prepacked"
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
         self.bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "amx":
+            y = bf16_amx(x.to(torch.bfloat16).contiguous(), self.packed, self.bias)
+            if y is not None:  # every input the kernel refuses was refused at load, but M = 0
+                return y
+            return torch.empty(0, self.shape[0], dtype=torch.bfloat16)
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed,
                                                   self.bias, "none", [], "")

@@ -21,7 +21,8 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
   for the call: 630-640 ms at 8-32 tokens in the run docs/benchmarks.md quotes);
 - weight-only int4 g64: ``amx`` (``weight_only_gemm/amx_int4.cpp``, on CPUs with AMX-BF16)
   and ``dequantize`` (unpacked to bf16 for the call) against ``_weight_int4pack_mm_for_cpu``;
-- bf16: the oneDNN-prepacked Linear the engine runs for unquantized weights.
+- bf16: ``amx`` (``dense_gemm/amx_bf16.cpp``, on CPUs with AMX-BF16) against the
+  oneDNN-prepacked Linear.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import time
 
 import torch
 
+from q.kernels.dense_gemm.cpp_impl import amx_unavailable as amx_bf16_unavailable
+from q.kernels.dense_gemm.cpp_impl import bf16_amx, to_amx_bf16_layout
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
 from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_gemv, to_amx_int8_layout,
@@ -59,7 +62,9 @@ def build(layers: int, amx: bool):
                         "scale_bf16": scale.bfloat16(), "int4": int4, "int4_amx": int4_amx,
                         "amx": to_amx_layout(codes) if amx else None,
                         "amx_int8": to_amx_int8_layout(codes) if amx else None,
-                        "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16())})
+                        "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16(), amx=False),
+                        "amx_bf16": to_amx_bf16_layout((codes.float() * scale[:, None])
+                                                       .bfloat16()) if amx else None})
     return weights
 
 
@@ -71,7 +76,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="",
                     help="comma-separated name prefixes to time (default: all), e.g. wint4,bf16")
     args = ap.parse_args()
-    amx_reason = amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
+    amx_reason = (amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
+                  or amx_bf16_unavailable(16, 32))
     weights = build(args.layers, amx_reason is None)
     gweights = sum(w["codes"].numel() for w in weights) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
@@ -105,9 +111,10 @@ def main() -> None:
                                                              "dequantize"),
             "wint4 g64 amx": lambda w: w["int4_amx"].run(xb[w["codes"].shape[1]], "amx"),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
+            "bf16 amx": lambda w: bf16_amx(xb[w["codes"].shape[1]], w["amx_bf16"], None),
         }
         if amx_reason is not None:
-            del runs["wint8 amx"], runs["W8A8 amx"], runs["wint4 g64 amx"]
+            del runs["wint8 amx"], runs["W8A8 amx"], runs["wint4 g64 amx"], runs["bf16 amx"]
         if args.kernels:
             runs = {name: run for name, run in runs.items()
                     if name.startswith(tuple(args.kernels.split(",")))}
@@ -127,7 +134,8 @@ def main() -> None:
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm",
-                  "wint4 g64 amx": "wint4 g64 _weight_int4pack_mm"}
+                  "wint4 g64 amx": "wint4 g64 _weight_int4pack_mm",
+                  "bf16 amx": "bf16 prepacked"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
             ratio = f"{med[versus[name]] / t:.2f}x" if versus.get(name) in med else ""

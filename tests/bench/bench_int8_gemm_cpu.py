@@ -63,7 +63,7 @@ def main() -> None:
         packed = torch.ops.onednn.qlinear_prepack(w, None)
         zero_points = torch.zeros(n, dtype=torch.long)
         rowsum = weight_row_sums(w)
-        dense = PackedLinear((w.float() * ws[:, None]).bfloat16())
+        dense = PackedLinear((w.float() * ws[:, None]).bfloat16(), amx=False)
         for m in MS:
             xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
             xs = torch.rand(m, 1, generator=g) / 100 + 1e-3

@@ -73,7 +73,7 @@ class _Dense:
     kernels = ("linear", "prepacked")
 
     def __init__(self, w: torch.Tensor):
-        self.w, self.packed = w, PackedLinear(w)
+        self.w, self.packed = w, PackedLinear(w, amx=False)  # oneDNN: the AMX kernel has no rival
 
     def run(self, x, kernel: str):
         return torch.nn.functional.linear(x, self.w) if kernel == "linear" else self.packed(x)

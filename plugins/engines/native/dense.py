@@ -1,9 +1,11 @@
-"""The model's unquantized Linears on CPU in bf16: oneDNN prepacked weights.
+"""The model's unquantized Linears on CPU in bf16: weights prepacked once.
 
 ``lm_head``, Linears ``--ignore`` kept, the layers of an unquantized model and (via
 QuantLinear) fp8 weights dequantized at load are plain bf16 matrices. The engine reorders
-each once at load into oneDNN's blocked layout
-(:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only that copy: 1.8-2.5x
+each once at load (:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only
+that copy. On CPUs with AMX-BF16, into the B layout of q's AMX kernel (``amx_bf16.cpp``,
+1.04-1.24x oneDNN at 1-128 tokens over a 1.1B step's weights; its sums in another order
+than ``F.linear``'s, within bf16 rounding). Elsewhere into oneDNN's blocked layout: 1.8-2.5x
 faster than ``F.linear`` on the plain weight at M <= 4, never slower up to M = 512, on
 an AVX-512 BF16 CPU without AMX (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``,
 tables in docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice per class of
@@ -25,6 +27,7 @@ from q.kernels.dense_gemm.torch_impl import PackedLinear, unavailable_reason
 from .fused import install, sibling_groups
 
 log = logging.getLogger("q.engine")
+KERNEL_NAMES = {"amx": "q's AMX kernel", "prepacked": "oneDNN"}
 
 
 class PackedDenseLinear(nn.Module):
@@ -83,7 +86,8 @@ def pack_dense_linears(model: nn.Module, device: torch.device, dtype: torch.dtyp
         linear = getattr(parent, child)
         if type(linear) is nn.Linear:  # not already a fused part
             setattr(parent, child, PackedDenseLinear(linear.weight, linear.bias))
-    log.info("unquantized bf16 Linears (%d, first: %s): oneDNN prepacked weights; %d groups "
+    kernels = sorted({m.fast.kernel for m in model.modules() if isinstance(m, PackedDenseLinear)})
+    log.info("unquantized bf16 Linears (%d, first: %s): weights prepacked once (%s); %d groups "
              "of sibling projections fused into one GEMM each", len(targets), targets[0],
-             fused)
+             " and ".join(KERNEL_NAMES[k] for k in kernels), fused)
     return len(targets), fused

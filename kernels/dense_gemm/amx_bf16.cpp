@@ -1,0 +1,93 @@
+// bf16 GEMM y = x W^T (+ b) on AMX-BF16 tiles, the weight read in place from the B-operand
+// layout it is kept in, for any number of tokens.
+//
+// Why: oneDNN's prepacked bf16 Linear streamed a 1.1B model's weights at 13 GB/s at 32
+// tokens against 18 at 1 (tests/bench/bench_decode_gemms_cpu.py); here each 16-channel
+// strip is read once per 32 tokens straight into tiles.
+//
+// Layout (made once at load by cpp_impl.to_amx_bf16_layout): W [N / 16][K / 2][16][2]
+// bf16: per block of 16 output channels, row r holds the pairs (k = 2r, 2r + 1) of the 16
+// channels in turn, the B operand of tdpbf16ps (a 16 x 64-byte tile covers K = 32).
+//
+// Up to 4 tokens, no tiles: each 64-byte row meets each token's activation pair, broadcast,
+// in vdpbf16ps, 16 channels per accumulator. From 5 tokens on, tdpbf16ps, 32 tokens per
+// pass (amx_tiles.h). bf16 products summed in fp32, the bias (fp32) added, rounded to bf16
+// (nearest even). N % 16 == 0, K % 32 == 0.
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
+#error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
+#endif
+#include <cstdint>
+#include <cstring>
+
+#include "../amx_tiles.h"
+
+namespace {
+
+inline void store16(__m512 sums, const float* bias, uint16_t* out) {
+  if (bias != nullptr) sums = _mm512_add_ps(sums, _mm512_loadu_ps(bias));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
+// Up to 4 tokens on one strip, U rows per iteration into accumulators of their own
+template <int M, int U = (M <= 2 ? 4 : 2)>
+void few_tokens_strip(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out,
+                      int64_t N, int64_t K) {
+  __m512 acc[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < K / 2; r += U) {  // K / 2 % 16 == 0
+    for (int u = 0; u < U; ++u) {
+      // 4 KB ahead, one line (one row) each
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + u) * 32 + 2048), _MM_HINT_T0);
+      const __m512bh row = (__m512bh)_mm512_loadu_si512(w + (r + u) * 32);
+      for (int m = 0; m < M; ++m) {
+        int32_t pair;  // (x[2r], x[2r + 1]) of this token
+        std::memcpy(&pair, x + m * K + 2 * (r + u), sizeof pair);
+        acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_set1_epi32(pair), row);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sums = acc[m][0];
+    for (int u = 1; u < U; ++u) sums = _mm512_add_ps(sums, acc[m][u]);
+    store16(sums, bias, out + m * N);
+  }
+}
+
+template <int M>
+void few_tokens(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out,
+                int64_t N, int64_t K, int threads) {
+  const int64_t strips = N / 16;
+  const int nt = N * K >= (1 << 18) ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t s = 0; s < strips; ++s)
+    few_tokens_strip<M>(x, w + s * K * 16, bias == nullptr ? nullptr : bias + s * 16,
+                        out + s * 16, N, K);
+}
+
+}  // namespace
+
+// 0 when this process may use AMX tiles
+extern "C" int q_amx_bf16_init() { return q_amx::request_permission(); }
+
+// x [M, K] bf16, w in the layout above, bias [N] fp32 or null; out [M, N] bf16.
+extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bias,
+                          uint16_t* out, int64_t M, int64_t N, int64_t K, int threads) {
+  if (N % 16 || K % 32 || M < 1) return 1;
+  switch (M) {  // a few tokens: the register path (no AMX state needed)
+    case 1: few_tokens<1>(x, w, bias, out, N, K, threads); return 0;
+    case 2: few_tokens<2>(x, w, bias, out, N, K, threads); return 0;
+    case 3: few_tokens<3>(x, w, bias, out, N, K, threads); return 0;
+    case 4: few_tokens<4>(x, w, bias, out, N, K, threads); return 0;
+    default: break;
+  }
+  q_amx::tile_loop(
+      reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, 0, threads,
+      [&](int64_t s, char*) { return reinterpret_cast<const char*>(w + s * K * 16); },
+      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      [&](const char* sums, int64_t m, int64_t s) {
+        store16(_mm512_load_ps(reinterpret_cast<const float*>(sums)),
+                bias == nullptr ? nullptr : bias + s * 16, out + m * N + s * 16);
+      });
+  return 0;
+}
