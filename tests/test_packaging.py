@@ -58,6 +58,7 @@ def test_wheel_contains_every_package(tmp_path):
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     assert any(n.endswith("entry_points.txt") for n in names)
     # data files the code opens at run time: kernel tables, C++ kernels compiled on first use
+    # and the headers they include
     for data in ROOT.glob("kernels/**/*"):
-        if data.suffix in (".json", ".cpp"):
+        if data.suffix in (".json", ".cpp", ".h"):
             assert f"q/kernels/{data.relative_to(ROOT / 'kernels')}" in names, data
