@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace q_amx {
@@ -45,6 +46,19 @@ inline void configure(int rows) {
   cfg.rows[4] = 16;
   cfg.colsb[4] = 64;
   _tile_loadconfig(&cfg);
+}
+
+// 1-4 tokens run each kernel's register path, compiled per token count: calls
+// few(std::integral_constant<int, M>{}) and returns true for those M, false for others
+template <class Few>
+bool few_tokens(int64_t M, Few few) {
+  switch (M) {
+    case 1: few(std::integral_constant<int, 1>{}); return true;
+    case 2: few(std::integral_constant<int, 2>{}); return true;
+    case 3: few(std::integral_constant<int, 3>{}); return true;
+    case 4: few(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
 }
 
 // 0 when this process may use AMX tiles (Linux grants the tile state per process)

@@ -74,13 +74,10 @@ extern "C" int q_amx_bf16_init() { return q_amx::request_permission(); }
 extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bias,
                           uint16_t* out, int64_t M, int64_t N, int64_t K, int threads) {
   if (N % 16 || K % 32 || M < 1) return 1;
-  switch (M) {  // a few tokens: the register path (no AMX state needed)
-    case 1: few_tokens<1>(x, w, bias, out, N, K, threads); return 0;
-    case 2: few_tokens<2>(x, w, bias, out, N, K, threads); return 0;
-    case 3: few_tokens<3>(x, w, bias, out, N, K, threads); return 0;
-    case 4: few_tokens<4>(x, w, bias, out, N, K, threads); return 0;
-    default: break;
-  }
+  if (q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
+        few_tokens<decltype(m)::value>(x, w, bias, out, N, K, threads);
+      }))
+    return 0;
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(w + s * K * 16); },

@@ -92,11 +92,9 @@ extern "C" int q_int8_amx(int out_dtype, const int8_t* x, const float* xs, const
                           int64_t N, int64_t K, int threads) {
   if (N % 16 || K % 64 || M < 1 || (out_dtype != 0 && out_dtype != 1)) return 1;
   char* o = static_cast<char*>(out);
-  switch (M) {
-    case 1: few_tokens<1>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
-    case 2: few_tokens<2>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
-    case 3: few_tokens<3>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
-    case 4: few_tokens<4>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads); return 0;
-    default: tiles(x, xs, codes, ws, o, out_dtype, M, N, K, threads); return 0;
-  }
+  if (!q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
+        few_tokens<decltype(m)::value>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads);
+      }))
+    tiles(x, xs, codes, ws, o, out_dtype, M, N, K, threads);
+  return 0;
 }

@@ -105,13 +105,10 @@ extern "C" int q_amx_init() { return q_amx::request_permission(); }
 extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float* scale,
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int threads) {
   if (N % 16 || K % 32 || M < 1) return 1;
-  switch (M) {  // a few tokens: the register path (no AMX state needed)
-    case 1: few_tokens<1>(x, codes, scale, out, N, K, threads); return 0;
-    case 2: few_tokens<2>(x, codes, scale, out, N, K, threads); return 0;
-    case 3: few_tokens<3>(x, codes, scale, out, N, K, threads); return 0;
-    case 4: few_tokens<4>(x, codes, scale, out, N, K, threads); return 0;
-    default: break;
-  }
+  if (q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
+        few_tokens<decltype(m)::value>(x, codes, scale, out, N, K, threads);
+      }))
+    return 0;
   const char* xb = reinterpret_cast<const char*>(x);
   q_amx::tile_loop(
       xb, K * 2, M, N / 16, K / 32, K * 32, threads,

@@ -169,13 +169,10 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t group,
                              int zero, int threads) {
   if (N % 16 || group % 32 || group < 32 || K % group || M < 1) return 1;
-  switch (M) {  // a few tokens: the register path (no AMX state needed)
-    case 1: few_tokens<1>(x, codes, sz, out, N, K, group, threads); return 0;
-    case 2: few_tokens<2>(x, codes, sz, out, N, K, group, threads); return 0;
-    case 3: few_tokens<3>(x, codes, sz, out, N, K, group, threads); return 0;
-    case 4: few_tokens<4>(x, codes, sz, out, N, K, group, threads); return 0;
-    default: break;
-  }
+  if (q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
+        few_tokens<decltype(m)::value>(x, codes, sz, out, N, K, group, threads);
+      }))
+    return 0;
   const int64_t groups = K / group;
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, K * 32, threads,
