@@ -34,19 +34,30 @@ constexpr int64_t kChunk = 128;
 // over a 1.1B step's weights, two runs each: 2 steps 103-106 ms, none 110, 4: 111, 8: 115-120)
 constexpr int64_t kPrefetchSteps = 2;
 
-// tiles 0 and 1: 16 x 16 fp32 / int32 sums of `rows` tokens; 2 and 3: those tokens'
-// activations (`rows` x 64 bytes); 4: the weight's B tile (16 x 64 bytes)
+// tiles 0-3: 16 x 16 fp32 / int32 sums of `rows` tokens, C[token tile t][strip j] = 2t + j;
+// 4 and 5: the two token tiles' activations (`rows` x 64 bytes); 6 and 7: the two strips'
+// B tiles (16 x 64 bytes)
 inline void configure(int rows) {
   TileConfig cfg{};
   cfg.palette_id = 1;
-  for (int t = 0; t < 4; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows);
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(t < 6 ? rows : 16);
     cfg.colsb[t] = 64;
   }
-  cfg.rows[4] = 16;
-  cfg.colsb[4] = 64;
   _tile_loadconfig(&cfg);
 }
+
+// The four products of a pass, for tile_loop's `dot(i)`: C[i] += A[i / 2] . B[i % 2].
+// `op` is _tile_dpbf16ps or _tile_dpbssd, which take tile numbers as literal tokens.
+#define Q_AMX_DOTS(op)                         \
+  [](int i) {                                  \
+    switch (i) {                               \
+      case 0: op(0, 4, 6); break;              \
+      case 1: op(1, 4, 7); break;              \
+      case 2: op(2, 5, 6); break;              \
+      default: op(3, 5, 7); break;             \
+    }                                          \
+  }
 
 // 1-4 tokens run each kernel's register path, compiled per token count: calls
 // few(std::integral_constant<int, M>{}) and returns true for those M, false for others
@@ -68,20 +79,22 @@ inline int request_permission() {
 }
 
 // y = x @ strip^T for M tokens and `strips` strips of `steps` K steps, on `threads` threads.
+// Each pass takes two strips and 32 tokens into the four sum tiles, so every tile loaded
+// serves two products (one strip and 32 tokens: a token tile loaded from L2 per product
+// and a half, and prefill was bound by those loads).
 //   x: M rows of x_row bytes, 64 bytes of them per K step.
 //   strip_of(s, buffer): the strip's B tiles (steps x 1024 bytes, 64-byte rows); `buffer`
 //     is the thread's own, 64-byte aligned, of buffer_bytes (0: the kernel reads in place).
-//   dot0(), dot1(): tile 0 += tile 2 . tile 4, tile 1 += tile 3 . tile 4 (tdpbf16ps or
-//     tdpbssd: the instruction takes tile numbers as immediates, hence two callables).
+//   dot(i): Q_AMX_DOTS(the kernel's tile product).
 //   store(sums, m, s): token m's 16 sums (64 bytes) for strip s, to the output.
-template <class StripOf, class Dot0, class Dot1, class Store>
+template <class StripOf, class Dot, class Store>
 void tile_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
-               int64_t buffer_bytes, int threads, StripOf strip_of, Dot0 dot0, Dot1 dot1,
-               Store store) {
-  const int nt = strips > 1 ? threads : 1;
+               int64_t buffer_bytes, int threads, StripOf strip_of, Dot dot, Store store) {
+  const int64_t pairs = (strips + 1) / 2;
+  const int nt = pairs > 1 ? threads : 1;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<char> buffer(buffer_bytes + 64);
+    std::vector<char> buffer(2 * buffer_bytes + 64);
     char* own = reinterpret_cast<char*>(
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
     alignas(64) char sums[16 * 64];
@@ -89,9 +102,12 @@ void tile_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t 
     for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
       const int64_t c1 = M - c0 < kChunk ? M : c0 + kChunk;
 #pragma omp for schedule(static)
-      for (int64_t s = 0; s < strips; ++s) {
-        const char* b = strip_of(s, own);
-        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strip
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t s0 = 2 * p;
+        const bool two = s0 + 1 < strips;  // an odd last strip passes alone
+        const char* b0 = strip_of(s0, own);
+        const char* b1 = two ? strip_of(s0 + 1, own + buffer_bytes) : nullptr;
+        for (int64_t m0 = c0; m0 < c1; m0 += 32) {  // 32 tokens per pass over the strips
           const int64_t left = c1 - m0;
           const int64_t rows0 = left < 16 ? left : 16;
           const int64_t rows1 = left <= 16 ? 0 : (left - 16 < 16 ? left - 16 : 16);
@@ -99,29 +115,40 @@ void tile_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t 
             configure(static_cast<int>(rows0));
             configured = static_cast<int>(rows0);
           }
-          // the second pair of tiles also loads 16 tokens: on a last pass of 17-31 it takes
+          // the second token tile also loads 16 tokens: on a last pass of 17-31 it takes
           // the last 16 (overlapping the first tile's, which it computes to the same bits)
           const int64_t t1 = m0 + (rows1 == 16 ? 16 : rows1);
           _tile_zero(0);
           _tile_zero(1);
-          const bool stream = buffer_bytes == 0 && m0 == c0;  // the strip comes from memory
+          _tile_zero(2);
+          _tile_zero(3);
+          const bool stream = buffer_bytes == 0 && m0 == c0;  // the strips come from memory
           for (int64_t k = 0; k < steps; ++k) {
-            if (stream)  // its tiles kPrefetchSteps K steps ahead
-              for (int line = 0; line < 16; ++line)
-                _mm_prefetch(b + (k + kPrefetchSteps) * 1024 + line * 64, _MM_HINT_T0);
-            _tile_loadd(4, b + k * 1024, 64);
-            _tile_loadd(2, x + m0 * x_row + k * 64, x_row);
-            dot0();
+            if (stream)  // their tiles kPrefetchSteps K steps ahead
+              for (int line = 0; line < 16; ++line) {
+                _mm_prefetch(b0 + (k + kPrefetchSteps) * 1024 + line * 64, _MM_HINT_T0);
+                if (two)
+                  _mm_prefetch(b1 + (k + kPrefetchSteps) * 1024 + line * 64, _MM_HINT_T0);
+              }
+            _tile_loadd(6, b0 + k * 1024, 64);
+            _tile_loadd(4, x + m0 * x_row + k * 64, x_row);
+            dot(0);
+            if (two) {
+              _tile_loadd(7, b1 + k * 1024, 64);
+              dot(1);
+            }
             if (rows1) {
-              _tile_loadd(3, x + t1 * x_row + k * 64, x_row);
-              dot1();
+              _tile_loadd(5, x + t1 * x_row + k * 64, x_row);
+              dot(2);
+              if (two) dot(3);
             }
           }
-          _tile_stored(0, sums, 64);
-          for (int64_t i = 0; i < rows0; ++i) store(sums + i * 64, m0 + i, s);
-          if (rows1) {
-            _tile_stored(1, sums, 64);
-            for (int64_t i = 0; i < 16; ++i) store(sums + i * 64, t1 + i, s);
+          for (int j = 0; j < (two ? 2 : 1); ++j) {
+            if (j == 0) _tile_stored(0, sums, 64); else _tile_stored(1, sums, 64);
+            for (int64_t i = 0; i < rows0; ++i) store(sums + i * 64, m0 + i, s0 + j);
+            if (!rows1) continue;
+            if (j == 0) _tile_stored(2, sums, 64); else _tile_stored(3, sums, 64);
+            for (int64_t i = 0; i < 16; ++i) store(sums + i * 64, t1 + i, s0 + j);
           }
         }
       }

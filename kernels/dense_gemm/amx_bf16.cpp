@@ -81,7 +81,7 @@ extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bia
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(w + s * K * 16); },
-      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         store16(_mm512_load_ps(reinterpret_cast<const float*>(sums)),
                 bias == nullptr ? nullptr : bias + s * 16, out + m * N + s * 16);

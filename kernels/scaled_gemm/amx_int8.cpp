@@ -73,7 +73,7 @@ void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* w
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
-      [] { _tile_dpbssd(0, 2, 4); }, [] { _tile_dpbssd(1, 3, 4); },
+      Q_AMX_DOTS(_tile_dpbssd),
       [&](const char* sums, int64_t m, int64_t s) {
         store16(_mm512_load_si512(sums), xs[m], ws + s * 16, out + (m * N + s * 16) * esize,
                 dtype);

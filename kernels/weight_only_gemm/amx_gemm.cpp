@@ -117,7 +117,7 @@ extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float
         widen_strip(codes + s * K * 16, strip, K);
         return static_cast<const char*>(buffer);
       },
-      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         store_row(reinterpret_cast<const float*>(sums), _mm512_loadu_ps(scale + s * 16),
                   out + m * N + s * 16);

@@ -181,7 +181,7 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
                     K, group, zero != 0);
         return static_cast<const char*>(buffer);
       },
-      [] { _tile_dpbf16ps(0, 2, 4); }, [] { _tile_dpbf16ps(1, 3, 4); },
+      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         const __m512 y = _mm512_load_ps(reinterpret_cast<const float*>(sums));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + s * 16),
