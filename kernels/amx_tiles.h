@@ -3,10 +3,11 @@
 //
 // Every kernel keeps its weight in 16-channel strips laid out as AMX's B operand: one
 // 16 x 64-byte B tile per K step (K = 32 bf16 pairs, or K = 64 int8 quads), 1024 bytes
-// each. A strip is used as it lies in memory (int8 W8A8) or widened to bf16 into a
-// per-thread buffer first (the weight-only kernels); either way each strip passes over 32
-// tokens at a time (two 16-row A tiles against one B tile), the tokens taken in chunks of
-// kChunk whose activations stay in the core's L2 while every strip passes over them.
+// each. A strip is used as it lies in memory (int8 W8A8, bf16) or widened to bf16 into a
+// per-thread buffer first (the weight-only kernels); either way two strips pass over 32
+// tokens at a time (two 16-row A tiles against two B tiles, four sum tiles), the tokens
+// taken in chunks of kChunk whose activations stay in the core's L2 while every strip
+// passes over them.
 //
 // Included by the kernels' .cpp files; q.kernels.cpp_build hashes it with each of them, so
 // an edit here rebuilds them all.
