@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -31,8 +32,10 @@ struct TileConfig {  // the layout ldtilecfg reads (palette 1)
 
 // tokens per chunk: 128 rows of activations (0.25-1.4 MB for K = 2048-5632) fit a 2 MB L2
 constexpr int64_t kChunk = 128;
-// K steps ahead that a strip read in place is prefetched (A/B of the bf16 kernel at 32 tokens
-// over a 1.1B step's weights, two runs each: 2 steps 103-106 ms, none 110, 4: 111, 8: 115-120)
+// K steps ahead that a strip read in place is prefetched: in an ad hoc A/B (the distance read
+// from the environment in a throwaway build, bench_decode_gemms_cpu.py at 32 tokens, two
+// runs each, not reproducible from the repo) 2 steps gave the bf16 kernel 103-106 ms per
+// 1.1B step, none 110, 4: 111, 8: 115-120 — a few percent, within the machine's drift
 constexpr int64_t kPrefetchSteps = 2;
 
 // tiles 0-3: 16 x 16 fp32 / int32 sums of `rows` tokens, C[token tile t][strip j] = 2t + j;
@@ -71,6 +74,26 @@ bool few_tokens(int64_t M, Few few) {
     case 4: few(std::integral_constant<int, 4>{}); return true;
     default: return false;
   }
+}
+
+// f(s) for each of the N / 16 strips of an [N, K] weight, on `threads` threads where the
+// weight is big enough to pay for waking them (the register paths of 1-4 tokens)
+template <class F>
+void for_strips(int64_t N, int64_t K, int threads, F f) {
+  const int64_t strips = N / 16;
+  const int nt = N * K >= (1 << 18) ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t s = 0; s < strips; ++s) f(s);
+}
+
+// bf16 values as fp32 (exact), for the register paths that multiply in fp32
+inline std::vector<float> widen_bf16(const uint16_t* x, int64_t n) {
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(&out[i], &u, sizeof u);
+  }
+  return out;
 }
 
 // 0 when this process may use AMX tiles (Linux grants the tile state per process)

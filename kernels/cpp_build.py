@@ -140,3 +140,11 @@ def bind_amx(source: Path, flags: set[str], init: str, probe, **signatures: str
     if not probe(lib):
         return None, f"{source.name}'s probe gave a wrong sum on this CPU"
     return lib, None
+
+
+def plain(t, dtype, shape: tuple | None = None, numel: int | None = None) -> bool:
+    """Whether ``t`` can go to a kernel as a pointer: a contiguous tensor of ``dtype`` (and
+    of ``shape`` / ``numel`` where given)."""
+    return (t.dtype == dtype and t.is_contiguous()
+            and (shape is None or tuple(t.shape) == tuple(shape))
+            and (numel is None or t.numel() == numel))

@@ -467,3 +467,27 @@ def test_bf16_amx_matches_the_reference_for_any_number_of_tokens():
     amx = cpp_impl.to_amx_bf16_layout(torch.ones(16, 64, dtype=torch.bfloat16))
     assert cpp_impl.bf16_amx(torch.ones(1, 64), amx, None) is None  # fp32 activations
     assert cpp_impl.bf16_amx(torch.ones(1, 32, dtype=torch.bfloat16), amx, None) is None
+
+
+def test_the_amx_wrappers_refuse_what_their_kernels_refuse():
+    """A layout that is well formed but off the kernel's shape rule (K not a multiple of 32
+    or 64) comes back as None, never as an uninitialized output."""
+    from q.kernels.dense_gemm import cpp_impl as dense
+    from q.kernels.scaled_gemm import cpp_impl as scaled
+    from q.kernels.weight_only_gemm import cpp_impl as wo_cpp
+
+    if wo_cpp.amx_unavailable(16, 32) or scaled.amx_unavailable(16, 64) \
+            or dense.amx_unavailable(16, 32):
+        pytest.skip("this CPU has no AMX tiles")
+    x = torch.ones(5, 48, dtype=torch.bfloat16)  # K = 48: pairs and quads fit, tiles do not
+    assert wo_cpp.int8_weight_amx(x, wo_cpp.to_amx_layout(torch.ones(16, 48, dtype=torch.int8)),
+                                  torch.ones(16)) is None
+    assert dense.bf16_amx(x, dense.to_amx_bf16_layout(torch.ones(16, 48, dtype=torch.bfloat16)),
+                          None) is None
+    w = torch.ones(16, 96, dtype=torch.int8)  # K = 96: not a multiple of 64
+    assert scaled.int8_amx(torch.ones(5, 96, dtype=torch.int8), torch.ones(5),
+                           scaled.to_amx_int8_layout(w), torch.ones(16),
+                           scaled.weight_row_sums(w), torch.float32) is None
+    codes = wo_cpp.to_amx_int4_layout(torch.zeros(16, 48, dtype=torch.int8))
+    scales = wo_cpp.to_amx_int4_scales(torch.ones(16, 3), torch.zeros(16, 3))
+    assert wo_cpp.int4_weight_amx(x, codes, scales, 16, False) is None  # groups of 16

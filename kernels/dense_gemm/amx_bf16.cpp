@@ -57,12 +57,10 @@ void few_tokens_strip(const uint16_t* x, const uint16_t* w, const float* bias, u
 template <int M>
 void few_tokens(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out,
                 int64_t N, int64_t K, int threads) {
-  const int64_t strips = N / 16;
-  const int nt = N * K >= (1 << 18) ? threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t s = 0; s < strips; ++s)
+  q_amx::for_strips(N, K, threads, [&](int64_t s) {
     few_tokens_strip<M>(x, w + s * K * 16, bias == nullptr ? nullptr : bias + s * 16,
                         out + s * 16, N, K);
+  });
 }
 
 }  // namespace

@@ -61,14 +61,12 @@ def bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | Non
     lib = _amx()[0]
     m, k = x.shape
     n = amx_weight.shape[0] * 16
-    if (lib is None or m == 0 or x.dtype != torch.bfloat16 or not x.is_contiguous()
-            or amx_weight.dtype != torch.bfloat16 or amx_weight.shape[1] * 2 != k
-            or not amx_weight.is_contiguous()
-            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n
-                                      or not bias.is_contiguous()))):
+    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_weight, torch.bfloat16, (n // 16, k // 2, 16, 2))
+            or (bias is not None and not cpp_build.plain(bias, torch.float32, numel=n))):
         return None
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.q_bf16_amx(x.data_ptr(), amx_weight.data_ptr(),
-                   None if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
-                   torch.get_num_threads())
-    return out
+    refused = lib.q_bf16_amx(x.data_ptr(), amx_weight.data_ptr(),
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), m, n,
+                             k, torch.get_num_threads())
+    return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)

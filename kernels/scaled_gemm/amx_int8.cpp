@@ -44,10 +44,8 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
                 int threads) {
   std::vector<uint8_t> xu(M * K);  // x + 128, once per call
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
-  const int64_t strips = N / 16, esize = dtype == 0 ? 4 : 2;
-  const int nt = N * K >= (1 << 18) ? threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t s = 0; s < strips; ++s) {
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  q_amx::for_strips(N, K, threads, [&](int64_t s) {
     const int8_t* src = codes + s * K * 16;
     __m512i acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
@@ -64,7 +62,7 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
     for (int m = 0; m < M; ++m)
       store16(_mm512_sub_epi32(acc[m], correction), xs[m], ws + s * 16,
               out + (m * N + s * 16) * esize, dtype);
-  }
+  });
 }
 
 void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* ws, char* out,

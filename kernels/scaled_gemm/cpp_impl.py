@@ -28,7 +28,7 @@ def _library():
 
 
 def _fp32_vector(t: torch.Tensor, n: int) -> bool:
-    return t.dtype == torch.float32 and t.numel() == n and t.is_contiguous()
+    return cpp_build.plain(t, torch.float32, numel=n)
 
 
 def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor,
@@ -122,12 +122,13 @@ def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.
     dtype = cpp_build.dtype_code(out_dtype)
     m, k = xq.shape
     n = amx_w.shape[0] * 16
-    if (lib is None or dtype is None or m == 0 or xq.dtype != torch.int8 or not xq.is_contiguous()
-            or amx_w.dtype != torch.int8 or amx_w.shape[1] * 4 != k or not amx_w.is_contiguous()
+    if (lib is None or dtype is None or m == 0 or not cpp_build.plain(xq, torch.int8)
+            or not cpp_build.plain(amx_w, torch.int8, (n // 16, k // 4, 16, 4))
             or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)
-            or rowsum.dtype != torch.int32 or rowsum.numel() != n or not rowsum.is_contiguous()):
+            or not cpp_build.plain(rowsum, torch.int32, numel=n)):
         return None
     out = torch.empty(m, n, dtype=out_dtype)
-    lib.q_int8_amx(dtype, xq.data_ptr(), xs.data_ptr(), amx_w.data_ptr(), ws.data_ptr(),
-                   rowsum.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
-    return out
+    refused = lib.q_int8_amx(dtype, xq.data_ptr(), xs.data_ptr(), amx_w.data_ptr(),
+                             ws.data_ptr(), rowsum.data_ptr(), out.data_ptr(), m, n, k,
+                             torch.get_num_threads())
+    return None if refused else out  # the kernel's own shape rule (N % 16, K % 64)

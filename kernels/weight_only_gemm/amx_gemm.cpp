@@ -84,16 +84,10 @@ void few_tokens_strip(const float* x, const int8_t* src, const float* scale, uin
 template <int M>
 void few_tokens(const uint16_t* xb, const int8_t* codes, const float* scale, uint16_t* out,
                 int64_t N, int64_t K, int threads) {
-  std::vector<float> x(M * K);  // the activations widened once per call
-  for (int64_t i = 0; i < M * K; ++i) {
-    const uint32_t u = static_cast<uint32_t>(xb[i]) << 16;
-    std::memcpy(&x[i], &u, sizeof u);
-  }
-  const int64_t strips = N / 16;
-  const int nt = N * K >= (1 << 18) ? threads : 1;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t s = 0; s < strips; ++s)
+  const std::vector<float> x = q_amx::widen_bf16(xb, M * K);  // once per call
+  q_amx::for_strips(N, K, threads, [&](int64_t s) {
     few_tokens_strip<M>(x.data(), codes + s * K * 16, scale + s * 16, out + s * 16, N, K);
+  });
 }
 
 }  // namespace

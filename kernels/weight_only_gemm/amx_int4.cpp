@@ -81,14 +81,15 @@ void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t 
 // 16-bit lane 0x4300 | q is bf16 128 + q, and each 32-bit lane's two halves are fp32
 // numbers once the low one is shifted up and the high one masked. fp32 FMAs, not
 // vdpbf16ps on the bf16 pairs: with the weights streaming from memory, 1.2x faster at 2
-// tokens and 1.25x at 4, the same at 1 (an A/B over a 1.1B step's weights; that the FMAs
-// have two ports and vdpbf16ps one is the likely reason, not measured apart). Two blocks
-// per iteration, four accumulators per token, for every M: a token's sums are added in the
-// same order whatever the batch.
-template <int M, int U = 2>
+// tokens and 1.25x at 4, the same at 1 (an ad hoc A/B of two builds timed by
+// bench_decode_gemms_cpu.py over a 1.1B step's weights; that the FMAs have two ports and
+// vdpbf16ps one is the likely reason, not measured apart). U = 2 blocks per iteration, four
+// accumulators per token, for every M: a token's sums are added in the same order whatever
+// the batch.
+template <int M>
 void few_tokens_strip(const float* x, const float* xsum, const uint8_t* src,
-                          const uint16_t* sz, uint16_t* out, int64_t N, int64_t K,
-                          int64_t group) {
+                      const uint16_t* sz, uint16_t* out, int64_t N, int64_t K, int64_t group) {
+  constexpr int U = 2;
   const __m512i low = _mm512_set1_epi16(0xF), bias = _mm512_set1_epi16(0x4300);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const int64_t groups = K / group, blocks = group / 4;
@@ -145,17 +146,11 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
       sum = _mm512_add_ps(sum, load_bf16x16(x + i * group + k));
     xsum[i] = _mm512_reduce_add_ps(sum);
   }
-  const int64_t strips = N / 16;
-  const int nt = N * K >= (1 << 18) ? threads : 1;
-  std::vector<float> xf(M * K);  // the activations widened once per call
-  for (int64_t i = 0; i < M * K; ++i) {
-    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(&xf[i], &u, sizeof u);
-  }
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t s = 0; s < strips; ++s)
+  const std::vector<float> xf = q_amx::widen_bf16(x, M * K);  // once per call
+  q_amx::for_strips(N, K, threads, [&](int64_t s) {
     few_tokens_strip<M>(xf.data(), xsum.data(), codes + s * K * 8, sz + s * groups * 32,
                         out + s * 16, N, K, group);
+  });
 }
 
 }  // namespace

@@ -94,15 +94,14 @@ def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tenso
     lib = _amx()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
-    if (lib is None or x.dtype != torch.bfloat16 or amx_codes.dtype != torch.int8
-            or amx_codes.shape[1] * 2 != k or scale.dtype != torch.float32
-            or scale.numel() != n or not x.is_contiguous() or not amx_codes.is_contiguous()
-            or not scale.is_contiguous() or m == 0):
+    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_codes, torch.int8, (n // 16, k // 2, 16, 2))
+            or not cpp_build.plain(scale, torch.float32, numel=n)):
         return None
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.q_wo_int8_amx(x.data_ptr(), amx_codes.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                      m, n, k, torch.get_num_threads())
-    return out
+    refused = lib.q_wo_int8_amx(x.data_ptr(), amx_codes.data_ptr(), scale.data_ptr(),
+                                out.data_ptr(), m, n, k, torch.get_num_threads())
+    return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)
 
 
 def _probe_int4(lib) -> bool:
@@ -169,17 +168,15 @@ def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.
     lib = _amx_int4()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
-    if (lib is None or m == 0 or x.dtype != torch.bfloat16 or not x.is_contiguous()
-            or amx_codes.dtype != torch.uint8 or amx_codes.shape[1] * 4 != k
-            or not amx_codes.is_contiguous() or group % 32 or k % group
-            or amx_scales.dtype != torch.bfloat16
-            or tuple(amx_scales.shape) != (n // 16, k // group, 2, 16)
-            or not amx_scales.is_contiguous()):
+    if (lib is None or m == 0 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
+            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))):
         return None
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.q_wo_int4_amx(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(), out.data_ptr(),
-                      m, n, k, group, int(zero), torch.get_num_threads())
-    return out
+    refused = lib.q_wo_int4_amx(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(),
+                                out.data_ptr(), m, n, k, group, int(zero),
+                                torch.get_num_threads())
+    return None if refused else out  # the kernel's own shape rule (groups of 32s dividing K)
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,

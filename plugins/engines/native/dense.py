@@ -4,7 +4,7 @@
 QuantLinear) fp8 weights dequantized at load are plain bf16 matrices. The engine reorders
 each once at load (:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only
 that copy. On CPUs with AMX-BF16, into the B layout of q's AMX kernel (``amx_bf16.cpp``,
-1.04-1.24x oneDNN at 1-128 tokens over a 1.1B step's weights; its sums in another order
+1.07-1.11x oneDNN at 1-32 tokens over a 1.1B step's weights; its sums in another order
 than ``F.linear``'s, within bf16 rounding). Elsewhere into oneDNN's blocked layout: 1.8-2.5x
 faster than ``F.linear`` on the plain weight at M <= 4, never slower up to M = 512, on
 an AVX-512 BF16 CPU without AMX (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``,
