@@ -1,13 +1,17 @@
-// What q's AMX GEMM kernels share: the tile configuration, Linux's permission request, and
-// the loop that runs the weight strip by strip over tokens in tiles.
+// What q's strip-layout GEMM kernels share: the tile configuration, Linux's permission
+// request, and the loops that run the weight strip by strip over the tokens, on AMX tiles
+// where the CPU has them and on AVX-512 registers where it does not.
 //
 // Every kernel keeps its weight in 16-channel strips laid out as AMX's B operand: one
 // 16 x 64-byte B tile per K step (K = 32 bf16 pairs, or K = 64 int8 quads), 1024 bytes
 // each. A strip is used as it lies in memory (int8 W8A8, bf16) or widened to bf16 into a
-// per-thread buffer first (the weight-only kernels); either way two strips pass over 32
-// tokens at a time (two 16-row A tiles against two B tiles, four sum tiles), the tokens
-// taken in chunks of kChunk whose activations stay in the core's L2 while every strip
-// passes over them.
+// per-thread buffer first (the weight-only kernels). With tiles (tile_loop), two strips
+// pass over 32 tokens at a time (two 16-row A tiles against two B tiles, four sum tiles).
+// Without (vector_loop, AVX-512 BF16 / VNNI CPUs), each 64-byte row of a strip is one
+// register of 16 channels that meets up to kVecTokens tokens' activation pairs (quads),
+// broadcast, in vdpbf16ps (vpdpbusd): the same layout, so one copy of the weight serves
+// both CPU classes. Either way the tokens are taken in chunks (chunk_rows) whose
+// activations stay in the core's L2 while every strip passes over them.
 //
 // Included by the kernels' .cpp files; q.kernels.cpp_build hashes it with each of them, so
 // an edit here rebuilds them all.
@@ -30,38 +34,13 @@ struct TileConfig {  // the layout ldtilecfg reads (palette 1)
   uint8_t rows[16];
 };
 
-// tokens per chunk: 128 rows of activations (0.25-1.4 MB for K = 2048-5632) fit a 2 MB L2
+// Tokens per chunk: 128 rows of activations (0.25-1.4 MB for K = 2048-5632) fit a 2 MB L2
 constexpr int64_t kChunk = 128;
 // K steps ahead that a strip read in place is prefetched: in an ad hoc A/B (the distance read
 // from the environment in a throwaway build, bench_decode_gemms_cpu.py at 32 tokens, two
 // runs each, not reproducible from the repo) 2 steps gave the bf16 kernel 103-106 ms per
 // 1.1B step, none 110, 4: 111, 8: 115-120 — a few percent, within the machine's drift
 constexpr int64_t kPrefetchSteps = 2;
-
-// tiles 0-3: 16 x 16 fp32 / int32 sums of `rows` tokens, C[token tile t][strip j] = 2t + j;
-// 4 and 5: the two token tiles' activations (`rows` x 64 bytes); 6 and 7: the two strips'
-// B tiles (16 x 64 bytes)
-inline void configure(int rows) {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(t < 6 ? rows : 16);
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// The four products of a pass, for tile_loop's `dot(i)`: C[i] += A[i / 2] . B[i % 2].
-// `op` is _tile_dpbf16ps or _tile_dpbssd, which take tile numbers as literal tokens.
-#define Q_AMX_DOTS(op)                         \
-  [](int i) {                                  \
-    switch (i) {                               \
-      case 0: op(0, 4, 6); break;              \
-      case 1: op(1, 4, 7); break;              \
-      case 2: op(2, 5, 6); break;              \
-      default: op(3, 5, 7); break;             \
-    }                                          \
-  }
 
 // 1-4 tokens run each kernel's register path, compiled per token count: calls
 // few(std::integral_constant<int, M>{}) and returns true for those M, false for others
@@ -95,6 +74,32 @@ inline std::vector<float> widen_bf16(const uint16_t* x, int64_t n) {
   }
   return out;
 }
+
+#if defined(__AMX_TILE__)
+// tiles 0-3: 16 x 16 fp32 / int32 sums of `rows` tokens, C[token tile t][strip j] = 2t + j;
+// 4 and 5: the two token tiles' activations (`rows` x 64 bytes); 6 and 7: the two strips'
+// B tiles (16 x 64 bytes)
+inline void configure(int rows) {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(t < 6 ? rows : 16);
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The four products of a pass, for tile_loop's `dot(i)`: C[i] += A[i / 2] . B[i % 2].
+// `op` is _tile_dpbf16ps or _tile_dpbssd, which take tile numbers as literal tokens.
+#define Q_AMX_DOTS(op)                         \
+  [](int i) {                                  \
+    switch (i) {                               \
+      case 0: op(0, 4, 6); break;              \
+      case 1: op(1, 4, 7); break;              \
+      case 2: op(2, 5, 6); break;              \
+      default: op(3, 5, 7); break;             \
+    }                                          \
+  }
 
 // 0 when this process may use AMX tiles (Linux grants the tile state per process)
 inline int request_permission() {
@@ -180,5 +185,117 @@ void tile_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t 
     if (configured) _tile_release();
   }
 }
+
+#else
+// no tiles on this CPU (the kernel runs vector_loop): there is no tile state to ask for
+inline int request_permission() { return 0; }
+#endif
+
+// ---- Without tiles: the strips on AVX-512 registers ----
+
+constexpr int kVecTokens = 8;  // tokens per pass over a strip: 8 accumulators, 8 in flight
+// Tokens per chunk: as many rows of activations as fill kVecChunkBytes, in multiples of
+// kVecTokens, at least kChunk (128). Every chunk streams the whole weight from memory
+// again: a 2048-token prefill step with K = 576 (SmolLM2) read it 16 times in chunks of
+// 128 tokens, 5 times in chunks of this size. Half of a 1 MB L2 (AMD Zen 4), the other
+// half for the strip and the output rows.
+constexpr int64_t kVecChunkBytes = 1 << 19;
+inline int64_t vector_chunk(int64_t x_row) {
+  const int64_t rows = kVecChunkBytes / x_row / kVecTokens * kVecTokens;
+  return rows < kChunk ? kChunk : rows;
+}
+
+// calls f(std::integral_constant<int, R>{}) for R = rows, 1 <= rows <= kVecTokens
+template <class F>
+void for_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+#if defined(__AVX512BF16__)
+// sums[m] = R tokens' 16 fp32 sums against one bf16 strip ([K / 2][16][2], 64-byte rows):
+// each row meets each token's pair (x[2r], x[2r + 1]), broadcast, in vdpbf16ps. x: the
+// first token's K bf16 activations, x_row elements apart; the strip is prefetched 4 KB
+// ahead (it streams from memory on the chunk's first pass)
+template <int R>
+inline void bf16_rows(const uint16_t* x, int64_t x_row, const uint16_t* b, int64_t K,
+                      float (*sums)[16]) {
+  __m512 acc[R];
+  for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < K / 2; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + r * 32 + 2048), _MM_HINT_T0);
+    const __m512bh row = (__m512bh)_mm512_loadu_si512(b + r * 32);
+    for (int m = 0; m < R; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * x_row + 2 * r, sizeof pair);
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), row);
+    }
+  }
+  for (int m = 0; m < R; ++m) _mm512_store_ps(sums[m], acc[m]);
+}
+#endif
+
+// y = x @ strip^T for M tokens and `strips` strips without tiles, on `threads` threads:
+// chunk by chunk of tokens, each strip (strip_of, as for tile_loop) passes over the chunk
+// kVecTokens tokens at a time; rows(b, m0, n, sums) computes tokens m0 .. m0 + n - 1
+// against strip b into sums[n][16] (bf16_rows, or the int8 kernel's own), and store(sums,
+// m, s) writes token m's 16 sums for strip s, as tile_loop's store does.
+template <class StripOf, class Rows, class Store>
+void vector_loop(int64_t x_row, int64_t M, int64_t strips, int64_t buffer_bytes, int threads,
+                 StripOf strip_of, Rows rows, Store store) {
+  const int nt = strips > 1 ? threads : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<char> buffer(buffer_bytes + 64);
+    char* own = reinterpret_cast<char*>(
+        (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+    alignas(64) float sums[kVecTokens][16];
+    const int64_t chunk = vector_chunk(x_row);
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+      const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < strips; ++s) {
+        const char* b = strip_of(s, own);
+        for (int64_t m0 = c0; m0 < c1; m0 += kVecTokens) {
+          const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
+          rows(b, m0, n, sums);
+          for (int64_t i = 0; i < n; ++i)
+            store(reinterpret_cast<const char*>(sums[i]), m0 + i, s);
+        }
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// The bf16 kernels' GEMM for 5+ tokens: x [M, K] bf16 against bf16 strips (strip_of), on
+// tiles where the CPU has them, else on registers; store(sums, m, s) as for tile_loop
+template <class StripOf, class Store>
+void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t buffer_bytes,
+               int threads, StripOf strip_of, Store store) {
+#if defined(__AMX_TILE__)
+  tile_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 32, buffer_bytes, threads,
+            strip_of, Q_AMX_DOTS(_tile_dpbf16ps), store);
+#else
+  vector_loop(
+      K * 2, M, strips, buffer_bytes, threads, strip_of,
+      [&](const char* b, int64_t m0, int64_t n, float (*sums)[16]) {
+        for_rows(n, [&](auto r) {
+          bf16_rows<decltype(r)::value>(x + m0 * K, K, reinterpret_cast<const uint16_t*>(b),
+                                        K, sums);
+        });
+      },
+      store);
+#endif
+}
+#endif
 
 }  // namespace q_amx

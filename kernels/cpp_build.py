@@ -33,6 +33,14 @@ _DTYPE_CODES = {"float32": 0, "bfloat16": 1}
 _ARG_TYPES = {"i": ctypes.c_int, "l": ctypes.c_int64, "p": ctypes.c_void_p, "f": ctypes.c_float}
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# Q_NO_AMX_TILES=1: build for this CPU without its AMX tiles, so q's strip-layout kernels
+# (amx_tiles.h) run their AVX-512 path, as on CPUs without AMX (tests cover both paths on
+# an AMX machine with it)
+NO_TILES = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+
+
+def _flags() -> list[str]:
+    return FLAGS + (NO_TILES if os.environ.get("Q_NO_AMX_TILES") == "1" else [])
 
 
 def _compiler() -> str | None:
@@ -68,7 +76,7 @@ def _source_bytes(source: Path) -> bytes:
 def _build(source: Path, compiler: str) -> Path:
     from q.embedded import cache_dir
 
-    key = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *FLAGS]).encode()
+    key = hashlib.sha256(_source_bytes(source) + " ".join([compiler, *_flags()]).encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -77,7 +85,7 @@ def _build(source: Path, compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True,
+        run = subprocess.run([compiler, *_flags(), str(source), "-o", tmp], capture_output=True,
                              text=True, timeout=300)
         if run.returncode:
             raise RuntimeError(f"{Path(compiler).name} failed: {run.stderr.strip()[-500:]}")
@@ -122,16 +130,34 @@ def dtype_code(dtype) -> int | None:
     return _DTYPE_CODES.get(str(dtype).removeprefix("torch."))
 
 
+TILE_FLAGS = frozenset({"amx_tile"})  # -march=native then builds amx_tiles.h's tile loop
+
+
+def amx_tiles() -> bool:
+    """Whether q's strip-layout kernels (``amx_tiles.h``) run on AMX tiles here; without,
+    the same kernels run on AVX-512 registers."""
+    from .configs import cpu_flags
+
+    return TILE_FLAGS <= cpu_flags() and os.environ.get("Q_NO_AMX_TILES") != "1"
+
+
+def strip_kernel_name() -> str:
+    """The name logs give q's strip-layout kernels on this CPU: ``amx`` with tiles,
+    ``avx512`` without (the engine's code calls both ``amx``: one layout, one entry)."""
+    return "amx" if amx_tiles() else "avx512"
+
+
 def bind_amx(source: Path, flags: set[str], init: str, probe, **signatures: str
              ) -> tuple[ctypes.CDLL | None, str | None]:
-    """:func:`bind` for a kernel on AMX tiles (``amx_tiles.h``): (library, None) once the
-    CPU has ``flags``, the source builds, Linux grants the process the tile state (the
-    exported ``init``) and ``probe(library)``, a call with a known exact answer, gets it;
-    else (None, why)."""
+    """:func:`bind` for a kernel on the strip layout of ``amx_tiles.h``: (library, None)
+    once the CPU has the vector ``flags`` (AVX-512 BF16 / VNNI), the source builds (on AMX
+    tiles where the CPU has them, :func:`amx_tiles`), Linux grants the process the tile
+    state where there are tiles (the exported ``init``) and ``probe(library)``, a call with a
+    known exact answer, gets it; else (None, why)."""
     from .configs import cpu_flags
 
     if not flags <= cpu_flags():
-        return None, f"this CPU lacks {', '.join(sorted(flags - cpu_flags()))} (AMX tiles)"
+        return None, f"this CPU lacks {', '.join(sorted(flags - cpu_flags()))}"
     lib, why = bind(source, **{init: ""}, **signatures)
     if lib is None:
         return None, why

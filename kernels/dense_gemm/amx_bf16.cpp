@@ -1,5 +1,6 @@
-// bf16 GEMM y = x W^T (+ b) on AMX-BF16 tiles, the weight read in place from the B-operand
-// layout it is kept in, for any number of tokens.
+// bf16 GEMM y = x W^T (+ b) on AMX-BF16 tiles (AVX-512 BF16 registers on CPUs without
+// tiles), the weight read in place from the B-operand layout it is kept in, for any number
+// of tokens.
 //
 // Why: oneDNN's prepacked bf16 Linear streamed a 1.1B model's weights at 13 GB/s at 32
 // tokens against 18 at 1 (tests/bench/bench_decode_gemms_cpu.py); here each 16-channel
@@ -11,10 +12,10 @@
 //
 // Up to 4 tokens, no tiles: each 64-byte row meets each token's activation pair, broadcast,
 // in vdpbf16ps, 16 channels per accumulator. From 5 tokens on, tdpbf16ps, 32 tokens per
-// pass (amx_tiles.h). bf16 products summed in fp32, the bias (fp32) added, rounded to bf16
+// pass, or without tiles the same vdpbf16ps 8 tokens per pass (amx_tiles.h's bf16_gemm). bf16 products summed in fp32, the bias (fp32) added, rounded to bf16
 // (nearest even). N % 16 == 0, K % 32 == 0.
-#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
-#error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
+#if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
+#error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
 #endif
 #include <cstdint>
 #include <cstring>
@@ -65,7 +66,7 @@ void few_tokens(const uint16_t* x, const uint16_t* w, const float* bias, uint16_
 
 }  // namespace
 
-// 0 when this process may use AMX tiles
+// 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_bf16_init() { return q_amx::request_permission(); }
 
 // x [M, K] bf16, w in the layout above, bias [N] fp32 or null; out [M, N] bf16.
@@ -76,10 +77,9 @@ extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bia
         few_tokens<decltype(m)::value>(x, w, bias, out, N, K, threads);
       }))
     return 0;
-  q_amx::tile_loop(
-      reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, 0, threads,
+  q_amx::bf16_gemm(
+      x, M, K, N / 16, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(w + s * K * 16); },
-      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         store16(_mm512_load_ps(reinterpret_cast<const float*>(sums)),
                 bias == nullptr ? nullptr : bias + s * 16, out + m * N + s * 16);

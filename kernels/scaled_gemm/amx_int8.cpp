@@ -1,5 +1,6 @@
-// int8 W8A8 on AMX-INT8 tiles, for any number of tokens: the weight is read once per call
-// at its own size, straight into the tiles (no widening), and the int32 sums are exact.
+// int8 W8A8 on AMX-INT8 tiles (AVX-512 VNNI registers on CPUs without tiles), for any
+// number of tokens: the weight is read once per call at its own size, straight into the
+// tiles or registers (no widening), and the int32 sums are exact.
 //
 // Why: torch._int_mm reorders its weight on every call, which kept it at 100-120 ms for a
 // 1.1B model's weights at 1-32 tokens when they stream from memory, no faster than bf16
@@ -12,12 +13,14 @@
 //
 // Up to 4 tokens, no tiles: vpdpbusd with each token's 4 activation codes broadcast (as x +
 // 128, unsigned; the weight's row sums take the 128 * sum(w) back out), 16 channels per
-// accumulator. From 5 tokens on, tdpbssd, 32 tokens per pass, tokens in L2-sized chunks.
+// accumulator. From 5 tokens on, tdpbssd, 32 tokens per pass, tokens in L2-sized chunks;
+// on CPUs without tiles, the same vpdpbusd 8 tokens per pass (amx_tiles.h's vector_loop).
 // Either way the int32 sums are exact, then (float(acc) * xs[m]) * ws[n] in fp32 and the
 // output dtype: the bits of torch._int_mm followed by the torch ops' scaling.
 // N % 16 == 0, K % 64 == 0; out_dtype 0 float32, 1 bfloat16.
-#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__) || !defined(__AVX512VNNI__)
-#error "this CPU has no AMX-INT8 tiles (or the compiler does not target them)"
+#if !defined(__AVX512VNNI__) || !defined(__AVX512BF16__) || \
+    (defined(__AMX_TILE__) && !defined(__AMX_INT8__))
+#error "this CPU has no AVX-512 VNNI and BF16 (or the compiler does not target them)"
 #endif
 #include <cstdint>
 #include <cstring>
@@ -65,8 +68,10 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
   });
 }
 
-void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* ws, char* out,
-           int dtype, int64_t M, int64_t N, int64_t K, int threads) {
+#if defined(__AMX_TILE__)
+void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
+          const int32_t*, char* out, int dtype, int64_t M, int64_t N, int64_t K,
+          int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, 0, threads,
@@ -77,10 +82,53 @@ void tiles(const int8_t* x, const float* xs, const int8_t* codes, const float* w
                 dtype);
       });
 }
+#else
+// R tokens' 16 int32 sums against one strip ([K / 4][16][4] codes, 64-byte rows): each row
+// meets each token's 4 codes + 128 (unsigned), broadcast, in vpdpbusd; the caller takes
+// 128 * rowsum back out. The strip is prefetched 4 KB ahead (it streams from memory on the
+// chunk's first pass).
+template <int R>
+inline void int8_rows(const uint8_t* xu, int64_t K, const int8_t* b, float (*sums)[16]) {
+  __m512i acc[R];
+  for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_si512();
+  for (int64_t r = 0; r < K / 4; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + r * 64 + 4096), _MM_HINT_T0);
+    const __m512i w = _mm512_loadu_si512(b + r * 64);
+    for (int m = 0; m < R; ++m) {
+      int32_t quad;
+      std::memcpy(&quad, xu + m * K + 4 * r, sizeof quad);
+      acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(quad), w);
+    }
+  }
+  for (int m = 0; m < R; ++m) _mm512_store_si512(sums[m], acc[m]);
+}
+
+void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
+          const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N, int64_t K,
+          int threads) {
+  const int64_t esize = dtype == 0 ? 4 : 2;
+  std::vector<uint8_t> xu(M * K);  // x + 128, once per call
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
+  q_amx::vector_loop(
+      K, M, N / 16, 0, threads,
+      [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
+      [&](const char* b, int64_t m0, int64_t n, float (*sums)[16]) {
+        q_amx::for_rows(n, [&](auto r) {
+          int8_rows<decltype(r)::value>(xu.data() + m0 * K, K,
+                                        reinterpret_cast<const int8_t*>(b), sums);
+        });
+      },
+      [&](const char* sums, int64_t m, int64_t s) {
+        const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + s * 16), 7);
+        store16(_mm512_sub_epi32(_mm512_load_si512(sums), correction), xs[m], ws + s * 16,
+                out + (m * N + s * 16) * esize, dtype);
+      });
+}
+#endif
 
 }  // namespace
 
-// 0 when this process may use AMX tiles
+// 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_int8_init() { return q_amx::request_permission(); }
 
 // x [M, K] int8 codes with scales xs [M]; codes in the layout above with scales ws [N] and
@@ -93,6 +141,6 @@ extern "C" int q_int8_amx(int out_dtype, const int8_t* x, const float* xs, const
   if (!q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
         few_tokens<decltype(m)::value>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads);
       }))
-    tiles(x, xs, codes, ws, o, out_dtype, M, N, K, threads);
+    gemm(x, xs, codes, ws, rowsum, o, out_dtype, M, N, K, threads);
   return 0;
 }

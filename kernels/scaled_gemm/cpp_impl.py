@@ -77,7 +77,7 @@ def int8_gemv(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
 
 
 AMX_SOURCE = Path(__file__).with_name("amx_int8.cpp")
-AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni"}
+AMX_FLAGS = {"avx512_vnni", "avx512_bf16"}  # and AMX-INT8 tiles where the CPU has them
 
 
 def _probe(lib) -> bool:

@@ -13,13 +13,14 @@
 // reads (a 16 x 64-byte tile covers K = 32). Scales [N] fp32 (one per channel).
 //
 // Up to 4 tokens the same layout is read without tiles (few_tokens: fp32 FMAs on registers
-// of widened codes); from 5 on, tdpbf16ps, 32 tokens per pass over a strip widened once.
+// of widened codes); from 5 on, tdpbf16ps, 32 tokens per pass over a strip widened once
+// (on CPUs without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
 //
 // y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: bf16 products (the codes are exact in
 // bf16) summed in fp32, one product by the scale, rounded to bf16. N % 16 == 0, K % 32 ==
 // 0. The process must have been granted AMX state (q_amx_init) once.
-#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
-#error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
+#if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
+#error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
 #endif
 #include <cstdint>
 #include <cstring>
@@ -92,7 +93,7 @@ void few_tokens(const uint16_t* xb, const int8_t* codes, const float* scale, uin
 
 }  // namespace
 
-// 0 when this process may use AMX tiles
+// 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_init() { return q_amx::request_permission(); }
 
 // x [M, K] bf16, codes in the layout above, scale [N] fp32; out [M, N] bf16.
@@ -103,15 +104,13 @@ extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float
         few_tokens<decltype(m)::value>(x, codes, scale, out, N, K, threads);
       }))
     return 0;
-  const char* xb = reinterpret_cast<const char*>(x);
-  q_amx::tile_loop(
-      xb, K * 2, M, N / 16, K / 32, K * 32, threads,
+  q_amx::bf16_gemm(
+      x, M, K, N / 16, K * 32, threads,
       [&](int64_t s, char* buffer) {
         uint16_t* strip = reinterpret_cast<uint16_t*>(buffer);
         widen_strip(codes + s * K * 16, strip, K);
         return static_cast<const char*>(buffer);
       },
-      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         store_row(reinterpret_cast<const float*>(sums), _mm512_loadu_ps(scale + s * 16),
                   out + m * N + s * 16);

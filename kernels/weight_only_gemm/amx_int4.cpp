@@ -17,14 +17,15 @@
 //
 // From 5 tokens on, each strip is widened to bf16 weights in the core's cache with the
 // roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
-// again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass.
+// again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass (on CPUs
+// without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
 // Up to 4 tokens, no tiles and no dequantization: a nibble OR 0x4300 is the bf16 number
 // 128 + q, exact in fp32 after a shift, so fp32 FMAs sum D = sum x * (128 + q) over a group
 // straight from the codes, and the group adds s * D + (z - 136 s) * sum(x) to the result
 // (sum x * w exactly as real numbers; the fp32 roundings differ from the tile path's, both
 // within bf16 rounding of the reference). N % 16 == 0, group % 32 == 0, K % group == 0.
-#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
-#error "this CPU has no AMX-BF16 tiles (or the compiler does not target them)"
+#if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
+#error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
 #endif
 #include <cstdint>
 #include <cstring>
@@ -155,7 +156,7 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
 
 }  // namespace
 
-// 0 when this process may use AMX tiles
+// 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_int4_init() { return q_amx::request_permission(); }
 
 // x [M, K] bf16; codes, sz in the layout above (zero: whether any z is nonzero); out [M, N]
@@ -169,14 +170,13 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
       }))
     return 0;
   const int64_t groups = K / group;
-  q_amx::tile_loop(
-      reinterpret_cast<const char*>(x), K * 2, M, N / 16, K / 32, K * 32, threads,
+  q_amx::bf16_gemm(
+      x, M, K, N / 16, K * 32, threads,
       [&](int64_t s, char* buffer) {
         widen_strip(codes + s * K * 8, sz + s * groups * 32, reinterpret_cast<uint16_t*>(buffer),
                     K, group, zero != 0);
         return static_cast<const char*>(buffer);
       },
-      Q_AMX_DOTS(_tile_dpbf16ps),
       [&](const char* sums, int64_t m, int64_t s) {
         const __m512 y = _mm512_load_ps(reinterpret_cast<const float*>(sums));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N + s * 16),

@@ -3,6 +3,7 @@ torch's kernels, per scheme, in one run.
 
     python tests/bench/bench_decode_gemms_cpu.py [--layers 22] [--tokens 1,4,8,32]
         [--kernels wint4,bf16]     (default: all but the dequantizing paths)
+        [--model smollm2]          (SmolLM2-135M's shapes, 30 layers, instead of TinyLlama's)
 
 The weights of ``--layers`` layers of a 1.1B Llama (TinyLlama's shapes: q/k/v fused
 2560x2048, o 2048x2048, gate/up fused 11264x2048, down 2048x5632; 22 layers are the whole
@@ -43,7 +44,11 @@ from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_am
                                                  int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
 
-LAYER = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]  # (N, K)
+SHAPES = {  # (N, K) of one layer's projections, q/k/v and gate/up fused as the engine does
+    "tinyllama": [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)],
+    "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
+}
+LAYER = SHAPES["tinyllama"]
 
 
 def build(layers: int, amx: bool):
@@ -70,18 +75,23 @@ def build(layers: int, amx: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers (default: the whole model, 22 or 30)")
     ap.add_argument("--tokens", default="1,4,8,32")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--kernels", default="",
                     help="comma-separated name prefixes to time (default: all), e.g. wint4,bf16")
     args = ap.parse_args()
+    global LAYER
+    LAYER = SHAPES[args.model]
+    args.layers = args.layers or {"tinyllama": 22, "smollm2": 30}[args.model]
     amx_reason = (amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
                   or amx_bf16_unavailable(16, 32))
     weights = build(args.layers, amx_reason is None)
     gweights = sum(w["codes"].numel() for w in weights) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
-          f"layers of TinyLlama-1.1B's projections, {gweights:.2f} G weights\n")
+          f"layers of {args.model}'s projections, {gweights:.2f} G weights\n")
     print("| tokens | kernel | ms per step | GB/s of weights | speed-up over torch's |")
     print("|---:|---|---:|---:|---:|")
     for m in map(int, args.tokens.split(",")):

@@ -1,13 +1,16 @@
 """Decode attention of one engine layer on CPU: the C++ paged kernel against the engine's
 gather + SDPA path (``attention._paged`` with no kernel), in the same run.
 
-    python tests/bench/bench_paged_attention.py
+    python tests/bench/bench_paged_attention.py [--layers 30]
 
 Shapes: SmolLM2-135M (9 query / 3 KV heads of 64) and TinyLlama-1.1B (32 / 4 of 64), 1 and
 32 sequences, contexts of 320 (the CPU engine issue's workload: 256-token prompts plus 64
 new tokens) and 1024 tokens, lengths spread over the last 64 positions, blocks scattered
 through a larger cache. Times are medians of 50 calls after a warm-up, at torch's thread
-count; the error is the largest absolute difference from the fp32 reference.
+count; the error is the largest absolute difference from the fp32 reference. One layer's
+caches repeated stay in the CPU's caches; ``--layers N`` gives each call the next of N
+layers' caches in turn (30: SmolLM2's depth), so that keys and values come from memory as
+in an engine step; the time is then per layer.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def case(batch, heads, kv_heads, dim, context, dtype, seed=0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--layers", type=int, default=1,
+                    help="separate caches the calls cycle through (30: from memory)")
+    ap.add_argument("--contexts", default="320,1024")
+    ap.add_argument("--batches", default="1,32")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     why = cpp_impl.unavailable_reason(dtype)
@@ -51,18 +58,31 @@ def main() -> None:
           "| max abs err SDPA / C++ |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (heads, kv_heads, dim) in SHAPES.items():
-        for batch in (1, 32):
-            for context in (320, 1024):
-                q, k, v, tables, lengths = case(batch, heads, kv_heads, dim, context, dtype)
+        for batch in map(int, args.batches.split(",")):
+            for context in map(int, args.contexts.split(",")):
+                layers = [case(batch, heads, kv_heads, dim, context, dtype, seed)
+                          for seed in range(args.layers)]
+                q, k, v, tables, lengths = layers[0]
                 scale = dim ** -0.5
+                turn = iter(range(1, 10**9))
+
+                def cycled(fn):  # fn(q, k, v) over the next layer's cache each call
+                    def run():
+                        lq, lk, lv, _, _ = layers[next(turn) % len(layers)]
+                        return fn(lq, lk, lv)
+                    return run
+
                 batch_info = PagedBatch(rows=None, blocks=tables,
                                         query_pos=(lengths - 1)[:, None], query_index=None,
                                         unpad_index=None, block_size=BLOCK_SIZE)
-                sdpa = lambda: _paged(batch_info, k, v, q, None, scale, None)  # noqa: E731
-                cpp = lambda: cpp_impl.paged_decode(q, k, v, tables, lengths, scale)  # noqa
+                # every layer shares the first one's tables and lengths (same shapes)
+                run_sdpa = lambda q, k, v: _paged(batch_info, k, v, q, None, scale, None)  # noqa
+                run_cpp = lambda q, k, v: cpp_impl.paged_decode(q, k, v, tables, lengths,  # noqa
+                                                                scale)
                 ref = reference.paged_decode(q, k, v, tables, lengths, scale)
-                err_sdpa = (sdpa().float() - ref).abs().max().item()
-                err_cpp = (cpp() - ref).abs().max().item()
+                err_sdpa = (run_sdpa(q, k, v).float() - ref).abs().max().item()
+                err_cpp = (run_cpp(q, k, v) - ref).abs().max().item()
+                sdpa, cpp = cycled(run_sdpa), cycled(run_cpp)
                 t_sdpa, t_cpp = time_cpu(sdpa, 50), time_cpu(cpp, 50)
                 print(f"| {name} | {batch} | {context} | {t_sdpa:.3f} | {t_cpp:.3f} | "
                       f"{t_sdpa / t_cpp:.2f}x | {err_sdpa:.1e} / {err_cpp:.1e} |")

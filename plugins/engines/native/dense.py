@@ -22,12 +22,13 @@ import logging
 import torch
 from torch import nn
 
+from q.kernels.cpp_build import strip_kernel_name
 from q.kernels.dense_gemm.torch_impl import PackedLinear, unavailable_reason
 
 from .fused import install, sibling_groups
 
 log = logging.getLogger("q.engine")
-KERNEL_NAMES = {"amx": "q's AMX kernel", "prepacked": "oneDNN"}
+KERNEL_NAMES = {"amx": "q's strip kernel", "prepacked": "oneDNN"}
 
 
 class PackedDenseLinear(nn.Module):
@@ -89,5 +90,6 @@ def pack_dense_linears(model: nn.Module, device: torch.device, dtype: torch.dtyp
     kernels = sorted({m.fast.kernel for m in model.modules() if isinstance(m, PackedDenseLinear)})
     log.info("unquantized bf16 Linears (%d, first: %s): weights prepacked once (%s); %d groups "
              "of sibling projections fused into one GEMM each", len(targets), targets[0],
-             " and ".join(KERNEL_NAMES[k] for k in kernels), fused)
+             " and ".join(KERNEL_NAMES[k] + (f" ({strip_kernel_name()})" if k == "amx" else "")
+                          for k in kernels), fused)
     return len(targets), fused

@@ -29,6 +29,7 @@ from torch import nn
 
 from q.errors import CheckpointError, IncompatibleError
 from q.kernels import Impl
+from q.kernels.cpp_build import strip_kernel_name
 from q.kernels.act_quant import quantize_activation, quantize_activation_cpu
 from q.kernels.block_gemm import fp8_block_gemm
 from q.kernels.dispatch import interpreting, triton_unavailable_reason
@@ -218,7 +219,8 @@ class QuantLinear(nn.Module):
             self._keep_reference_layout(qt, device)
         kernels = getattr(self.fast, "kernels", None)
         if kernels:  # which of them (q's AMX / C++ kernels or torch's), for the log line
-            why += f"; {'kernel' if len(kernels) == 1 else 'kernels by M'}: {', '.join(kernels)}"
+            names = [strip_kernel_name() if k == "amx" else k for k in kernels]
+            why += f"; {'kernel' if len(kernels) == 1 else 'kernels by M'}: {', '.join(names)}"
         self.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
         path = describe_path(self.kind, qt, self.backend, why)
         if path not in _logged_kinds:
