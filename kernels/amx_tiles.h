@@ -193,82 +193,113 @@ inline int request_permission() { return 0; }
 
 // ---- Without tiles: the strips on AVX-512 registers ----
 
-constexpr int kVecTokens = 8;  // tokens per pass over a strip: 8 accumulators, 8 in flight
+// A pass takes up to kVecStrips strips and kVecTokens tokens (R x S accumulators): each row
+// step loads the strips' rows once and each token's pair (quad) once for all of them. On a
+// 2-core AMD EPYC 8 x 1 and 8 x 2 ran level and 6 x 4 and 4 x 4 slower, bf16 and int8, at
+// 8-2048 tokens (tests/bench/ab_vector_passes.py builds the variants with -D and times them)
+#ifndef Q_VEC_TOKENS
+#define Q_VEC_TOKENS 8
+#endif
+#ifndef Q_VEC_STRIPS
+#define Q_VEC_STRIPS 1
+#endif
+constexpr int kVecTokens = Q_VEC_TOKENS;
+constexpr int kVecStrips = Q_VEC_STRIPS;
 // Tokens per chunk: as many rows of activations as fill kVecChunkBytes, in multiples of
 // kVecTokens, at least kChunk (128). Every chunk streams the whole weight from memory
 // again: a 2048-token prefill step with K = 576 (SmolLM2) read it 16 times in chunks of
 // 128 tokens, 5 times in chunks of this size. Half of a 1 MB L2 (AMD Zen 4), the other
-// half for the strip and the output rows.
+// half for the strips and the output rows.
 constexpr int64_t kVecChunkBytes = 1 << 19;
 inline int64_t vector_chunk(int64_t x_row) {
   const int64_t rows = kVecChunkBytes / x_row / kVecTokens * kVecTokens;
   return rows < kChunk ? kChunk : rows;
 }
 
-// calls f(std::integral_constant<int, R>{}) for R = rows, 1 <= rows <= kVecTokens
-template <class F>
-void for_rows(int64_t rows, F f) {
-  switch (rows) {
+// calls f(std::integral_constant<int, N>{}) for N = n, 1 <= n <= Max <= 8
+template <int Max, class F>
+void for_count(int64_t n, F f) {
+  static_assert(Max >= 1 && Max <= 8, "up to 8");
+  switch (n) {
     case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+    case 2: if constexpr (Max >= 2) f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (Max >= 3) f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (Max >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (Max >= 5) f(std::integral_constant<int, 5>{}); break;
+    case 6: if constexpr (Max >= 6) f(std::integral_constant<int, 6>{}); break;
+    case 7: if constexpr (Max >= 7) f(std::integral_constant<int, 7>{}); break;
+    default: if constexpr (Max >= 8) f(std::integral_constant<int, 8>{}); break;
   }
 }
 
+// f(R, S) as integral constants for n tokens and ns strips of a pass
+template <class F>
+void for_pass(int64_t n, int64_t ns, F f) {
+  for_count<kVecTokens>(n, [&](auto r) { for_count<kVecStrips>(ns, [&](auto s) { f(r, s); }); });
+}
+
 #if defined(__AVX512BF16__)
-// sums[m] = R tokens' 16 fp32 sums against one bf16 strip ([K / 2][16][2], 64-byte rows):
-// each row meets each token's pair (x[2r], x[2r + 1]), broadcast, in vdpbf16ps. x: the
-// first token's K bf16 activations, x_row elements apart; the strip is prefetched 4 KB
-// ahead (it streams from memory on the chunk's first pass)
-template <int R>
-inline void bf16_rows(const uint16_t* x, int64_t x_row, const uint16_t* b, int64_t K,
-                      float (*sums)[16]) {
-  __m512 acc[R];
-  for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
+// sums[m][j] = token m's 16 fp32 sums against bf16 strip j ([K / 2][16][2], 64-byte rows),
+// for R tokens and S strips: each row of each strip meets each token's pair (x[2r],
+// x[2r + 1]), broadcast, in vdpbf16ps. x: the first token's K bf16 activations, x_row
+// elements apart; the strips are prefetched 4 KB ahead (they stream from memory on a
+// chunk's first pass)
+template <int R, int S>
+inline void bf16_rows(const uint16_t* x, int64_t x_row, const uint16_t* const* b, int64_t K,
+                      float (*sums)[kVecStrips][16]) {
+  __m512 acc[R][S];
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t r = 0; r < K / 2; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + r * 32 + 2048), _MM_HINT_T0);
-    const __m512bh row = (__m512bh)_mm512_loadu_si512(b + r * 32);
+    __m512bh w[S];
+    for (int j = 0; j < S; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(b[j] + r * 32 + 2048), _MM_HINT_T0);
+      w[j] = (__m512bh)_mm512_loadu_si512(b[j] + r * 32);
+    }
     for (int m = 0; m < R; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * x_row + 2 * r, sizeof pair);
-      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), row);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < S; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, w[j]);
     }
   }
-  for (int m = 0; m < R; ++m) _mm512_store_ps(sums[m], acc[m]);
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < S; ++j) _mm512_store_ps(sums[m][j], acc[m][j]);
 }
 #endif
 
 // y = x @ strip^T for M tokens and `strips` strips without tiles, on `threads` threads:
-// chunk by chunk of tokens, each strip (strip_of, as for tile_loop) passes over the chunk
-// kVecTokens tokens at a time; rows(b, m0, n, sums) computes tokens m0 .. m0 + n - 1
-// against strip b into sums[n][16] (bf16_rows, or the int8 kernel's own), and store(sums,
-// m, s) writes token m's 16 sums for strip s, as tile_loop's store does.
+// chunk by chunk of tokens, up to kVecStrips strips (strip_of, as for tile_loop; each with
+// a buffer of its own) pass over the chunk kVecTokens tokens at a time; rows(b, ns, m0, n,
+// sums) computes tokens m0 .. m0 + n - 1 against the ns strips b[0..ns) into sums[n][ns][16]
+// (bf16_rows, or the int8 kernel's own), and store(sums, m, s) writes token m's 16 sums for
+// strip s, as tile_loop's store does.
 template <class StripOf, class Rows, class Store>
 void vector_loop(int64_t x_row, int64_t M, int64_t strips, int64_t buffer_bytes, int threads,
                  StripOf strip_of, Rows rows, Store store) {
-  const int nt = strips > 1 ? threads : 1;
+  const int64_t groups = (strips + kVecStrips - 1) / kVecStrips;
+  const int nt = groups > 1 ? threads : 1;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<char> buffer(buffer_bytes + 64);
+    std::vector<char> buffer(kVecStrips * buffer_bytes + 64);
     char* own = reinterpret_cast<char*>(
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-    alignas(64) float sums[kVecTokens][16];
+    alignas(64) float sums[kVecTokens][kVecStrips][16];
+    const char* b[kVecStrips];
     const int64_t chunk = vector_chunk(x_row);
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
 #pragma omp for schedule(static)
-      for (int64_t s = 0; s < strips; ++s) {
-        const char* b = strip_of(s, own);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t s0 = g * kVecStrips;
+        const int64_t ns = strips - s0 < kVecStrips ? strips - s0 : kVecStrips;
+        for (int64_t j = 0; j < ns; ++j) b[j] = strip_of(s0 + j, own + j * buffer_bytes);
         for (int64_t m0 = c0; m0 < c1; m0 += kVecTokens) {
           const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
-          rows(b, m0, n, sums);
+          rows(b, ns, m0, n, sums);
           for (int64_t i = 0; i < n; ++i)
-            store(reinterpret_cast<const char*>(sums[i]), m0 + i, s);
+            for (int64_t j = 0; j < ns; ++j)
+              store(reinterpret_cast<const char*>(sums[i][j]), m0 + i, s0 + j);
         }
       }
     }
@@ -287,10 +318,11 @@ void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t 
 #else
   vector_loop(
       K * 2, M, strips, buffer_bytes, threads, strip_of,
-      [&](const char* b, int64_t m0, int64_t n, float (*sums)[16]) {
-        for_rows(n, [&](auto r) {
-          bf16_rows<decltype(r)::value>(x + m0 * K, K, reinterpret_cast<const uint16_t*>(b),
-                                        K, sums);
+      [&](const char* const* b, int64_t ns, int64_t m0, int64_t n,
+          float (*sums)[kVecStrips][16]) {
+        for_pass(n, ns, [&](auto r, auto s) {
+          bf16_rows<decltype(r)::value, decltype(s)::value>(
+              x + m0 * K, K, reinterpret_cast<const uint16_t* const*>(b), K, sums);
         });
       },
       store);

@@ -83,24 +83,31 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
       });
 }
 #else
-// R tokens' 16 int32 sums against one strip ([K / 4][16][4] codes, 64-byte rows): each row
-// meets each token's 4 codes + 128 (unsigned), broadcast, in vpdpbusd; the caller takes
-// 128 * rowsum back out. The strip is prefetched 4 KB ahead (it streams from memory on the
-// chunk's first pass).
-template <int R>
-inline void int8_rows(const uint8_t* xu, int64_t K, const int8_t* b, float (*sums)[16]) {
-  __m512i acc[R];
-  for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_si512();
+// sums[m][j] = token m's 16 int32 sums against strip j ([K / 4][16][4] codes, 64-byte
+// rows), for R tokens and S strips: each row meets each token's 4 codes + 128 (unsigned),
+// broadcast, in vpdpbusd; the caller takes 128 * rowsum back out. The strips are
+// prefetched 4 KB ahead (they stream from memory on a chunk's first pass).
+template <int R, int S>
+inline void int8_rows(const uint8_t* xu, int64_t K, const int8_t* const* b,
+                      float (*sums)[q_amx::kVecStrips][16]) {
+  __m512i acc[R][S];
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_si512();
   for (int64_t r = 0; r < K / 4; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + r * 64 + 4096), _MM_HINT_T0);
-    const __m512i w = _mm512_loadu_si512(b + r * 64);
+    __m512i w[S];
+    for (int j = 0; j < S; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(b[j] + r * 64 + 4096), _MM_HINT_T0);
+      w[j] = _mm512_loadu_si512(b[j] + r * 64);
+    }
     for (int m = 0; m < R; ++m) {
       int32_t quad;
       std::memcpy(&quad, xu + m * K + 4 * r, sizeof quad);
-      acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(quad), w);
+      const __m512i xv = _mm512_set1_epi32(quad);
+      for (int j = 0; j < S; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, w[j]);
     }
   }
-  for (int m = 0; m < R; ++m) _mm512_store_si512(sums[m], acc[m]);
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < S; ++j) _mm512_store_si512(sums[m][j], acc[m][j]);
 }
 
 void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
@@ -112,10 +119,11 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
   q_amx::vector_loop(
       K, M, N / 16, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
-      [&](const char* b, int64_t m0, int64_t n, float (*sums)[16]) {
-        q_amx::for_rows(n, [&](auto r) {
-          int8_rows<decltype(r)::value>(xu.data() + m0 * K, K,
-                                        reinterpret_cast<const int8_t*>(b), sums);
+      [&](const char* const* b, int64_t ns, int64_t m0, int64_t n,
+          float (*sums)[q_amx::kVecStrips][16]) {
+        q_amx::for_pass(n, ns, [&](auto r, auto s) {
+          int8_rows<decltype(r)::value, decltype(s)::value>(
+              xu.data() + m0 * K, K, reinterpret_cast<const int8_t* const*>(b), sums);
         });
       },
       [&](const char* sums, int64_t m, int64_t s) {

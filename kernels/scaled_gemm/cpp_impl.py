@@ -113,6 +113,12 @@ def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
     return wq.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
+def from_amx_int8_layout(amx_w: torch.Tensor) -> torch.Tensor:
+    """:func:`to_amx_int8_layout` undone: the plain ``[N, K]`` codes (a copy)."""
+    strips, quads = amx_w.shape[:2]
+    return amx_w.permute(0, 2, 1, 3).reshape(strips * 16, quads * 4)
+
+
 def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
              rowsum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
     """:func:`int8_gemv`'s result (the same bits) for any number of tokens, on AMX tiles:

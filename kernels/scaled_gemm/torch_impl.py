@@ -7,7 +7,11 @@
     ``amx_int8.cpp``, the weight kept in the tiles' own layout (its only copy), every M.
     ``_int_mm`` reorders its weight on every call, which kept it at bf16's speed with the
     weights streaming from memory; this is 1.4-1.9x faster at 1-32 tokens
-    (``tests/bench/bench_decode_gemms_cpu.py``), with the same bits.
+    (``tests/bench/bench_decode_gemms_cpu.py``), with the same bits. On CPUs with AVX-512
+    VNNI but no tiles the same kernel and layout run on vector registers (1.7-3.8x
+    ``_int_mm`` at 1-32 tokens on a 2-core AMD EPYC, 0.76x at 2048 on SmolLM2's shapes),
+    and from ``UNPACK_FOR_INT_MM`` tokens on (prefill) the plain weight is copied back out
+    of that layout for the call and multiplied by ``_int_mm`` (the same bits again).
   - elsewhere one of three kernels, by M (``kernels/configs/cpu.json``, measured by
     ``tests/bench/tune_kernels_cpu.py``): ``gemv``, ``int_mm``, ``int8pack`` below.
   - ``gemv`` (a few tokens): ``int8_gemm.cpp``, the int8 weight streamed once with exact
@@ -41,9 +45,17 @@ from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
-from .cpp_impl import (amx_unavailable, int8_amx, int8_epilogue, int8_gemv, to_amx_int8_layout,
-                       weight_row_sums)
+from .. import cpp_build
+from .cpp_impl import (amx_unavailable, from_amx_int8_layout, int8_amx, int8_epilogue, int8_gemv,
+                       to_amx_int8_layout, weight_row_sums)
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
+
+
+# Tokens from which the strip kernel's vector path (CPUs without AMX tiles) hands a call to
+# _int_mm on the weight copied back out of the strip layout for it (2026-12-06, 2-core AMD
+# EPYC, SmolLM2's shapes in model order, bench_decode_gemms_cpu.py --model smollm2: the
+# strip kernel 1.24x _int_mm at 32 tokens, 0.86x at 256, 0.76x at 2048)
+UNPACK_FOR_INT_MM = 128
 
 
 class Int8Scaled:
@@ -53,8 +65,9 @@ class Int8Scaled:
         self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.out_dtype = out_dtype
         if amx_unavailable(*wq.shape) is None:
-            # AMX tiles: one kernel for every M, and the only copy of the weight
-            self.kernels = ("amx",)
+            # the strip layout: one kernel for every M (AMX tiles), or up to
+            # UNPACK_FOR_INT_MM tokens (AVX-512), and the only copy of the weight
+            self.kernels = ("amx",) if cpp_build.amx_tiles() else ("amx", "int_mm")
             self.amx_w, self.rowsum = to_amx_int8_layout(wq), weight_row_sums(wq)
             self.wq = None
             return
@@ -84,13 +97,15 @@ class Int8Scaled:
         if kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), self.wq, self.ws_bf16)
             return y.mul_(xs.to(torch.bfloat16)).to(self.out_dtype)
-        acc = torch._int_mm(xq, self.wq.t())
+        wq = self.wq if self.wq is not None else from_amx_int8_layout(self.amx_w)
+        acc = torch._int_mm(xq, wq.t())
         y = int8_epilogue(acc, xs, self.ws, self.out_dtype)  # one C++ pass, same bits
         return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
-        if self.kernels == ("amx",):  # exact int32 sums, like _int_mm
-            return self.run(x, "amx", quantized)
+        if self.kernels[0] == "amx":  # exact int32 sums, like _int_mm
+            big = len(self.kernels) > 1 and x.shape[0] >= UNPACK_FOR_INT_MM
+            return self.run(x, "int_mm" if big else "amx", quantized)
         if self.out_dtype == torch.float32 or self.kernels == ("int_mm",):
             return self.run(x, "int_mm", quantized)  # fp32 asks for accuracy: exact sums
         kernel = cpu_choice("scaled_int8", x.shape[0])
