@@ -16,17 +16,17 @@ from q.kernels.paged_attention import cpp_impl, reference
 BS = 16  # small blocks: a sequence spans several, and lengths fall on and off their edges
 
 
-def _case(batch, heads, kv_heads, dim, value_dim, lengths, dtype, seed=0):
+def _case(batch, heads, kv_heads, dim, value_dim, lengths, dtype, seed=0, bs=BS):
     g = torch.Generator().manual_seed(seed)
-    nblk = max(-(-n // BS) for n in lengths)
+    nblk = max(-(-n // bs) for n in lengths)
     blocks = batch * nblk + 3
-    k_cache = torch.randn(blocks, kv_heads, dim, BS, generator=g).to(dtype)
-    v_cache = torch.randn(blocks, BS, kv_heads, value_dim, generator=g).to(dtype)
+    k_cache = torch.randn(blocks, kv_heads, dim, bs, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, bs, kv_heads, value_dim, generator=g).to(dtype)
     # each sequence gets scattered blocks; unused table entries point at block 0
     perm = torch.randperm(blocks - 1, generator=g)[:batch * nblk].view(batch, nblk) + 1
     tables = perm.clone()
     for b, n in enumerate(lengths):
-        tables[b, -(-n // BS):] = 0
+        tables[b, -(-n // bs):] = 0
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
     return q, k_cache, v_cache, tables, torch.tensor(lengths)
 
@@ -60,6 +60,22 @@ def test_cpp_kernel_matches_reference(kernel, shape, dtype):
     assert out.dtype == torch.float32 and out.shape == (len(LENGTHS), heads, value_dim)
     # both compute in fp32 from the same (bf16-exact) inputs: only summation order and the
     # kernel's polynomial exp (about 2 ulp) differ
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 64, 64), (32, 4, 64, 64), (4, 2, 128, 128),
+                                   (6, 1, 64, 64), (10, 2, 64, 64), (4, 4, 48, 32)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (100, None), (None, 5.0)])
+def test_cpp_kernel_on_engine_blocks(kernel, shape, window, softcap):
+    """The engine's 64-position blocks in bf16: keys and values of 64 (or a multiple of 64)
+    take the kernel's register-held loops (32 positions, 64 value columns per pass), other
+    widths the portable ones; groups of 1-5 query heads per KV head (5: padded to 8)."""
+    heads, kv_heads, dim, value_dim = shape
+    lengths = [1, 63, 64, 65, 200, 320]
+    q, k, v, tables, lengths = _case(len(lengths), heads, kv_heads, dim, value_dim, lengths,
+                                     torch.bfloat16, 4, bs=64)
+    out = kernel(q, k, v, tables, lengths, 0.125, window, softcap)
+    ref = reference.paged_decode(q, k, v, tables, lengths, 0.125, window, softcap)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
 

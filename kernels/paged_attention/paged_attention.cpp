@@ -20,7 +20,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -141,6 +146,99 @@ void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_
   }
 }
 
+#if defined(__AVX512F__)
+// bf16 caches on AVX-512 (blocks of a multiple of 32 positions, values of a multiple of 64
+// columns: the engine's 64 and Llama-style heads): the two loops above with their
+// accumulators held in registers, 32 positions (scores) and 64 value columns (weighted sum)
+// per pass, so that each widened key or value feeds R heads' multiply-adds from registers.
+// 16 bf16 -> 16 fp32: widen, shift up.
+inline __m512 widen16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <int R>
+void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads, int64_t D,
+                  int64_t bs) {
+  for (int64_t j0 = 0; j0 < heads; j0 += R) {
+    for (int64_t t0 = 0; t0 < bs; t0 += 2 * LANES) {  // 32 positions: 2 R accumulators
+      __m512 a0[R], a1[R];
+      for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; ++i) {
+        const __m512 k0 = widen16(keys + i * bs + t0), k1 = widen16(keys + i * bs + t0 + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 qi = _mm512_set1_ps(q[(j0 + r) * D + i]);
+          a0[r] = _mm512_fmadd_ps(qi, k0, a0[r]);
+          a1[r] = _mm512_fmadd_ps(qi, k1, a1[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(part + (j0 + r) * bs + t0, a0[r]);
+        _mm512_storeu_ps(part + (j0 + r) * bs + t0 + 16, a1[r]);
+      }
+    }
+  }
+}
+
+template <int R>
+void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* table, int64_t first,
+                  int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs, int64_t heads,
+                  float* acc) {
+  for (int64_t j0 = 0; j0 < heads; j0 += R) {
+    for (int64_t d0 = 0; d0 < DV; d0 += 64) {  // 64 value columns: 4 registers per head
+      __m512 a[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+      for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
+        const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
+        const uint16_t* rows = v_cache + (table[blk] * bs * kvH + h) * DV + d0;
+        for (int64_t p = lo; p < hi; ++p) {
+          const uint16_t* src = rows + (p - blk * bs) * kvH * DV;
+          const __m512 v0 = widen16(src), v1 = widen16(src + 16), v2 = widen16(src + 32),
+                       v3 = widen16(src + 48);
+          for (int r = 0; r < R; ++r) {
+            const __m512 wr = _mm512_set1_ps(w[(j0 + r) * n + p - first]);
+            a[r][0] = _mm512_fmadd_ps(wr, v0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(wr, v1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(wr, v2, a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(wr, v3, a[r][3]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (j0 + r) * DV + d0 + 16 * c, a[r][c]);
+    }
+  }
+}
+#else  // never called without AVX-512 (decode's `vec` is false): the portable loops
+template <int R>
+void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads,
+                       int64_t D, int64_t bs) {
+  block_scores<R>(q, keys, part, heads, D, bs);
+}
+template <int R>
+void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* table,
+                       int64_t first, int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs,
+                       int64_t heads, float* acc) {
+  weighted_sum<R>(w, v_cache, table, first, n, h, kvH, DV, bs, heads, acc);
+}
+#endif
+
+// f(integral_constant<int, R>) for R = rows (1-4)
+template <class F>
+void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// the cache as bf16 (only called where T is uint16_t; an fp32 cache never takes that path)
+template <typename T>
+inline const uint16_t* bf16(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
+
 template <typename T>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
             const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t kvH, int64_t D,
@@ -155,6 +253,11 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
   // every thread: the heads' keys and values interleave in memory, so the lines the first
   // head brings from memory (and their prefetched neighbours) serve the others from cache
   const int64_t chunk = B >= 2 * threads ? kvH : 1;
+#if defined(__AVX512F__)
+  const bool vec = std::is_same<T, uint16_t>::value && bs % 32 == 0 && DV % 64 == 0;
+#else
+  const bool vec = false;
+#endif
 #pragma omp parallel num_threads(threads)
   {
     // each thread's scratch, sized once for the longest sequence the tables allow
@@ -192,7 +295,12 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
         const T* keys = k_cache + (table[blk] * kvH + h) * D * bs;
         const int64_t lo = std::max(first, blk * bs) - blk * bs;
         const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
-        if (rows == 4)
+        if (vec)
+          with_rows(rows, [&](auto r) {
+            block_scores_bf16<decltype(r)::value>(qf.data(), bf16(keys), part.data(), padded,
+                                                  D, bs);
+          });
+        else if (rows == 4)
           block_scores<4>(qf.data(), keys, part.data(), padded, D, bs);
         else if (rows == 3)
           block_scores<3>(qf.data(), keys, part.data(), padded, D, bs);
@@ -231,7 +339,12 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
         }
         total[j] = sum;
       }
-      if (rows == 4)
+      if (vec)
+        with_rows(rows, [&](auto r) {
+          weighted_sum_bf16<decltype(r)::value>(scores.data(), bf16(v_cache), table, first, n,
+                                                h, kvH, DV, bs, padded, acc.data());
+        });
+      else if (rows == 4)
         weighted_sum<4>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
                         acc.data());
       else if (rows == 3)
