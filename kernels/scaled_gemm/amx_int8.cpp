@@ -86,7 +86,9 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
 // sums[m][j] = token m's 16 int32 sums against strip j ([K / 4][16][4] codes, 64-byte
 // rows), for R tokens and S strips: each row meets each token's 4 codes + 128 (unsigned),
 // broadcast, in vpdpbusd; the caller takes 128 * rowsum back out. The strips are
-// prefetched 4 KB ahead (they stream from memory on a chunk's first pass).
+// prefetched 4 KB ahead (they stream from memory on a chunk's first pass). `sums` is
+// vector_loop's fp32-typed buffer; it holds the int32 bits here, read back as integers.
+// No overflow: |sum| <= 255 * 128 * K < 2^31 for K < 65793.
 template <int R, int S>
 inline void int8_rows(const uint8_t* xu, int64_t K, const int8_t* const* b,
                       float (*sums)[q_amx::kVecStrips][16]) {
