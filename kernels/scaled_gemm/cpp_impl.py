@@ -114,9 +114,12 @@ def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
 
 
 def from_amx_int8_layout(amx_w: torch.Tensor) -> torch.Tensor:
-    """:func:`to_amx_int8_layout` undone: the plain ``[N, K]`` codes (a copy)."""
+    """:func:`to_amx_int8_layout` undone: the plain ``[N, K]`` codes (a copy). Each quad of
+    codes moves as one int32: torch's int8 permute copied 0.45-0.67 GB/s on a 2-core AMD
+    EPYC (as long as ``_int_mm`` at 256 tokens), this about 3x faster."""
     strips, quads = amx_w.shape[:2]
-    return amx_w.permute(0, 2, 1, 3).reshape(strips * 16, quads * 4)
+    words = amx_w.contiguous().view(torch.int32).view(strips, quads, 16)
+    return words.transpose(1, 2).contiguous().view(torch.int8).view(strips * 16, quads * 4)
 
 
 def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,

@@ -9,9 +9,11 @@
     weights streaming from memory; this is 1.4-1.9x faster at 1-32 tokens
     (``tests/bench/bench_decode_gemms_cpu.py``), with the same bits. On CPUs with AVX-512
     VNNI but no tiles the same kernel and layout run on vector registers (1.7-3.8x
-    ``_int_mm`` at 1-32 tokens on a 2-core AMD EPYC, 0.76x at 2048 on SmolLM2's shapes),
-    and from ``UNPACK_FOR_INT_MM`` tokens on (prefill) the plain weight is copied back out
-    of that layout for the call and multiplied by ``_int_mm`` (the same bits again).
+    ``_int_mm`` at 1-32 tokens on a 2-core AMD EPYC; level with it at 128-1024 tokens for
+    K >= 2048, 0.68-0.79x for SmolLM2's K of 576 and 1536), and for K below
+    ``UNPACK_BELOW_K`` from ``UNPACK_FOR_INT_MM`` tokens on (prefill) the plain weight is
+    copied back out of that layout for the call and multiplied by ``_int_mm`` (the same
+    bits again).
   - elsewhere one of three kernels, by M (``kernels/configs/cpu.json``, measured by
     ``tests/bench/tune_kernels_cpu.py``): ``gemv``, ``int_mm``, ``int8pack`` below.
   - ``gemv`` (a few tokens): ``int8_gemm.cpp``, the int8 weight streamed once with exact
@@ -51,11 +53,15 @@ from .cpp_impl import (amx_unavailable, from_amx_int8_layout, int8_amx, int8_epi
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
 
 
-# Tokens from which the strip kernel's vector path (CPUs without AMX tiles) hands a call to
-# _int_mm on the weight copied back out of the strip layout for it (2026-12-06, 2-core AMD
-# EPYC, SmolLM2's shapes in model order, bench_decode_gemms_cpu.py --model smollm2: the
-# strip kernel 1.24x _int_mm at 32 tokens, 0.86x at 256, 0.76x at 2048)
+# On CPUs without AMX tiles, a layer whose K is below UNPACK_BELOW_K hands calls of
+# UNPACK_FOR_INT_MM tokens or more to _int_mm on the weight copied back out of the strip
+# layout for the call. 2026-12-06, 2-core AMD EPYC, bench_decode_gemms_cpu.py with the
+# weights in model order, "W8A8 unpacked _int_mm" (the copy included) against the strip
+# kernel: SmolLM2's shapes (K = 576, 1536) 52.7 / 65.0 ms at 128 tokens, 177 / 201 at 512,
+# 580 / 804 at 2048 (105 / 97 at 256); TinyLlama's (K = 2048, 5632; --layers 6) the strip
+# kernel faster at every M, 102 / 146 at 128, 759 / 820 at 1024 (it matches _int_mm there)
 UNPACK_FOR_INT_MM = 128
+UNPACK_BELOW_K = 2048
 
 
 class Int8Scaled:
@@ -65,9 +71,10 @@ class Int8Scaled:
         self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.out_dtype = out_dtype
         if amx_unavailable(*wq.shape) is None:
-            # the strip layout: one kernel for every M (AMX tiles), or up to
-            # UNPACK_FOR_INT_MM tokens (AVX-512), and the only copy of the weight
-            self.kernels = ("amx",) if cpp_build.amx_tiles() else ("amx", "int_mm")
+            # the strip layout: one kernel for every M (AMX tiles, or AVX-512 for K >=
+            # UNPACK_BELOW_K), else up to UNPACK_FOR_INT_MM tokens; the only copy
+            unpack = not cpp_build.amx_tiles() and wq.shape[1] < UNPACK_BELOW_K
+            self.kernels = ("amx", "int_mm") if unpack else ("amx",)
             self.amx_w, self.rowsum = to_amx_int8_layout(wq), weight_row_sums(wq)
             self.wq = None
             return

@@ -38,8 +38,8 @@ from q.kernels.dense_gemm.cpp_impl import amx_unavailable as amx_bf16_unavailabl
 from q.kernels.dense_gemm.cpp_impl import bf16_amx, to_amx_bf16_layout
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
-from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_gemv, to_amx_int8_layout,
-                                            weight_row_sums)
+from q.kernels.scaled_gemm.cpp_impl import (from_amx_int8_layout, int8_amx, int8_gemv,
+                                            to_amx_int8_layout, weight_row_sums)
 from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_amx,
                                                  int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
@@ -106,6 +106,8 @@ def main() -> None:
             "W8A8 amx": lambda w: int8_amx(xq[w["codes"].shape[1]], xs, w["amx_int8"],
                                            w["scale"], w["rowsum"], torch.bfloat16),
             "W8A8 _int_mm": lambda w: torch._int_mm(xq[w["codes"].shape[1]], w["codes"].t()),
+            "W8A8 unpacked _int_mm": lambda w: torch._int_mm(  # the strip layout unpacked
+                xq[w["codes"].shape[1]], from_amx_int8_layout(w["amx_int8"]).t()),
             "W8A8 qlinear": lambda w: torch.ops.onednn.qlinear_pointwise(
                 xq[w["codes"].shape[1]], 1.0, 0, w["qlinear"], w["scale"], w["zeros"], None,
                 1.0, 0, torch.float32, "none", [], ""),
@@ -144,6 +146,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
         versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 amx": "W8A8 _int_mm",
+                  "W8A8 unpacked _int_mm": "W8A8 _int_mm",
                   "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",
