@@ -10,7 +10,7 @@
 // Without (vector_loop, AVX-512 BF16 / VNNI CPUs), each 64-byte row of a strip is one
 // register of 16 channels that meets up to kVecTokens tokens' activation pairs (quads),
 // broadcast, in vdpbf16ps (vpdpbusd): the same layout, so one copy of the weight serves
-// both CPU classes. Either way the tokens are taken in chunks (chunk_rows) whose
+// both CPU classes. Either way the tokens are taken in chunks (kChunk, vector_chunk) whose
 // activations stay in the core's L2 while every strip passes over them.
 //
 // Included by the kernels' .cpp files; q.kernels.cpp_build hashes it with each of them, so
@@ -42,17 +42,29 @@ constexpr int64_t kChunk = 128;
 // 1.1B step, none 110, 4: 111, 8: 115-120 — a few percent, within the machine's drift
 constexpr int64_t kPrefetchSteps = 2;
 
+// calls f(std::integral_constant<int, N>{}) for N = n, 1 <= n <= Max <= 8
+template <int Max, class F>
+void for_count(int64_t n, F f) {
+  static_assert(Max >= 1 && Max <= 8, "up to 8");
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: if constexpr (Max >= 2) f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (Max >= 3) f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (Max >= 4) f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (Max >= 5) f(std::integral_constant<int, 5>{}); break;
+    case 6: if constexpr (Max >= 6) f(std::integral_constant<int, 6>{}); break;
+    case 7: if constexpr (Max >= 7) f(std::integral_constant<int, 7>{}); break;
+    default: if constexpr (Max >= 8) f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // 1-4 tokens run each kernel's register path, compiled per token count: calls
 // few(std::integral_constant<int, M>{}) and returns true for those M, false for others
 template <class Few>
 bool few_tokens(int64_t M, Few few) {
-  switch (M) {
-    case 1: few(std::integral_constant<int, 1>{}); return true;
-    case 2: few(std::integral_constant<int, 2>{}); return true;
-    case 3: few(std::integral_constant<int, 3>{}); return true;
-    case 4: few(std::integral_constant<int, 4>{}); return true;
-    default: return false;
-  }
+  if (M < 1 || M > 4) return false;
+  for_count<4>(M, few);
+  return true;
 }
 
 // f(s) for each of the N / 16 strips of an [N, K] weight, on `threads` threads where the
@@ -209,27 +221,12 @@ constexpr int kVecStrips = Q_VEC_STRIPS;
 // kVecTokens, at least kChunk (128). Every chunk streams the whole weight from memory
 // again: a 2048-token prefill step with K = 576 (SmolLM2) read it 16 times in chunks of
 // 128 tokens, 5 times in chunks of this size. Half of a 1 MB L2 (AMD Zen 4), the other
-// half for the strips and the output rows.
+// half for the strips and the output rows (a sizing by arithmetic: not timed against
+// 128-token chunks).
 constexpr int64_t kVecChunkBytes = 1 << 19;
 inline int64_t vector_chunk(int64_t x_row) {
   const int64_t rows = kVecChunkBytes / x_row / kVecTokens * kVecTokens;
   return rows < kChunk ? kChunk : rows;
-}
-
-// calls f(std::integral_constant<int, N>{}) for N = n, 1 <= n <= Max <= 8
-template <int Max, class F>
-void for_count(int64_t n, F f) {
-  static_assert(Max >= 1 && Max <= 8, "up to 8");
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: if constexpr (Max >= 2) f(std::integral_constant<int, 2>{}); break;
-    case 3: if constexpr (Max >= 3) f(std::integral_constant<int, 3>{}); break;
-    case 4: if constexpr (Max >= 4) f(std::integral_constant<int, 4>{}); break;
-    case 5: if constexpr (Max >= 5) f(std::integral_constant<int, 5>{}); break;
-    case 6: if constexpr (Max >= 6) f(std::integral_constant<int, 6>{}); break;
-    case 7: if constexpr (Max >= 7) f(std::integral_constant<int, 7>{}); break;
-    default: if constexpr (Max >= 8) f(std::integral_constant<int, 8>{}); break;
-  }
 }
 
 // f(R, S) as integral constants for n tokens and ns strips of a pass
@@ -238,45 +235,42 @@ void for_pass(int64_t n, int64_t ns, F f) {
   for_count<kVecTokens>(n, [&](auto r) { for_count<kVecStrips>(ns, [&](auto s) { f(r, s); }); });
 }
 
-#if defined(__AVX512BF16__)
-// sums[m][j] = token m's 16 fp32 sums against bf16 strip j ([K / 2][16][2], 64-byte rows),
-// for R tokens and S strips: each row of each strip meets each token's pair (x[2r],
-// x[2r + 1]), broadcast, in vdpbf16ps. x: the first token's K bf16 activations, x_row
-// elements apart; the strips are prefetched 4 KB ahead (they stream from memory on a
-// chunk's first pass)
-template <int R, int S>
-inline void bf16_rows(const uint16_t* x, int64_t x_row, const uint16_t* const* b, int64_t K,
-                      float (*sums)[kVecStrips][16]) {
-  __m512 acc[R][S];
+// sums[m][j] = token m's 16 sums against strip j, for R tokens and S strips: each 64-byte
+// row r of each strip meets each token's 4 bytes at x + m * x_row + 4 r (a bf16 pair, or 4
+// int8 codes), broadcast, in dot(acc, x4, row) (vdpbf16ps or vpdpbusd on the bits), for
+// `steps` rows. The accumulators hold fp32 or int32 bits alike; so does `sums`. The strips
+// are prefetched 4 KB ahead (they stream from memory on a chunk's first pass).
+template <int R, int S, class Dot>
+inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t steps,
+                     float (*sums)[kVecStrips][16], Dot dot) {
+  __m512i acc[R][S];
   for (int m = 0; m < R; ++m)
-    for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t r = 0; r < K / 2; ++r) {
-    __m512bh w[S];
+    for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_si512();
+  for (int64_t r = 0; r < steps; ++r) {
+    __m512i w[S];
     for (int j = 0; j < S; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(b[j] + r * 32 + 2048), _MM_HINT_T0);
-      w[j] = (__m512bh)_mm512_loadu_si512(b[j] + r * 32);
+      _mm_prefetch(b[j] + r * 64 + 4096, _MM_HINT_T0);
+      w[j] = _mm512_loadu_si512(b[j] + r * 64);
     }
     for (int m = 0; m < R; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, x + m * x_row + 2 * r, sizeof pair);
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < S; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, w[j]);
+      int32_t four;
+      std::memcpy(&four, x + m * x_row + 4 * r, sizeof four);
+      const __m512i xv = _mm512_set1_epi32(four);
+      for (int j = 0; j < S; ++j) acc[m][j] = dot(acc[m][j], xv, w[j]);
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int j = 0; j < S; ++j) _mm512_store_ps(sums[m][j], acc[m][j]);
+    for (int j = 0; j < S; ++j) _mm512_store_si512(sums[m][j], acc[m][j]);
 }
-#endif
 
-// y = x @ strip^T for M tokens and `strips` strips without tiles, on `threads` threads:
-// chunk by chunk of tokens, up to kVecStrips strips (strip_of, as for tile_loop; each with
-// a buffer of its own) pass over the chunk kVecTokens tokens at a time; rows(b, ns, m0, n,
-// sums) computes tokens m0 .. m0 + n - 1 against the ns strips b[0..ns) into sums[n][ns][16]
-// (bf16_rows, or the int8 kernel's own), and store(sums, m, s) writes token m's 16 sums for
-// strip s, as tile_loop's store does.
-template <class StripOf, class Rows, class Store>
-void vector_loop(int64_t x_row, int64_t M, int64_t strips, int64_t buffer_bytes, int threads,
-                 StripOf strip_of, Rows rows, Store store) {
+// tile_loop's job without tiles, on `threads` threads: chunk by chunk of tokens, up to
+// kVecStrips strips (strip_of, as for tile_loop; each with a buffer of its own) pass over
+// the chunk kVecTokens tokens at a time (dot_rows). x: M rows of x_row bytes, 4 of them per
+// row step of the strips (`steps` of 64 bytes); dot(acc, x4, row) the kernel's instruction;
+// store(sums, m, s) as for tile_loop.
+template <class StripOf, class Dot, class Store>
+void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
+                 int64_t buffer_bytes, int threads, StripOf strip_of, Dot dot, Store store) {
   const int64_t groups = (strips + kVecStrips - 1) / kVecStrips;
   const int nt = groups > 1 ? threads : 1;
 #pragma omp parallel num_threads(nt)
@@ -296,7 +290,10 @@ void vector_loop(int64_t x_row, int64_t M, int64_t strips, int64_t buffer_bytes,
         for (int64_t j = 0; j < ns; ++j) b[j] = strip_of(s0 + j, own + j * buffer_bytes);
         for (int64_t m0 = c0; m0 < c1; m0 += kVecTokens) {
           const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
-          rows(b, ns, m0, n, sums);
+          for_pass(n, ns, [&](auto r, auto s) {
+            dot_rows<decltype(r)::value, decltype(s)::value>(x + m0 * x_row, x_row, b, steps,
+                                                             sums, dot);
+          });
           for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < ns; ++j)
               store(reinterpret_cast<const char*>(sums[i][j]), m0 + i, s0 + j);
@@ -316,16 +313,13 @@ void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t 
   tile_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 32, buffer_bytes, threads,
             strip_of, Q_AMX_DOTS(_tile_dpbf16ps), store);
 #else
-  vector_loop(
-      K * 2, M, strips, buffer_bytes, threads, strip_of,
-      [&](const char* const* b, int64_t ns, int64_t m0, int64_t n,
-          float (*sums)[kVecStrips][16]) {
-        for_pass(n, ns, [&](auto r, auto s) {
-          bf16_rows<decltype(r)::value, decltype(s)::value>(
-              x + m0 * K, K, reinterpret_cast<const uint16_t* const*>(b), K, sums);
-        });
-      },
-      store);
+  vector_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
+              threads, strip_of,
+              [](__m512i acc, __m512i x2, __m512i row) {
+                return _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc),
+                                                            (__m512bh)x2, (__m512bh)row));
+              },
+              store);
 #endif
 }
 #endif

@@ -22,11 +22,7 @@ from q.kernels.configs import cpu_choice, cpu_class
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
-from q.kernels import cpp_build
-from q.kernels.scaled_gemm import cpp_impl as cpp_impl_int8
-from q.kernels.scaled_gemm.cpp_impl import from_amx_int8_layout
-from q.kernels.scaled_gemm.torch_impl import (UNPACK_BELOW_K, UNPACK_FOR_INT_MM, Fp8Dequantized,
-                                              Int8Scaled)
+from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
 from q.kernels.weight_only_gemm import torch_impl as wo
 from q.kernels.weight_only_gemm.reference import weight_only_gemm
 
@@ -278,9 +274,7 @@ def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
     ws = (torch.rand(1 if tensor_scale else n, 1, generator=g) / 50 + 1e-3).bfloat16().float()
     bf16, fp32 = Int8Scaled(wq, ws, torch.bfloat16), Int8Scaled(wq, ws, torch.float32)
     amx = amx_int8_unavailable(n, k) is None  # the strip layout: the weight's only copy
-    unpack = not cpp_build.amx_tiles() and k < UNPACK_BELOW_K  # prefill: unpacked weight
-    strip = ("amx", "int_mm") if unpack else ("amx",)
-    assert bf16.kernels == (strip if amx else ("gemv", "int8pack", "int_mm")
+    assert bf16.kernels == (("amx",) if amx else ("gemv", "int8pack", "int_mm")
                             if k % 16 == 0 else ("gemv", "int_mm"))
     for m in MS:
         x = acts(m, k, n)
@@ -294,19 +288,8 @@ def test_int8_w8a8_kernels_match_reference(n, k, tensor_scale):
         # the C++ GEMV and _int_mm + the C++ epilogue: the same bits as the torch ops
         xq, xs = quantize_activation(x, None, torch.int8)
         torch_ops = torch._int_mm(xq, wq.t()).float().mul_(xs).mul_(bf16.ws).bfloat16()
-        for kernel in strip if amx else ("gemv", "int_mm"):
+        for kernel in ("amx",) if amx else ("gemv", "int_mm"):
             assert torch.equal(bf16.run(x, kernel), torch_ops), (kernel, m)
-    if k % 64 == 0 and n % 16 == 0:  # the strip layout round-trips exactly
-        assert torch.equal(from_amx_int8_layout(cpp_impl_int8.to_amx_int8_layout(wq)), wq)
-    if amx:  # long rows keep the strip kernel at every M
-        wide = Int8Scaled(torch.ones(16, UNPACK_BELOW_K, dtype=torch.int8), ws[:1], torch.bfloat16)
-        assert wide.kernels == ("amx",)
-    if amx and "int_mm" in strip:  # prefill sizes take _int_mm on the unpacked weight
-        x = acts(UNPACK_FOR_INT_MM, k, n)
-        xq, xs = quantize_activation(x, None, torch.int8)
-        torch_ops = torch._int_mm(xq, wq.t()).float().mul_(xs).mul_(bf16.ws).bfloat16()
-        assert torch.equal(bf16(x), torch_ops)
-        assert torch.equal(from_amx_int8_layout(bf16.amx_w), wq)
 
 
 @pytest.mark.parametrize("block,act_group", [((128, 128), 128), ((1, 200), None)])

@@ -12,8 +12,9 @@
 //
 // Up to 4 tokens, no tiles: each 64-byte row meets each token's activation pair, broadcast,
 // in vdpbf16ps, 16 channels per accumulator. From 5 tokens on, tdpbf16ps, 32 tokens per
-// pass, or without tiles the same vdpbf16ps 8 tokens per pass (amx_tiles.h's bf16_gemm). bf16 products summed in fp32, the bias (fp32) added, rounded to bf16
-// (nearest even). N % 16 == 0, K % 32 == 0.
+// pass, or without tiles the same vdpbf16ps 8 tokens per pass (amx_tiles.h's bf16_gemm).
+// bf16 products summed in fp32, the bias (fp32) added, rounded to bf16 (nearest even).
+// N % 16 == 0, K % 32 == 0.
 #if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
 #error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
 #endif

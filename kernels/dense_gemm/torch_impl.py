@@ -33,9 +33,10 @@ def unavailable_reason() -> str | None:
 
 class PackedLinear:
     """``y = x W^T + b`` for bf16 ``x [M, K]`` with ``W`` reordered once, into the kernel's
-    own layout (the packed weight replaces the plain one: same bytes): on CPUs with AMX-BF16
-    and N % 16 == K % 32 == 0, q's AMX kernel (``amx_bf16.cpp``: 1.07-1.11x oneDNN's
-    prepacked Linear at 1-32 tokens over a 1.1B step's weights,
+    own layout (the packed weight replaces the plain one: same bytes): on CPUs with AVX-512
+    BF16 and N % 16 == K % 32 == 0, q's strip kernel (``amx_bf16.cpp``, on AMX tiles where
+    the CPU has them: 1.07-1.11x oneDNN's prepacked Linear at 1-32 tokens over a 1.1B
+    step's weights with AMX, 0.95-1.56x on a 2-core AMD EPYC without,
     ``tests/bench/bench_decode_gemms_cpu.py``); else oneDNN's blocked layout, for
     ``batch_hint`` tokens (any M runs). ``amx=False`` keeps oneDNN (the tuner times it)."""
 

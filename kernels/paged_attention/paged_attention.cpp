@@ -65,7 +65,8 @@ inline float exp_nonpositive(float x) {
 // Software prefetch of n elements from p, into L2 (a unit's 80 KB of keys and values for
 // SmolLM2 at 320 tokens do not fit a 32-48 KB L1: asked into L1 they evicted each other;
 // into L2 a layer's call took 0.80-0.84 ms against 0.93, from memory, on a 2-core AMD EPYC:
-// bench_paged_attention.py --layers 30 --batches 32 --contexts 320)
+// bench_paged_attention.py --layers 30 --batches 32 --contexts 320, measured before the
+// register-held bf16 loops below and not since)
 template <typename T>
 inline void prefetch(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -158,8 +159,8 @@ inline __m512 widen16(const uint16_t* p) {
 }
 
 template <int R>
-void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads, int64_t D,
-                  int64_t bs) {
+void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads,
+                       int64_t D, int64_t bs) {
   for (int64_t j0 = 0; j0 < heads; j0 += R) {
     for (int64_t t0 = 0; t0 < bs; t0 += 2 * LANES) {  // 32 positions: 2 R accumulators
       __m512 a0[R], a1[R];
@@ -181,9 +182,9 @@ void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_
 }
 
 template <int R>
-void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* table, int64_t first,
-                  int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs, int64_t heads,
-                  float* acc) {
+void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* table,
+                       int64_t first, int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs,
+                       int64_t heads, float* acc) {
   for (int64_t j0 = 0; j0 < heads; j0 += R) {
     for (int64_t d0 = 0; d0 < DV; d0 += 64) {  // 64 value columns: 4 registers per head
       __m512 a[R][4];
@@ -206,21 +207,10 @@ void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* t
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (j0 + r) * DV + d0 + 16 * c, a[r][c]);
+        for (int c = 0; c < 4; ++c)
+          _mm512_storeu_ps(acc + (j0 + r) * DV + d0 + 16 * c, a[r][c]);
     }
   }
-}
-#else  // never called without AVX-512 (decode's `vec` is false): the portable loops
-template <int R>
-void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads,
-                       int64_t D, int64_t bs) {
-  block_scores<R>(q, keys, part, heads, D, bs);
-}
-template <int R>
-void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* table,
-                       int64_t first, int64_t n, int64_t h, int64_t kvH, int64_t DV, int64_t bs,
-                       int64_t heads, float* acc) {
-  weighted_sum<R>(w, v_cache, table, first, n, h, kvH, DV, bs, heads, acc);
 }
 #endif
 
@@ -234,10 +224,6 @@ void with_rows(int64_t rows, F f) {
     default: f(std::integral_constant<int, 1>{}); break;
   }
 }
-
-// the cache as bf16 (only called where T is uint16_t; an fp32 cache never takes that path)
-template <typename T>
-inline const uint16_t* bf16(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
 
 template <typename T>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
@@ -253,11 +239,8 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
   // every thread: the heads' keys and values interleave in memory, so the lines the first
   // head brings from memory (and their prefetched neighbours) serve the others from cache
   const int64_t chunk = B >= 2 * threads ? kvH : 1;
-#if defined(__AVX512F__)
-  const bool vec = std::is_same<T, uint16_t>::value && bs % 32 == 0 && DV % 64 == 0;
-#else
-  const bool vec = false;
-#endif
+  // bf16 caches on AVX-512 take the register-held loops where the shapes allow
+  [[maybe_unused]] const bool vec = bs % 32 == 0 && DV % 64 == 0;
 #pragma omp parallel num_threads(threads)
   {
     // each thread's scratch, sized once for the longest sequence the tables allow
@@ -295,19 +278,14 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
         const T* keys = k_cache + (table[blk] * kvH + h) * D * bs;
         const int64_t lo = std::max(first, blk * bs) - blk * bs;
         const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
-        if (vec)
-          with_rows(rows, [&](auto r) {
-            block_scores_bf16<decltype(r)::value>(qf.data(), bf16(keys), part.data(), padded,
-                                                  D, bs);
-          });
-        else if (rows == 4)
-          block_scores<4>(qf.data(), keys, part.data(), padded, D, bs);
-        else if (rows == 3)
-          block_scores<3>(qf.data(), keys, part.data(), padded, D, bs);
-        else if (rows == 2)
-          block_scores<2>(qf.data(), keys, part.data(), padded, D, bs);
-        else
-          block_scores<1>(qf.data(), keys, part.data(), padded, D, bs);
+        with_rows(rows, [&](auto r) {
+          constexpr int R = decltype(r)::value;
+#if defined(__AVX512F__)
+          if constexpr (std::is_same<T, uint16_t>::value)
+            if (vec) return block_scores_bf16<R>(qf.data(), keys, part.data(), padded, D, bs);
+#endif
+          block_scores<R>(qf.data(), keys, part.data(), padded, D, bs);
+        });
         for (int64_t j = 0; j < group; ++j) {
           float* sj = scores.data() + j * n + blk * bs - first;
           const float* pj = part.data() + j * bs;
@@ -339,23 +317,17 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
         }
         total[j] = sum;
       }
-      if (vec)
-        with_rows(rows, [&](auto r) {
-          weighted_sum_bf16<decltype(r)::value>(scores.data(), bf16(v_cache), table, first, n,
-                                                h, kvH, DV, bs, padded, acc.data());
-        });
-      else if (rows == 4)
-        weighted_sum<4>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+      with_rows(rows, [&](auto r) {
+        constexpr int R = decltype(r)::value;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<T, uint16_t>::value)
+          if (vec)
+            return weighted_sum_bf16<R>(scores.data(), v_cache, table, first, n, h, kvH, DV,
+                                        bs, padded, acc.data());
+#endif
+        weighted_sum<R>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
                         acc.data());
-      else if (rows == 3)
-        weighted_sum<3>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
-                        acc.data());
-      else if (rows == 2)
-        weighted_sum<2>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
-                        acc.data());
-      else
-        weighted_sum<1>(scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
-                        acc.data());
+      });
       for (int64_t j = 0; j < group; ++j)
         for (int64_t i = 0; i < DV; ++i) o[j * DV + i] = acc[j * DV + i] / total[j];
     }

@@ -83,51 +83,18 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
       });
 }
 #else
-// sums[m][j] = token m's 16 int32 sums against strip j ([K / 4][16][4] codes, 64-byte
-// rows), for R tokens and S strips: each row meets each token's 4 codes + 128 (unsigned),
-// broadcast, in vpdpbusd; the caller takes 128 * rowsum back out. The strips are
-// prefetched 4 KB ahead (they stream from memory on a chunk's first pass). `sums` is
-// vector_loop's fp32-typed buffer; it holds the int32 bits here, read back as integers.
-// No overflow: |sum| <= 255 * 128 * K < 2^31 for K < 65793.
-template <int R, int S>
-inline void int8_rows(const uint8_t* xu, int64_t K, const int8_t* const* b,
-                      float (*sums)[q_amx::kVecStrips][16]) {
-  __m512i acc[R][S];
-  for (int m = 0; m < R; ++m)
-    for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_si512();
-  for (int64_t r = 0; r < K / 4; ++r) {
-    __m512i w[S];
-    for (int j = 0; j < S; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(b[j] + r * 64 + 4096), _MM_HINT_T0);
-      w[j] = _mm512_loadu_si512(b[j] + r * 64);
-    }
-    for (int m = 0; m < R; ++m) {
-      int32_t quad;
-      std::memcpy(&quad, xu + m * K + 4 * r, sizeof quad);
-      const __m512i xv = _mm512_set1_epi32(quad);
-      for (int j = 0; j < S; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, w[j]);
-    }
-  }
-  for (int m = 0; m < R; ++m)
-    for (int j = 0; j < S; ++j) _mm512_store_si512(sums[m][j], acc[m][j]);
-}
-
 void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
           const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N, int64_t K,
           int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   std::vector<uint8_t> xu(M * K);  // x + 128, once per call
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
+  // each token's 4 codes + 128 (unsigned) against the strip's signed codes: exact int32
+  // sums, 128 * rowsum too many (taken out at the store); no overflow for K < 65793
   q_amx::vector_loop(
-      K, M, N / 16, 0, threads,
+      reinterpret_cast<const char*>(xu.data()), K, M, N / 16, K / 4, 0, threads,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
-      [&](const char* const* b, int64_t ns, int64_t m0, int64_t n,
-          float (*sums)[q_amx::kVecStrips][16]) {
-        q_amx::for_pass(n, ns, [&](auto r, auto s) {
-          int8_rows<decltype(r)::value, decltype(s)::value>(
-              xu.data() + m0 * K, K, reinterpret_cast<const int8_t* const*>(b), sums);
-        });
-      },
+      [](__m512i acc, __m512i x4, __m512i row) { return _mm512_dpbusd_epi32(acc, x4, row); },
       [&](const char* sums, int64_t m, int64_t s) {
         const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + s * 16), 7);
         store16(_mm512_sub_epi32(_mm512_load_si512(sums), correction), xs[m], ws + s * 16,

@@ -113,18 +113,10 @@ def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
     return wq.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
-def from_amx_int8_layout(amx_w: torch.Tensor) -> torch.Tensor:
-    """:func:`to_amx_int8_layout` undone: the plain ``[N, K]`` codes (a copy). Each quad of
-    codes moves as one int32: torch's int8 permute copied 0.45-0.67 GB/s on a 2-core AMD
-    EPYC (as long as ``_int_mm`` at 256 tokens), this about 3x faster."""
-    strips, quads = amx_w.shape[:2]
-    words = amx_w.contiguous().view(torch.int32).view(strips, quads, 16)
-    return words.transpose(1, 2).contiguous().view(torch.int8).view(strips * 16, quads * 4)
-
-
 def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
              rowsum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
-    """:func:`int8_gemv`'s result (the same bits) for any number of tokens, on AMX tiles:
+    """:func:`int8_gemv`'s result (the same bits) for any number of tokens, on AMX tiles or
+    AVX-512 registers (``amx_tiles.h``):
     ``amx_w`` from :func:`to_amx_int8_layout`, ``rowsum`` :func:`weight_row_sums` of the
     plain weight. None where it cannot run."""
     lib = _amx()[0]

@@ -8,12 +8,9 @@
     ``_int_mm`` reorders its weight on every call, which kept it at bf16's speed with the
     weights streaming from memory; this is 1.4-1.9x faster at 1-32 tokens
     (``tests/bench/bench_decode_gemms_cpu.py``), with the same bits. On CPUs with AVX-512
-    VNNI but no tiles the same kernel and layout run on vector registers (1.7-3.8x
-    ``_int_mm`` at 1-32 tokens on a 2-core AMD EPYC; level with it at 128-1024 tokens for
-    K >= 2048, 0.68-0.79x for SmolLM2's K of 576 and 1536), and for K below
-    ``UNPACK_BELOW_K`` from ``UNPACK_FOR_INT_MM`` tokens on (prefill) the plain weight is
-    copied back out of that layout for the call and multiplied by ``_int_mm`` (the same
-    bits again).
+    VNNI but no tiles the same kernel and layout run on vector registers, every M too: on
+    a 2-core AMD EPYC 1.7-3.8x ``_int_mm`` at 1-32 tokens over a 1.1B step's weights, and
+    0.89-0.98x at 128-2048 tokens on SmolLM2's shapes.
   - elsewhere one of three kernels, by M (``kernels/configs/cpu.json``, measured by
     ``tests/bench/tune_kernels_cpu.py``): ``gemv``, ``int_mm``, ``int8pack`` below.
   - ``gemv`` (a few tokens): ``int8_gemm.cpp``, the int8 weight streamed once with exact
@@ -47,21 +44,9 @@ from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
-from .. import cpp_build
-from .cpp_impl import (amx_unavailable, from_amx_int8_layout, int8_amx, int8_epilogue, int8_gemv,
-                       to_amx_int8_layout, weight_row_sums)
+from .cpp_impl import (amx_unavailable, int8_amx, int8_epilogue, int8_gemv, to_amx_int8_layout,
+                       weight_row_sums)
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
-
-
-# On CPUs without AMX tiles, a layer whose K is below UNPACK_BELOW_K hands calls of
-# UNPACK_FOR_INT_MM tokens or more to _int_mm on the weight copied back out of the strip
-# layout for the call. 2026-12-06, 2-core AMD EPYC, bench_decode_gemms_cpu.py with the
-# weights in model order, "W8A8 unpacked _int_mm" (the copy included) against the strip
-# kernel: SmolLM2's shapes (K = 576, 1536) 52.7 / 65.0 ms at 128 tokens, 177 / 201 at 512,
-# 580 / 804 at 2048 (105 / 97 at 256); TinyLlama's (K = 2048, 5632; --layers 6) the strip
-# kernel faster at every M, 102 / 146 at 128, 759 / 820 at 1024 (it matches _int_mm there)
-UNPACK_FOR_INT_MM = 128
-UNPACK_BELOW_K = 2048
 
 
 class Int8Scaled:
@@ -71,10 +56,9 @@ class Int8Scaled:
         self.ws = ws.float().reshape(1, -1).expand(1, wq.shape[0]).contiguous()
         self.out_dtype = out_dtype
         if amx_unavailable(*wq.shape) is None:
-            # the strip layout: one kernel for every M (AMX tiles, or AVX-512 for K >=
-            # UNPACK_BELOW_K), else up to UNPACK_FOR_INT_MM tokens; the only copy
-            unpack = not cpp_build.amx_tiles() and wq.shape[1] < UNPACK_BELOW_K
-            self.kernels = ("amx", "int_mm") if unpack else ("amx",)
+            # the strip layout (AMX tiles or AVX-512): one kernel for every M, and the only
+            # copy of the weight
+            self.kernels = ("amx",)
             self.amx_w, self.rowsum = to_amx_int8_layout(wq), weight_row_sums(wq)
             self.wq = None
             return
@@ -104,15 +88,13 @@ class Int8Scaled:
         if kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), self.wq, self.ws_bf16)
             return y.mul_(xs.to(torch.bfloat16)).to(self.out_dtype)
-        wq = self.wq if self.wq is not None else from_amx_int8_layout(self.amx_w)
-        acc = torch._int_mm(xq, wq.t())
+        acc = torch._int_mm(xq, self.wq.t())
         y = int8_epilogue(acc, xs, self.ws, self.out_dtype)  # one C++ pass, same bits
         return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
-        if self.kernels[0] == "amx":  # exact int32 sums, like _int_mm
-            big = len(self.kernels) > 1 and x.shape[0] >= UNPACK_FOR_INT_MM
-            return self.run(x, "int_mm" if big else "amx", quantized)
+        if self.kernels == ("amx",):  # exact int32 sums, like _int_mm
+            return self.run(x, "amx", quantized)
         if self.out_dtype == torch.float32 or self.kernels == ("int_mm",):
             return self.run(x, "int_mm", quantized)  # fp32 asks for accuracy: exact sums
         kernel = cpu_choice("scaled_int8", x.shape[0])

@@ -38,8 +38,8 @@ from q.kernels.dense_gemm.cpp_impl import amx_unavailable as amx_bf16_unavailabl
 from q.kernels.dense_gemm.cpp_impl import bf16_amx, to_amx_bf16_layout
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
-from q.kernels.scaled_gemm.cpp_impl import (from_amx_int8_layout, int8_amx, int8_gemv,
-                                            to_amx_int8_layout, weight_row_sums)
+from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_gemv, to_amx_int8_layout,
+                                            weight_row_sums)
 from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_amx,
                                                  int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
@@ -48,13 +48,12 @@ SHAPES = {  # (N, K) of one layer's projections, q/k/v and gate/up fused as the 
     "tinyllama": [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)],
     "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
 }
-LAYER = SHAPES["tinyllama"]
 
 
-def build(layers: int, amx: bool):
+def build(layer: list[tuple[int, int]], layers: int, amx: bool):
     g = torch.Generator().manual_seed(0)
     weights = []
-    for n, k in LAYER * layers:
+    for n, k in layer * layers:
         codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) / 100 + 1e-3
         int4_codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -83,12 +82,11 @@ def main() -> None:
     ap.add_argument("--kernels", default="",
                     help="comma-separated name prefixes to time (default: all), e.g. wint4,bf16")
     args = ap.parse_args()
-    global LAYER
-    LAYER = SHAPES[args.model]
+    layer = SHAPES[args.model]
     args.layers = args.layers or {"tinyllama": 22, "smollm2": 30}[args.model]
     amx_reason = (amx_unavailable(16, 32) or amx_int8_unavailable(16, 64)
                   or amx_bf16_unavailable(16, 32))
-    weights = build(args.layers, amx_reason is None)
+    weights = build(layer, args.layers, amx_reason is None)
     gweights = sum(w["codes"].numel() for w in weights) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} "
           f"layers of {args.model}'s projections, {gweights:.2f} G weights\n")
@@ -97,17 +95,15 @@ def main() -> None:
     for m in map(int, args.tokens.split(",")):
         g = torch.Generator().manual_seed(m)
         xq = {k: torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
-              for _, k in LAYER}
+              for _, k in layer}
         xs = torch.rand(m, generator=g) / 100
-        xb = {k: torch.randn(m, k, generator=g).bfloat16() for _, k in LAYER}
+        xb = {k: torch.randn(m, k, generator=g).bfloat16() for _, k in layer}
         runs = {
             "W8A8 gemv": lambda w: int8_gemv(xq[w["codes"].shape[1]], xs, w["codes"],
                                              w["scale"], torch.bfloat16, w["rowsum"]),
             "W8A8 amx": lambda w: int8_amx(xq[w["codes"].shape[1]], xs, w["amx_int8"],
                                            w["scale"], w["rowsum"], torch.bfloat16),
             "W8A8 _int_mm": lambda w: torch._int_mm(xq[w["codes"].shape[1]], w["codes"].t()),
-            "W8A8 unpacked _int_mm": lambda w: torch._int_mm(  # the strip layout unpacked
-                xq[w["codes"].shape[1]], from_amx_int8_layout(w["amx_int8"]).t()),
             "W8A8 qlinear": lambda w: torch.ops.onednn.qlinear_pointwise(
                 xq[w["codes"].shape[1]], 1.0, 0, w["qlinear"], w["scale"], w["zeros"], None,
                 1.0, 0, torch.float32, "none", [], ""),
@@ -146,7 +142,6 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(t) for name, t in times.items()}
         versus = {"W8A8 gemv": "W8A8 _int_mm", "W8A8 amx": "W8A8 _int_mm",
-                  "W8A8 unpacked _int_mm": "W8A8 _int_mm",
                   "W8A8 qlinear": "W8A8 _int_mm",
                   "wint8 gemv": "wint8 _weight_int8pack_mm",
                   "wint8 amx": "wint8 _weight_int8pack_mm",

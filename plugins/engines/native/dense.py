@@ -3,15 +3,15 @@
 ``lm_head``, Linears ``--ignore`` kept, the layers of an unquantized model and (via
 QuantLinear) fp8 weights dequantized at load are plain bf16 matrices. The engine reorders
 each once at load (:class:`q.kernels.dense_gemm.torch_impl.PackedLinear`) and keeps only
-that copy. On CPUs with AMX-BF16, into the B layout of q's AMX kernel (``amx_bf16.cpp``,
-1.07-1.11x oneDNN at 1-32 tokens over a 1.1B step's weights; its sums in another order
-than ``F.linear``'s, within bf16 rounding). Elsewhere into oneDNN's blocked layout: 1.8-2.5x
-faster than ``F.linear`` on the plain weight at M <= 4, never slower up to M = 512, on
-an AVX-512 BF16 CPU without AMX (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``,
-tables in docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice per class of
-CPU). The products are the very numbers ``F.linear`` gives there; with AMX, from M ~ 40 a
-few outputs in 10^4 differ in the last bit (the two kernels split the fp32 sums
-differently; tests/test_kernels_torch.py checks both): speed only. A tied ``lm_head``
+that copy. On CPUs with AVX-512 BF16, into the B layout of q's strip kernel
+(``amx_bf16.cpp``, on AMX tiles where the CPU has them: 1.07-1.11x oneDNN at 1-32 tokens
+over a 1.1B step's weights with AMX; without, on a 2-core AMD EPYC, 1.56x at 1 token,
+1.18-1.28x at 4-8, 0.95x at 32; its sums in another order than ``F.linear``'s, within bf16
+rounding). Elsewhere into oneDNN's blocked layout: 1.8-2.5x faster than ``F.linear`` on
+the plain weight at M <= 4, never slower up to M = 512, on an AVX-512 BF16 CPU before the
+strip kernel ran there (``tests/bench/tune_kernels_cpu.py --ops dense_bf16``, tables in
+docs/benchmarks.md; ``kernels/configs/cpu.json`` holds the choice per class of CPU). The
+products are the very numbers ``F.linear`` gives there. A tied ``lm_head``
 gets its own packed copy: the embedding keeps its table.
 """
 

@@ -29,9 +29,9 @@ from torch import nn
 
 from q.errors import CheckpointError, IncompatibleError
 from q.kernels import Impl
-from q.kernels.cpp_build import strip_kernel_name
 from q.kernels.act_quant import quantize_activation, quantize_activation_cpu
 from q.kernels.block_gemm import fp8_block_gemm
+from q.kernels.cpp_build import strip_kernel_name
 from q.kernels.dispatch import interpreting, triton_unavailable_reason
 from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm import scaled_gemm
