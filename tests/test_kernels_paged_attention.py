@@ -1,7 +1,8 @@
-"""q.kernels.paged_attention: the C++ decode kernel against the plain-torch reference, and
-the reference against dense attention over the same keys, on ragged lengths, scattered
-block tables, grouped-query heads, MLA's narrower values, sliding windows and soft-capping;
-and the engine's choice of path (the kernel, or gather + SDPA with the reason logged)."""
+"""q.kernels.paged_attention: the C++ decode and prefill kernels against the plain-torch
+reference, and the reference against dense attention over the same keys, on ragged lengths,
+scattered block tables, grouped-query heads, MLA's narrower values, sliding windows and
+soft-capping; and the engine's choice of path (the kernels, or SDPA with the reason
+logged)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,86 @@ def test_cpp_kernel_large_scores_do_not_overflow(kernel):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+def _prefill_case(heads, kv_heads, dim, value_dim, seqs, dtype, seed=0, bs=BS):
+    """Query rows of several sequences, each ``(first position, count)``: prompts from 0,
+    chunks that continue earlier ones, single tokens; q's rows strided, as the engine's
+    views of the fused q/k/v output are."""
+    lengths = [p + n for p, n in seqs]
+    _, k, v, tables, _ = _case(len(seqs), heads, kv_heads, dim, value_dim, lengths, dtype,
+                               seed, bs)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = sum(n for _, n in seqs)
+    q = torch.randn(rows, heads * dim + 8, generator=g).to(dtype)[:, :heads * dim]
+    starts = [sum(n for _, n in seqs[:b]) for b in range(len(seqs))]
+    spans = torch.tensor([[s, n, p] for s, (p, n) in zip(starts, seqs)])
+    return q.view(rows, heads, dim), k, v, tables, spans
+
+
+PREFILL_SEQS = [(0, 70), (5, 1), (BS, 2 * BS + 3), (0, 3), (3 * BS + 2, 17)]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(32, 4, 64, 64), (10, 2, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [BS, 64])
+def test_cpp_prefill_matches_reference(kernel, shape, dtype, bs):
+    """Causal prefill over cache blocks: prompts, continued chunks and single queries in one
+    call, 16- and 64-position blocks (64: the register-held bf16 loops), rows strided."""
+    heads, kv_heads, dim, value_dim = shape
+    q, k, v, tables, spans = _prefill_case(heads, kv_heads, dim, value_dim, PREFILL_SEQS,
+                                           dtype, bs=bs)
+    assert not q.is_contiguous()
+    out = cpp_impl.paged_prefill(q, k, v, tables, spans, dim ** -0.5)
+    ref = reference.paged_prefill(q, k, v, tables, spans, dim ** -0.5)
+    assert out.dtype == dtype and out.shape == (q.shape[0], heads, value_dim)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    else:  # fp32 sums, the output rounded to bf16 (within one bf16 step of the oracle); on
+        # AVX-512 BF16 CPUs with 64-position blocks also the softmax weights, as torch's
+        # flash attention rounds them: measured up to 5.2e-3 off (outputs of magnitude ~1)
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-2)
+
+
+@pytest.mark.parametrize("window,softcap", [(7, None), (BS, None), (None, 5.0), (20, 2.0)])
+def test_cpp_prefill_window_and_softcap(kernel, window, softcap):
+    q, k, v, tables, spans = _prefill_case(8, 2, 64, 64, PREFILL_SEQS, torch.float32, 5)
+    out = cpp_impl.paged_prefill(q, k, v, tables, spans, 0.3, window, softcap)
+    ref = reference.paged_prefill(q, k, v, tables, spans, 0.3, window, softcap)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_cpp_prefill_rows_do_not_depend_on_their_step(kernel):
+    """A query's output is the same whether its prompt comes whole, in chunks, or beside
+    other sequences: each row's sums run in one order (batched == alone, bit for bit)."""
+    q, k, v, tables, spans = _prefill_case(9, 3, 64, 64, [(0, 150)], torch.bfloat16, 6,
+                                           bs=64)
+    whole = cpp_impl.paged_prefill(q, k, v, tables, spans, 0.125)
+    for cut in (1, 37, 64, 149):
+        chunks = torch.tensor([[0, cut, 0], [cut, 150 - cut, cut]])
+        parts = cpp_impl.paged_prefill(q, k, v, tables.expand(2, -1), chunks, 0.125)
+        assert torch.equal(parts, whole), cut
+
+
+def test_cpp_prefill_rejects_spans_past_its_rows(kernel):
+    q, k, v, tables, spans = _prefill_case(4, 2, 32, 32, [(0, 5)], torch.float32)
+    with pytest.raises(ValueError, match="past the 5 query rows"):
+        cpp_impl.paged_prefill(q, k, v, tables, torch.tensor([[1, 5, 0]]), 1.0)
+
+
+def test_reference_prefill_is_dense_causal_attention():
+    """The prefill oracle on a prompt from position 0: torch's causal SDPA over the same
+    keys, laid out contiguously."""
+    q, k, v, tables, spans = _prefill_case(9, 3, 64, 64, [(0, 50)], torch.float32, 7)
+    ref = reference.paged_prefill(q, k, v, tables, spans, 0.125)
+    pos = torch.arange(50)
+    slots = tables[0][pos // BS] * BS + pos % BS
+    keys = k.permute(0, 3, 1, 2).flatten(0, 1)[slots].transpose(0, 1)  # [kvH, n, D]
+    values = v.flatten(0, 1)[slots].transpose(0, 1)
+    dense = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None],
+                                           values[None], scale=0.125, is_causal=True,
+                                           enable_gqa=True)
+    torch.testing.assert_close(ref, dense[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_reference_matches_dense_attention():
     """The oracle itself: the same keys laid out contiguously through torch's SDPA."""
     q, k, v, tables, lengths = _case(len(LENGTHS), 9, 3, 64, 64, LENGTHS, torch.float32, 3)
@@ -118,20 +199,21 @@ def test_kernel_rejects_what_it_cannot_read(kernel):
     assert "float16" in cpp_impl.unavailable_reason(torch.float16)
 
 
-def test_engine_logs_its_decode_path(monkeypatch, caplog):
-    from q.plugins.engines.native.attention import decode_kernel
+def test_engine_logs_its_attention_path(monkeypatch, caplog):
+    from q.plugins.engines.native.attention import attention_kernels
 
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO, logger="q.engine"):
-        assert decode_kernel(cpu, torch.bfloat16, "auto") is cpp_impl.paged_decode
-        assert decode_kernel(cpu, torch.bfloat16, "reference") is None
-    assert "C++ paged kernel" in caplog.text and "impl=reference" in caplog.text
+        assert attention_kernels(cpu, torch.bfloat16, "auto") is cpp_impl
+        assert attention_kernels(cpu, torch.bfloat16, "reference") is None
+    assert "C++ paged kernels reading KV-cache blocks in place" in caplog.text
+    assert "impl=reference" in caplog.text
     monkeypatch.setenv("Q_NO_CPP_KERNELS", "1")
     _clear_caches()
     try:
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="q.engine"):
-            assert decode_kernel(cpu, torch.bfloat16, "auto") is None
+            assert attention_kernels(cpu, torch.bfloat16, "auto") is None
         assert "Q_NO_CPP_KERNELS is set" in caplog.text
     finally:
         monkeypatch.delenv("Q_NO_CPP_KERNELS")
@@ -184,16 +266,17 @@ def test_an_edited_header_rebuilds_the_kernels_that_include_it(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("dtype,steps", [("float32", 12), ("bfloat16", 2)])
-def test_engine_decodes_the_same_with_the_kernel_and_with_sdpa(tiny_llama, dtype, steps):
-    """A batch of ragged requests decoding past block edges (64-token blocks): the kernel's
-    step and gather + SDPA give the same tokens and logprobs within fp32 / bf16 rounding.
-    In bf16 the two round attention's output differently, and a random tiny model has
-    near-ties that then flip later tokens: one decode step is compared there."""
+def test_engine_decodes_the_same_with_the_kernels_and_with_sdpa(tiny_llama, dtype, steps):
+    """A batch of ragged requests decoding past block edges (64-token blocks): the kernels'
+    steps and SDPA (prompts over their own keys, gathered blocks for decode) give the same
+    tokens and logprobs within fp32 / bf16 rounding. In bf16 the two round attention's
+    output differently, and a random tiny model has near-ties that then flip later tokens:
+    one decode step is compared there."""
     import q
     from q.generation import SamplingParams
 
     session = q.load_engine(tiny_llama(layers=2), dtype=dtype)
-    assert session.runner.decode_kernel is cpp_impl.paged_decode
+    assert session.runner.kernels is cpp_impl
     prompts = [[5, 6, 7], list(range(10, 70)), list(range(100, 164)), list(range(100, 230)),
                [42]]
     params = SamplingParams(max_tokens=steps, ignore_eos=True, logprobs=0)
@@ -204,11 +287,11 @@ def test_engine_decodes_the_same_with_the_kernel_and_with_sdpa(tiny_llama, dtype
             [[lp.logprob for lp in o.logprobs] for o in outs])
 
     tokens, logprobs = run()
-    session.runner.decode_kernel = None
+    session.runner.kernels = None
     try:
         want_tokens, want_logprobs = run()
     finally:
-        session.runner.decode_kernel = cpp_impl.paged_decode
+        session.runner.kernels = cpp_impl
     assert tokens == want_tokens
     bound = 1e-4 if dtype == "float32" else 0.05
     torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=bound)

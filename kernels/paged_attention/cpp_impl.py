@@ -1,6 +1,7 @@
-"""The C++ decode-attention kernel (``paged_attention.cpp``), built on first use by
-:mod:`q.kernels.cpp_build`; where it cannot be built, :func:`unavailable_reason` says why
-and the engine keeps gathering blocks for SDPA."""
+"""The C++ paged-attention kernels (``paged_attention.cpp``): decode steps
+(:func:`paged_decode`) and prompts or prompt chunks (:func:`paged_prefill`), built on first
+use by :mod:`q.kernels.cpp_build`; where they cannot be built, :func:`unavailable_reason`
+says why and the engine keeps torch's SDPA."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ LANES = 16  # positions per accumulator in the kernel: block sizes are multiples
 
 @functools.cache
 def _library() -> tuple[object, str | None]:
-    """(the kernel's function, None) or (None, why it is unavailable)."""
-    lib, why = cpp_build.bind(SOURCE, q_paged_decode="i pppppp llllllll ff i")
-    return (None, why) if lib is None else (lib.q_paged_decode, None)
+    """(the loaded kernels, None) or (None, why they are unavailable)."""
+    return cpp_build.bind(SOURCE, q_paged_decode="i pppppp llllllll ff i",
+                          q_paged_prefill="i pl ppppp l llllllll ff i")
 
 
 def unavailable_reason(dtype: torch.dtype | None = None) -> str | None:
@@ -29,29 +30,69 @@ def unavailable_reason(dtype: torch.dtype | None = None) -> str | None:
     return _library()[1]
 
 
+def _lib():
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"the C++ paged-attention kernel is unavailable: {why}")
+    return lib
+
+
+def _check_caches(name: str, k_cache, v_cache, heads: int) -> None:
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[3]
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v_cache.dtype == k_cache.dtype and heads % kv_heads == 0
+            and block_size % LANES == 0):
+        raise ValueError(f"{name} takes contiguous caches of one dtype, blocks of a "
+                         f"multiple of {LANES} positions, and a whole number of query heads "
+                         "per KV head")
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  tables: torch.Tensor, lengths: torch.Tensor, scale: float,
                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """See :func:`q.kernels.paged_attention.reference.paged_decode`; fp32 ``[B, H, DV]``."""
-    fn, why = _library()
-    if fn is None:
-        raise RuntimeError(f"the C++ paged-attention kernel is unavailable: {why}")
+    lib = _lib()
     batch, heads, dim = q.shape
     _, kv_heads, _, block_size = k_cache.shape
     value_dim = v_cache.shape[-1]
     dtype = cpp_build.dtype_code(k_cache.dtype)
     q = q.to(k_cache.dtype).contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()
-            and v_cache.dtype == k_cache.dtype and heads % kv_heads == 0
-            and block_size % LANES == 0):
-        raise ValueError(f"paged_decode takes contiguous caches of one dtype, blocks of a "
-                         f"multiple of {LANES} positions, and a whole number of query heads "
-                         "per KV head")
+    _check_caches("paged_decode", k_cache, v_cache, heads)
     tables = tables.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     out = torch.empty(batch, heads, value_dim, dtype=torch.float32)
-    fn(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+    lib.q_paged_decode(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
        lengths.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, value_dim,
        tables.shape[1], block_size, window or 0, scale, softcap or 0.0,
        torch.get_num_threads())
+    return out
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  tables: torch.Tensor, spans: torch.Tensor, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """See :func:`q.kernels.paged_attention.reference.paged_prefill`: ``[N, H, DV]`` in the
+    caches' dtype. ``q``'s rows may be strided (a view of the fused q/k/v projection's
+    output) as long as each row's heads are contiguous; rows no span covers are left
+    uninitialized (the engine's spans cover every row of a step)."""
+    lib = _lib()
+    rows, heads, dim = q.shape
+    _, kv_heads, _, block_size = k_cache.shape
+    value_dim = v_cache.shape[-1]
+    _check_caches("paged_prefill", k_cache, v_cache, heads)
+    if q.dtype != k_cache.dtype or q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.to(k_cache.dtype).contiguous()
+    tables = tables.to(torch.int64).contiguous()
+    spans = spans.to(torch.int64).contiguous()
+    if spans.dim() != 2 or spans.shape[1] != 3 or spans.shape[0] != tables.shape[0]:
+        raise ValueError("spans must be [B, 3] (first row, count, first position), one per "
+                         "row of tables")
+    if len(spans) and int((spans[:, 0] + spans[:, 1]).max()) > rows:
+        raise ValueError(f"spans reach past the {rows} query rows")
+    out = torch.empty(rows, heads, value_dim, dtype=k_cache.dtype)
+    lib.q_paged_prefill(cpp_build.dtype_code(k_cache.dtype), q.data_ptr(), q.stride(0),
+                        k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                        spans.data_ptr(), out.data_ptr(), heads * value_dim, len(spans), heads,
+                        kv_heads, dim, value_dim, tables.shape[1], block_size, window or 0,
+                        scale, softcap or 0.0, torch.get_num_threads())
     return out

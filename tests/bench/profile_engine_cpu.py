@@ -5,13 +5,15 @@
     python tests/bench/profile_engine_cpu.py --requests 32 --model CKPT
     python tests/bench/profile_engine_cpu.py --prefill          # one step of 8 x 256 prompt tokens
     python tests/bench/profile_engine_cpu.py --requests 32 --parts  # wall time per part
+    python tests/bench/profile_engine_cpu.py --prefill --parts  # the same, 8 x 256 prompts
     python tests/bench/profile_engine_cpu.py --phases  # the engine bench's workload: prefill vs decode
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
 step time printed includes the profiler's overhead. torch's profiler does not see the C++
 kernels q calls through ctypes (decode attention, the decoder's elementwise ops): ``--parts``
 times instead each part of the engine's own decoder forward (decoder.py) with a wall clock
-over 20 decode steps, no profiler. ``--phases`` runs bench_engine_vs_vllm.py's workload (32
+over 20 decode steps (with ``--prefill``: over 3 steps of 8 fresh prompts), no profiler.
+``--phases`` runs bench_engine_vs_vllm.py's workload (32
 prompts of 256 tokens, 64 new tokens each, greedy) twice and splits each run's wall time
 into the steps that carry prompt tokens and the decode-only steps.
 """
@@ -41,12 +43,12 @@ def main() -> None:
                     help="prefill and decode time of the 32-request engine bench workload")
     args = ap.parse_args()
     session = q.load_engine(args.model or q.default_model())
+    if args.parts:
+        return time_parts(session, args.requests, args.prefill)
     if args.prefill:
         return profile_prefill(session, args.rows)
     if args.phases:
         return time_phases(session)
-    if args.parts:
-        return time_parts(session, args.requests)
     for i in range(args.requests):
         session.add_request(list(range(100 + i, 356 + i)),
                             SamplingParams(max_tokens=40, ignore_eos=True))
@@ -81,8 +83,9 @@ def time_phases(session) -> None:
               f"steps with prompt tokens, {decode:.2f} s decoding")
 
 
-def time_parts(session, requests: int) -> None:
-    """ms per decode step in each part of the engine's decoder forward (wrapped callables)."""
+def time_parts(session, requests: int, prefill: bool = False) -> None:
+    """ms per decode step (or per step of 8 fresh 256-token prompts) in each part of the
+    engine's decoder forward (wrapped callables)."""
     import collections
 
     forward = session.runner.forward
@@ -110,22 +113,40 @@ def time_parts(session, requests: int) -> None:
         for part in ("qkv", "o_proj", "gate_up", "down"):
             setattr(layer, part, timed(part, getattr(layer, part)))
     forward.lm_head = timed("lm_head", forward.lm_head)
-    for i in range(requests):
-        session.add_request(list(range(100 + i, 356 + i)),
-                            SamplingParams(max_tokens=40, ignore_eos=True))
-    for _ in range(10):
-        session.step()
-    totals.clear(), calls.clear()
-    start = time.perf_counter()
-    for _ in range(20):
-        session.step()
-    step = (time.perf_counter() - start) / 20
+    if prefill:
+        steps, step = 3, 0.0
+        for round_ in range(steps + 1):  # a warm-up step, then 3 timed
+            for i in range(8):
+                session.add_request(list(range(100 * round_ + i, 100 * round_ + i + 256)),
+                                    SamplingParams(max_tokens=1, ignore_eos=True))
+            if round_ == 1:
+                totals.clear(), calls.clear()
+            start = time.perf_counter()
+            session.step()
+            step += (time.perf_counter() - start) if round_ else 0.0
+            while session.has_unfinished():
+                session.step()
+        step /= steps
+        label = "step of 8 x 256 prompt tokens"
+    else:
+        steps = 20
+        for i in range(requests):
+            session.add_request(list(range(100 + i, 356 + i)),
+                                SamplingParams(max_tokens=40, ignore_eos=True))
+        for _ in range(10):
+            session.step()
+        totals.clear(), calls.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            session.step()
+        step = (time.perf_counter() - start) / steps
+        label = f"decode step, {requests} requests"
     decoder.attend = attend
-    print(f"{requests} requests: {step * 1e3:.1f} ms per decode step\n")
+    print(f"{step * 1e3:.1f} ms per {label}\n")
     print("| part | ms per step | calls per step |\n|---|---:|---:|")
     for name, seconds in totals.most_common():
-        print(f"| {name} | {seconds / 20 * 1e3:.2f} | {calls[name] / 20:.0f} |")
-    rest = step - sum(totals.values()) / 20
+        print(f"| {name} | {seconds / steps * 1e3:.2f} | {calls[name] / steps:.0f} |")
+    rest = step - sum(totals.values()) / steps
     print(f"| everything else (embedding, rotary tables, sampling, scheduling) | "
           f"{rest * 1e3:.2f} | |")
 

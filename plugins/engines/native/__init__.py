@@ -86,7 +86,7 @@ class NativeEngine(Engine):
         default 0.2, never more than ``max_batch`` full contexts)."""
         from q.modeling import load_tokenizer
 
-        from .attention import decode_kernel
+        from .attention import attention_kernels
         from .decoder import build as build_forward
         from .kv_cache import KVCache, bytes_per_token, cache_blocks, cache_geometry
         from .loader import load_model
@@ -120,7 +120,7 @@ class NativeEngine(Engine):
                              eos_token_ids=_eos_ids(source.path, tokenizer), cache=cache,
                              max_batch=max_batch, max_step_tokens=max_step_tokens,
                              name=source.path.name, report=report,
-                             decode_kernel=decode_kernel(dev, report.dtype, impl),
+                             kernels=attention_kernels(dev, report.dtype, impl),
                              forward=build_forward(model, dev, report.dtype, impl))
 
 

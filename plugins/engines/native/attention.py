@@ -6,15 +6,18 @@ still computes q/k/v, rotary embeddings and q/k norms itself, then calls
 down through the model's ``**kwargs`` as ``q_batch``. That function writes the new keys and
 values into the engine's block cache (:mod:`.kv_cache`) and computes attention:
 
-- a prompt that starts at position 0 attends over its own new keys, through the very
-  function transformers would have used (SDPA, or eager for models like Gemma 2), so a
-  prompt's logits are the ones transformers computes;
-- every other sequence (a decode token, a later chunk of a long prompt) attends over its
-  cache blocks, gathered whole into a padded batch once per layer (64-token blocks copy at
-  close to memcpy speed), in one SDPA call: no Python loop over requests;
-- except that a step of decode tokens only (one query per sequence) on a CPU goes to the
-  C++ kernel of :mod:`q.kernels.paged_attention`, which reads the blocks where they lie
-  (:func:`decode_kernel` decides once per load, and logs why when it cannot).
+- on a CPU, sequences attend over their cache blocks where they lie, in the C++ kernels
+  of :mod:`q.kernels.paged_attention`: one call per layer for a step of decode tokens (one
+  query per sequence), and in bf16 one for a step that carries prompts or prompt chunks
+  (causal, fp32 scores and softmax, 3x transformers' SDPA on a 2-core AVX-512 CPU; the
+  runner keeps fp32 prompts on transformers' function, see :class:`.runner.ModelRunner`);
+  :func:`attention_kernels` decides once per load, and logs why when they cannot run;
+- elsewhere (or without the kernels) a prompt that starts at position 0 attends over its
+  own new keys through the very function transformers would have used (SDPA, or eager for
+  models like Gemma 2), so a prompt's logits are the ones transformers computes; every
+  other sequence (a decode token, a later chunk of a long prompt) attends over its cache
+  blocks, gathered whole into a padded batch once per layer (64-token blocks copy at
+  close to memcpy speed), in one SDPA call: no Python loop over requests.
 
 One forward pass carries every scheduled sequence as one row of packed tokens, so a step's
 GEMMs see all of its tokens at once. transformers builds no mask for an implementation it
@@ -42,22 +45,21 @@ DENSE_ATTR = "_q_dense_attention"  # on the model config: what transformers woul
 @dataclass
 class PagedBatch:
     """The sequences of a step that attend over their cache blocks (``B`` of them, ``Np``
-    tokens): decode tokens and prompt chunks that do not start at position 0."""
+    tokens): decode tokens and prompt chunks that do not start at position 0, and with the
+    C++ kernels every sequence of the step."""
 
     rows: torch.Tensor | None  # [Np] their tokens' rows in the packed step (None: all rows)
     blocks: torch.Tensor  # [B, nblk] cache blocks per sequence, padded with block 0
-    query_pos: torch.Tensor  # [B, maxq] absolute position of each query (-1: padding)
+    query_pos: torch.Tensor | None  # [B, maxq] absolute position of each query (-1: padding)
     query_index: torch.Tensor | None  # [B, maxq] index into the Np tokens (Np: padding);
     unpad_index: torch.Tensor | None  # [Np] row of the padded [B * maxq] output per token;
     #                                   both None when every sequence brings one token
     block_size: int
     masks: dict = field(default_factory=dict)  # sliding window (or None) -> [B, 1, maxq, L]
-    decode_kernel: object = None  # paged_decode(q, k, v, tables, lengths, ...) or None
-
-    @functools.cached_property
-    def lengths(self) -> torch.Tensor:
-        """Keys each sequence's single query sees (one query per sequence)."""
-        return self.query_pos[:, 0] + 1
+    kernels: object = None  # q.kernels.paged_attention.cpp_impl, or None (SDPA)
+    lengths: torch.Tensor | None = None  # [B] keys each one-query sequence sees
+    spans: torch.Tensor | None = None  # [B, 3] first row, query count, first position
+    #                                    (the prefill kernel's; None: one query each)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """Which gathered keys each query sees: causal, within its sequence, and within the
@@ -131,9 +133,13 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
     """Attention of ``q [Np, H, d]`` over each sequence's gathered cache blocks."""
     batch, nblk = p.blocks.shape
     heads, dim = q.shape[1], q.shape[2]
-    if p.decode_kernel is not None and p.query_index is None:
-        return p.decode_kernel(q, k_cache, v_cache, p.blocks, p.lengths,
-                               dim ** -0.5 if scaling is None else scaling, window, softcap)
+    scale = dim ** -0.5 if scaling is None else scaling
+    if p.kernels is not None:
+        if p.spans is None:
+            return p.kernels.paged_decode(q, k_cache, v_cache, p.blocks, p.lengths, scale,
+                                          window, softcap)
+        return p.kernels.paged_prefill(q, k_cache, v_cache, p.blocks, p.spans, scale, window,
+                                       softcap)
     kv_heads, value_dim = v_cache.shape[-2], v_cache.shape[-1]
     length = nblk * p.block_size
     index = p.blocks.reshape(-1)
@@ -201,9 +207,10 @@ def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
     return mask[None, None]
 
 
-def decode_kernel(device: torch.device, dtype: torch.dtype, impl: str):
-    """The paged decode-attention kernel this load uses, or None (gather + SDPA), logged
-    once: the C++ kernel on a CPU with ``impl="auto"`` where it builds."""
+def attention_kernels(device: torch.device, dtype: torch.dtype, impl: str):
+    """The paged-attention kernels this load uses (:mod:`q.kernels.paged_attention.cpp_impl`:
+    decode steps and prompts), or None (SDPA), logged once: the C++ kernels on a CPU with
+    ``impl="auto"`` where they build."""
     from q.kernels.paged_attention import cpp_impl
 
     if device.type != "cpu":
@@ -213,10 +220,11 @@ def decode_kernel(device: torch.device, dtype: torch.dtype, impl: str):
     else:
         why = cpp_impl.unavailable_reason(dtype)
     if why is None:
-        log.info("decode attention: C++ paged kernel, reading KV-cache blocks in place")
-        return cpp_impl.paged_decode
-    log.info("decode attention: cache blocks gathered for SDPA (the C++ paged kernel does "
-             "not run: %s)", why)
+        log.info("attention: C++ paged kernels reading KV-cache blocks in place, for decode "
+                 "steps and for bf16 prompts (fp32 prompts: transformers' attention function)")
+        return cpp_impl
+    log.info("attention: SDPA, prompts over their own keys and cache blocks gathered for "
+             "the rest (the C++ paged kernels do not run: %s)", why)
     return None
 
 

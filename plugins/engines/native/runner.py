@@ -17,12 +17,18 @@ from .scheduler import Step
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, device: torch.device, decode_kernel=None,
+    def __init__(self, model, cache: KVCache, device: torch.device, kernels=None,
                  forward=None):
         self.model = model
         self.cache = cache
         self.device = device
-        self.decode_kernel = decode_kernel  # see attention.decode_kernel
+        self.kernels = kernels  # see attention.attention_kernels
+        # Prompts and prompt chunks go to the C++ prefill kernel in bf16 (3x faster than
+        # SDPA there). In fp32 a prompt keeps transformers' own attention function, so its
+        # logits are transformers' bit for bit: the fp32 runs are the ones compared with
+        # transformers, where a last-bit difference in attention can flip a W8A8 layer's
+        # activation code (tests/test_engine_smollm2.py).
+        self.prompt_kernel = kernels is not None and cache.keys.dtype == torch.bfloat16
         # the engine's own decoder forward (decoder.build) or the model's: same logits
         self.forward = forward or (lambda **kwargs: model(**kwargs).logits[0])
 
@@ -37,7 +43,9 @@ class ModelRunner:
             span = range(start, start + n)
             positions += span
             slots += [seq.blocks[p // bs] * bs + p % bs for p in span]
-            (fresh if start == 0 else paged).append((offset, seq, start, n))
+            # the prefill kernel takes every sequence over its cache blocks, prompts too
+            (fresh if start == 0 and not self.prompt_kernel else paged).append(
+                (offset, seq, start, n))
             offset += n
             if start + n == seq.num_tokens:
                 logit_rows.append(offset - 1)
@@ -56,6 +64,20 @@ class ModelRunner:
         bs = self.cache.block_size
         maxq = max(n for *_, n in work)
         nblk = max(-(-(start + n) // bs) for _, _, start, n in work)
+        t = lambda x: torch.tensor(x, device=self.device)  # noqa: E731
+        if self.kernels is not None and (maxq == 1 or self.prompt_kernel):
+            # the C++ kernels read blocks where they lie: tables and positions are all
+            tables = [seq.blocks[:-(-(start + n) // bs)] for _, seq, start, n in work]
+            tables = t([b + [PADDING_BLOCK] * (nblk - len(b)) for b in tables])
+            rows = None if every_row else t([r for row, *_, n in work
+                                             for r in range(row, row + n)])
+            if maxq == 1:
+                return PagedBatch(rows=rows, blocks=tables, query_pos=None, query_index=None,
+                                  unpad_index=None, block_size=bs, kernels=self.kernels,
+                                  lengths=t([start + 1 for _, _, start, _ in work]))
+            return PagedBatch(rows=None, blocks=tables, query_pos=None, query_index=None,
+                              unpad_index=None, block_size=bs, kernels=self.kernels,
+                              spans=t([[row, n, start] for row, _, start, n in work]))
         rows, query_pos, query_index, unpad, tables = [], [], [], [], []
         for b, (row, seq, start, n) in enumerate(work):
             query_index.append([*range(len(rows), len(rows) + n), *[-1] * (maxq - n)])
@@ -64,15 +86,13 @@ class ModelRunner:
             unpad += range(b * maxq, b * maxq + n)
             used = -(-(start + n) // bs)
             tables.append(seq.blocks[:used] + [PADDING_BLOCK] * (nblk - used))
-        t = lambda x: torch.tensor(x, device=self.device)  # noqa: E731
         index = None
         if maxq > 1:
             index = t(query_index)
             index = index.masked_fill(index < 0, len(rows))
         return PagedBatch(rows=None if every_row else t(rows), blocks=t(tables),
                           query_pos=t(query_pos), query_index=index,
-                          unpad_index=None if maxq == 1 else t(unpad), block_size=bs,
-                          decode_kernel=self.decode_kernel)
+                          unpad_index=None if maxq == 1 else t(unpad), block_size=bs)
 
     @torch.inference_mode()
     def run(self, step: Step) -> tuple[torch.Tensor, list]:

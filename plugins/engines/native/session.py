@@ -39,7 +39,7 @@ class NativeSession(Session):
     def __init__(self, model, tokenizer, *, device: torch.device, context_length: int,
                  eos_token_ids: set[int], cache: KVCache, max_batch: int = 32,
                  max_step_tokens: int = 2048, name: str = "model", report=None,
-                 decode_kernel=None, forward=None):
+                 kernels=None, forward=None):
         if max_batch < 1 or max_step_tokens < 1:
             raise OptionError(f"max_batch ({max_batch}) and max_step_tokens "
                               f"({max_step_tokens}) must be at least 1")
@@ -54,7 +54,7 @@ class NativeSession(Session):
         self.report = report
         self.scheduler = Scheduler(BlockAllocator(cache), cache.block_size,
                                    max_batch=max_batch, max_step_tokens=max_step_tokens)
-        self.runner = ModelRunner(model, cache, device, decode_kernel, forward)
+        self.runner = ModelRunner(model, cache, device, kernels, forward)
         self._lock = threading.Lock()
         self._inbox: deque[Sequence] = deque()
         self._aborted: set[str] = set()
