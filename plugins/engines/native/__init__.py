@@ -44,6 +44,33 @@ def release_freed_memory() -> None:
             pass
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep the memory an engine step frees for the next step. Every step
+    allocates its activations again at the same sizes (a 2048-token SmolLM2 step: 12 MB per
+    layer for gate/up's output); by default glibc serves such blocks with fresh mmaps and
+    returns its heap's top to the OS when a large block is freed, so each step paid the page
+    faults of first touch again: 0.2 s of a 1.5 s SmolLM2 prefill step on a 2-core AMD EPYC
+    (interleaved runs 1.43-1.53 s -> 1.23-1.32 s; no change on the 1.1B model, whose step
+    is 10 s of GEMMs). Blocks up to 32 MB (glibc's largest mmap threshold) now come from
+    the heap, which is trimmed only above 1 GiB free at its top; the memory a loaded model
+    holds is unchanged (this runs after load's malloc_trim), the peak grows by at most one
+    step's activations. vLLM's CPU docs preload tcmalloc for the same reason."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        except (OSError, AttributeError):  # not glibc (musl): its own policy stays
+            pass
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +137,8 @@ class NativeEngine(Engine):
                               largest_request=max_batch * context)
         cache = KVCache(layers=layers, blocks=blocks, kv_heads=kv_heads, head_dim=head_dim,
                         value_dim=value_dim, dtype=report.dtype, device=dev)
+        if dev.type == "cpu":
+            reuse_freed_memory()
         log.info("loaded %s (%s, %d quantized Linears, %d groups of sibling projections fused, "
                  "%d MoE expert modules, %s compute) on %s in %.1f s; KV cache %d tokens "
                  "(%.0f MiB)", source.path, report.format, len(report.quantized),
