@@ -157,10 +157,16 @@ def test_cpp_prefill_rows_do_not_depend_on_their_step(kernel):
         assert torch.equal(parts, whole), cut
 
 
-def test_cpp_prefill_rejects_spans_past_its_rows(kernel):
+def test_cpp_prefill_rejects_spans_past_its_rows_or_blocks(kernel):
     q, k, v, tables, spans = _prefill_case(4, 2, 32, 32, [(0, 5)], torch.float32)
     with pytest.raises(ValueError, match="past the 5 query rows"):
         cpp_impl.paged_prefill(q, k, v, tables, torch.tensor([[1, 5, 0]]), 1.0)
+    with pytest.raises(ValueError, match="past the 1 blocks of their tables"):
+        cpp_impl.paged_prefill(q, k, v, tables, torch.tensor([[0, 5, BS - 2]]), 1.0)
+    # a sequence with no query rows is skipped
+    spans = torch.tensor([[0, 5, 0], [5, 0, 0]])
+    out = cpp_impl.paged_prefill(q, k, v, tables.expand(2, -1), spans, 1.0)
+    torch.testing.assert_close(out, reference.paged_prefill(q, k, v, tables, spans[:1], 1.0))
 
 
 def test_reference_prefill_is_dense_causal_attention():

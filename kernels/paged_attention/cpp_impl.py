@@ -89,6 +89,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          "row of tables")
     if len(spans) and int((spans[:, 0] + spans[:, 1]).max()) > rows:
         raise ValueError(f"spans reach past the {rows} query rows")
+    if len(spans) and int((spans[:, 1] + spans[:, 2]).max()) > tables.shape[1] * block_size:
+        raise ValueError(f"spans reach past the {tables.shape[1]} blocks of their tables")
     out = torch.empty(rows, heads, value_dim, dtype=k_cache.dtype)
     lib.q_paged_prefill(cpp_build.dtype_code(k_cache.dtype), q.data_ptr(), q.stride(0),
                         k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),

@@ -158,6 +158,7 @@ void prefill(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
   int64_t max_rows = 1, max_keys = 2;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t count = spans[3 * b + 1], pos0 = spans[3 * b + 2];
+    if (count <= 0) continue;
     const int64_t seen = window > 0 ? std::min(pos0 + count, window + kTileRows) : pos0 + count;
     int64_t tile = std::max<int64_t>(1, kTileRows / group);
     while (tile > 1 && tile * group * seen * 4 > kScoreBytes) tile /= 2;
