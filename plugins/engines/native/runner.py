@@ -75,6 +75,8 @@ class ModelRunner:
                 return PagedBatch(rows=rows, blocks=tables, query_pos=None, query_index=None,
                                   unpad_index=None, block_size=bs, kernels=self.kernels,
                                   lengths=t([start + 1 for _, _, start, _ in work]))
+            # spans index the whole step's rows: with the prefill kernel every sequence of
+            # the step is here (no fresh prompts beside), so every_row holds
             return PagedBatch(rows=None, blocks=tables, query_pos=None, query_index=None,
                               unpad_index=None, block_size=bs, kernels=self.kernels,
                               spans=t([[row, n, start] for row, _, start, n in work]))
