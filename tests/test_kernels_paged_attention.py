@@ -212,8 +212,12 @@ def test_engine_logs_its_attention_path(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="q.engine"):
         assert attention_kernels(cpu, torch.bfloat16, "auto") is cpp_impl
         assert attention_kernels(cpu, torch.bfloat16, "reference") is None
-    assert "C++ paged kernels reading KV-cache blocks in place" in caplog.text
+    assert "in place, for decode steps and for prompts" in caplog.text
     assert "impl=reference" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="q.engine"):
+        assert attention_kernels(cpu, torch.float32, "auto") is cpp_impl
+    assert "decode steps (prompts: transformers' attention function" in caplog.text
     monkeypatch.setenv("Q_NO_CPP_KERNELS", "1")
     _clear_caches()
     try:
@@ -301,3 +305,26 @@ def test_engine_decodes_the_same_with_the_kernels_and_with_sdpa(tiny_llama, dtyp
     assert tokens == want_tokens
     bound = 1e-4 if dtype == "float32" else 0.05
     torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("dtype,prefill_calls", [("bfloat16", True), ("float32", False)])
+def test_engine_runs_prompts_through_the_prefill_kernel_in_bf16_only(tiny_llama, dtype,
+                                                                     prefill_calls):
+    """bf16 prompts (and continued chunks) take paged_prefill; fp32 prompts keep
+    transformers' attention function, so their logits stay transformers' bits."""
+    import q
+
+    session = q.load_engine(tiny_llama(layers=2), dtype=dtype, max_step_tokens=40)
+    calls = []
+
+    class Counting:  # the kernels the runner hands to attention, counted
+        paged_decode = staticmethod(cpp_impl.paged_decode)
+
+        @staticmethod
+        def paged_prefill(*args, **kwargs):
+            calls.append(1)
+            return cpp_impl.paged_prefill(*args, **kwargs)
+
+    session.runner.kernels = Counting
+    session.generate([list(range(5, 75)), [3, 4, 5]], max_tokens=2, ignore_eos=True)
+    assert bool(calls) is prefill_calls

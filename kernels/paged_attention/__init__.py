@@ -8,8 +8,8 @@ use (the engine falls back to SDPA where it cannot be built). Decode replaces ga
 SDPA because SDPA's CPU kernels are GEMM-shaped: with one query row per sequence (a few per
 KV head) they spend more than the arithmetic costs, and the gather copies every key and
 value once more (tests/bench/bench_paged_attention.py). Prefill replaces transformers' SDPA
-per prompt in bf16: torch's CPU flash kernel runs 64-wide heads at about 60 GFLOP/s on a
-2-core AVX-512 CPU, the kernel's bf16 pairs at 170-260 (tests/bench/bench_prefill_attention.py).
+per prompt in bf16: torch's CPU flash kernel runs 64-wide heads at 58-94 GFLOP/s on a
+2-core AVX-512 CPU, the kernel's bf16 pairs at 174-252 (tests/bench/bench_prefill_attention.py).
 """
 
 from . import reference

@@ -30,18 +30,28 @@ def _eos_ids(path, tokenizer) -> set[int]:
     return ids
 
 
+def _glibc():
+    """glibc's C library (ctypes), or None where the process does not run on it (musl, not
+    Linux): the malloc tuning below then leaves the allocator's own policy."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> None:
     """Loading frees many temporaries (unpacked codes, int32 copies for torch's int4 packing)
     that glibc keeps in its heap rather than returning to the OS: on a 1.1B wint4 model the
     process stayed 480 MiB above its live tensors. malloc_trim gives that memory back."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -53,22 +63,19 @@ def reuse_freed_memory() -> None:
     allocates its activations again at the same sizes (a 2048-token SmolLM2 step: 12 MB per
     layer for gate/up's output); by default glibc serves such blocks with fresh mmaps and
     returns its heap's top to the OS when a large block is freed, so each step paid the page
-    faults of first touch again: 0.2 s of a 1.5 s SmolLM2 prefill step on a 2-core AMD EPYC
-    (interleaved runs 1.43-1.53 s -> 1.23-1.32 s; no change on the 1.1B model, whose step
-    is 10 s of GEMMs). Blocks up to 32 MB (glibc's largest mmap threshold) now come from
-    the heap, which is trimmed only above 1 GiB free at its top; the memory a loaded model
-    holds is unchanged (this runs after load's malloc_trim), the peak grows by at most one
-    step's activations. vLLM's CPU docs preload tcmalloc for the same reason."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-        except (OSError, AttributeError):  # not glibc (musl): its own policy stays
-            pass
+    faults of first touch again. A SmolLM2 prefill step of 8 x 256 tokens on a 2-core AMD
+    EPYC took 1537 ms with glibc's defaults and 1322 ms with glibc told through the
+    environment to keep freed memory (``MALLOC_TRIM_THRESHOLD_=17179869184
+    MALLOC_TOP_PAD_=268435456 python tests/bench/profile_engine_cpu.py --prefill --parts``,
+    docs/benchmarks.md); the thresholds set here were chosen in an A/B not kept in the
+    repo. Blocks up to 32 MB (glibc's largest mmap threshold) now come from the heap, which is trimmed only
+    above 1 GiB free at its top; the memory a loaded model holds is unchanged (this runs
+    after load's malloc_trim), the peak grows by at most one step's activations. vLLM's
+    CPU docs preload tcmalloc for the same reason."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def pick_device(device: str | None) -> torch.device:

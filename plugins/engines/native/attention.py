@@ -9,8 +9,9 @@ values into the engine's block cache (:mod:`.kv_cache`) and computes attention:
 - on a CPU, sequences attend over their cache blocks where they lie, in the C++ kernels
   of :mod:`q.kernels.paged_attention`: one call per layer for a step of decode tokens (one
   query per sequence), and in bf16 one for a step that carries prompts or prompt chunks
-  (causal, fp32 scores and softmax, 3x transformers' SDPA on a 2-core AVX-512 CPU; the
-  runner keeps fp32 prompts on transformers' function, see :class:`.runner.ModelRunner`);
+  (causal, fp32 scores and softmax; 2.6-3.1x transformers' SDPA on a 2-core AMD EPYC,
+  tests/bench/bench_prefill_attention.py; fp32 prompts keep transformers' function, see
+  PREFILL_KERNEL_DTYPE);
   :func:`attention_kernels` decides once per load, and logs why when they cannot run;
 - elsewhere (or without the kernels) a prompt that starts at position 0 attends over its
   own new keys through the very function transformers would have used (SDPA, or eager for
@@ -207,6 +208,13 @@ def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
     return mask[None, None]
 
 
+# The cache dtype whose prompts the C++ prefill kernel takes. In fp32 a prompt keeps
+# transformers' own attention function, so its logits are transformers' bit for bit: the
+# fp32 runs are the ones compared with transformers, where a last-bit difference in
+# attention can flip a W8A8 layer's activation code (tests/test_engine_smollm2.py).
+PREFILL_KERNEL_DTYPE = torch.bfloat16
+
+
 def attention_kernels(device: torch.device, dtype: torch.dtype, impl: str):
     """The paged-attention kernels this load uses (:mod:`q.kernels.paged_attention.cpp_impl`:
     decode steps and prompts), or None (SDPA), logged once: the C++ kernels on a CPU with
@@ -220,8 +228,10 @@ def attention_kernels(device: torch.device, dtype: torch.dtype, impl: str):
     else:
         why = cpp_impl.unavailable_reason(dtype)
     if why is None:
+        prompts = ("and for prompts" if dtype == PREFILL_KERNEL_DTYPE else
+                   "(prompts: transformers' attention function, for its exact logits)")
         log.info("attention: C++ paged kernels reading KV-cache blocks in place, for decode "
-                 "steps and for bf16 prompts (fp32 prompts: transformers' attention function)")
+                 "steps %s", prompts)
         return cpp_impl
     log.info("attention: SDPA, prompts over their own keys and cache blocks gathered for "
              "the rest (the C++ paged kernels do not run: %s)", why)

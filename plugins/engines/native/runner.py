@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionBatch, PagedBatch
+from .attention import PREFILL_KERNEL_DTYPE, AttentionBatch, PagedBatch
 from .kv_cache import PADDING_BLOCK, KVCache
 from .scheduler import Step
 
@@ -23,12 +23,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.kernels = kernels  # see attention.attention_kernels
-        # Prompts and prompt chunks go to the C++ prefill kernel in bf16 (3x faster than
-        # SDPA there). In fp32 a prompt keeps transformers' own attention function, so its
-        # logits are transformers' bit for bit: the fp32 runs are the ones compared with
-        # transformers, where a last-bit difference in attention can flip a W8A8 layer's
-        # activation code (tests/test_engine_smollm2.py).
-        self.prompt_kernel = kernels is not None and cache.keys.dtype == torch.bfloat16
+        # prompts and prompt chunks go to the C++ prefill kernel (see PREFILL_KERNEL_DTYPE)
+        self.prompt_kernel = kernels is not None and cache.keys.dtype == PREFILL_KERNEL_DTYPE
         # the engine's own decoder forward (decoder.build) or the model's: same logits
         self.forward = forward or (lambda **kwargs: model(**kwargs).logits[0])
 
