@@ -21,8 +21,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -58,17 +61,18 @@ void for_count(int64_t n, F f) {
   }
 }
 
-// 1-4 tokens run each kernel's register path, compiled per token count: calls
-// few(std::integral_constant<int, M>{}) and returns true for those M, false for others
-template <class Few>
+// 1-Max tokens (4 unless a kernel says otherwise) run each kernel's register path, compiled
+// per token count: calls few(std::integral_constant<int, M>{}) and returns true for those
+// M, false for others
+template <int Max = 4, class Few>
 bool few_tokens(int64_t M, Few few) {
-  if (M < 1 || M > 4) return false;
-  for_count<4>(M, few);
+  if (M < 1 || M > Max) return false;
+  for_count<Max>(M, few);
   return true;
 }
 
 // f(s) for each of the N / 16 strips of an [N, K] weight, on `threads` threads where the
-// weight is big enough to pay for waking them (the register paths of 1-4 tokens)
+// weight is big enough to pay for waking them (the register paths of a few tokens)
 template <class F>
 void for_strips(int64_t N, int64_t K, int threads, F f) {
   const int64_t strips = N / 16;
@@ -77,14 +81,86 @@ void for_strips(int64_t N, int64_t K, int threads, F f) {
   for (int64_t s = 0; s < strips; ++s) f(s);
 }
 
-// bf16 values as fp32 (exact), for the register paths that multiply in fp32
-inline std::vector<float> widen_bf16(const uint16_t* x, int64_t n) {
-  std::vector<float> out(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(&out[i], &u, sizeof u);
+// The weight-only kernels' register paths (1-8 tokens) take the activations as 16-bit
+// integers, so that the codes, widened to int16 only, meet them in vpdpwssd (32 products per
+// instruction, summed exactly in int32) instead of being converted to fp32 for FMAs, which
+// bounded those loops by the conversions, not by memory. Per token and block of `block`
+// values: X = x * 2^(14 - E), E the exponent of the block's largest |x|, so |X| < 2^15.
+// That is exact for every x within 2^7 of the block's largest (bf16 holds 8 significant
+// bits); a smaller x is rounded to the nearest multiple of 2^(E - 14), off by at most 2^-15
+// of the block's largest |x|. A block with an inf or NaN gets a NaN unit, so its sums are NaN.
+struct FixedPoint {
+  std::vector<int16_t> x;    // [M][K]
+  std::vector<float> unit;   // [M][K / block]: 2^(E - 14), what one step of X is worth
+  std::vector<int32_t> sum;  // [M][K / block]: the block's sum of X
+};
+
+// 16 bf16 values (a multiple of 16 of them per block and per K here) as fp32 bits
+inline __m512i bf16x16_bits(const uint16_t* p) {
+  return _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+}
+
+// K and block multiples of 16
+inline FixedPoint to_fixed_point(const uint16_t* xb, int64_t M, int64_t K, int64_t block) {
+  const int64_t blocks = (K + block - 1) / block;
+  FixedPoint a{std::vector<int16_t>(M * K), std::vector<float>(M * blocks),
+               std::vector<int32_t>(M * blocks)};
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
+      const uint16_t* x = xb + m * K;
+      int16_t* out = a.x.data() + m * K;
+      // the largest |x| as bits: for non-negative floats the integer order is the float
+      // order, with inf and then NaN above every finite number
+      __m512i top = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k1; k += 16)
+        top = _mm512_max_epu32(top, _mm512_and_si512(bf16x16_bits(x + k), magnitude));
+      const uint32_t bits = _mm512_reduce_max_epu32(top);
+      const int biased = static_cast<int>(bits >> 23);  // E + 127 for a normal largest
+      int32_t sum = 0;
+      float unit = 1.f;  // an all-zero block: X = 0, any unit
+      if (bits >= 0x7F800000u) {
+        unit = std::numeric_limits<float>::quiet_NaN();  // X stays 0
+      } else if (biased >= 14) {  // 2^(14 - E) = 2^(141 - biased) is a normal float
+        float to_int;
+        const uint32_t to_int_bits = static_cast<uint32_t>(141 - biased + 127) << 23;
+        std::memcpy(&to_int, &to_int_bits, sizeof to_int);
+        unit = std::ldexp(1.f, biased - 141);
+        const __m512 scale = _mm512_set1_ps(to_int);
+        __m512i sums = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 16) {  // exact products, rounded to nearest even
+          const __m512i q = _mm512_cvtps_epi32(
+              _mm512_mul_ps(_mm512_castsi512_ps(bf16x16_bits(x + k)), scale));
+          sums = _mm512_add_epi32(sums, q);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(q));
+        }
+        sum = _mm512_reduce_add_epi32(sums);
+      } else if (bits != 0) {  // |x| < 2^-113: 2^(14 - E) passes float's range, so in double
+        const double to_int = std::ldexp(1.0, 141 - std::max(biased, 1));
+        unit = static_cast<float>(std::ldexp(1.0, std::max(biased, 1) - 141));
+        for (int64_t k = k0; k < k1; ++k) {
+          const uint32_t u = static_cast<uint32_t>(x[k]) << 16;
+          float v;
+          std::memcpy(&v, &u, sizeof v);
+          out[k] = static_cast<int16_t>(std::nearbyint(v * to_int));
+          sum += out[k];
+        }
+      }
+      a.unit[m * blocks + b] = unit;
+      a.sum[m * blocks + b] = sum;
+    }
   }
-  return out;
+  return a;
+}
+
+// (X[k], X[k + 1]) of a token as one 32-bit lane, broadcast: the pair vpdpwssd multiplies
+// with a channel's two codes
+inline __m512i pair_at(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return _mm512_set1_epi32(pair);
 }
 
 #if defined(__AMX_TILE__)

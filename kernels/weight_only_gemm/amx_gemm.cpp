@@ -12,16 +12,21 @@
 // the 16 channels in turn: widened to bf16 it is exactly the B operand AMX's tdpbf16ps
 // reads (a 16 x 64-byte tile covers K = 32). Scales [N] fp32 (one per channel).
 //
-// Up to 4 tokens the same layout is read without tiles (few_tokens: fp32 FMAs on registers
-// of widened codes); from 5 on, tdpbf16ps, 32 tokens per pass over a strip widened once
-// (on CPUs without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
+// Up to 8 tokens the same layout is read without tiles (few_tokens: the codes widened to
+// int16 against 16-bit fixed-point activations in vpdpwssd); from 9 on, tdpbf16ps, 32
+// tokens per pass over a strip widened once (on CPUs without tiles, vdpbf16ps 8 tokens per
+// pass: amx_tiles.h's bf16_gemm).
 //
-// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: bf16 products (the codes are exact in
-// bf16) summed in fp32, one product by the scale, rounded to bf16. N % 16 == 0, K % 32 ==
-// 0. The process must have been granted AMX state (q_amx_init) once.
-#if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
-#error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
+// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: from 9 tokens, bf16 products (the
+// codes are exact in bf16) summed in fp32; up to 8, exact integer sums per block of the
+// activations in fixed point (see few_tokens_strip); then one product by the scale, rounded
+// to bf16. N % 16 == 0, K % 32 == 0. The process must have been granted AMX state
+// (q_amx_init) once.
+#if !defined(__AVX512BF16__) || !defined(__AVX512VNNI__) || \
+    (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
+#error "this CPU has no AVX-512 BF16 and VNNI (or the compiler does not target them)"
 #endif
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -48,36 +53,53 @@ inline void widen_strip(const int8_t* src, uint16_t* dst, int64_t K) {
   }
 }
 
-// Up to 4 tokens: no tiles. Each 32-code row of a strip (16 channels x the pair k = 2r,
-// 2r + 1) widens to fp32 in two registers and meets the activation pair, broadcast, in fp32
-// FMAs; the pair's two lanes per channel are added at the end. The weight is read once.
+// Up to 8 tokens: no tiles and no bf16. Each 32-code row of a strip (16 channels x the pair
+// k = 2r, 2r + 1) widens to int16 in one instruction and meets each token's activation pair
+// as 16-bit integers (amx_tiles.h's to_fixed_point) in vpdpwssd: the channel's two products,
+// summed exactly in int32 over a block of kBlock values, then to fp32 once per block times
+// the block's unit. Integer sums have no order, so a token's numbers do not depend on the
+// batch. The weight is read once. U rows per iteration, one accumulator each, so that a
+// single token has U independent chains of vpdpwssd. Against the fp32-FMA loop this path
+// replaced (codes widened to fp32), over a 1.1B step's weights on a 2-core AMD EPYC: the
+// same at 1 token (both stream at the memory's pace), 1.4x at 4, 1.7-1.8x at 5-8 where the
+// vdpbf16ps loop ran (tests/bench/bench_decode_gemms_cpu.py, docs/benchmarks.md).
+constexpr int64_t kBlock = 128;  // |sum| <= 128 * 128 * 2^15 = 2^29 per lane: fits int32
+constexpr int kFewTokens = 8;    // tokens the register path takes
+
 template <int M>
-void few_tokens_strip(const float* x, const int8_t* src, const float* scale, uint16_t* out,
-                      int64_t N, int64_t K) {
-  __m512 lo[M], hi[M];  // channels 0-7 and 8-15, two lanes each (k even, k odd)
-  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
-  for (int64_t r = 0; r < K / 2; ++r) {
-    if ((r & 1) == 0)  // 4 KB ahead: 1 KB left it 12% behind the plain-layout GEMV at M = 1
-      _mm_prefetch(reinterpret_cast<const char*>(src + r * 32 + 4096), _MM_HINT_T0);
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * 32));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
-    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
+void few_tokens_strip(const q_amx::FixedPoint& a, const int8_t* src, const float* scale,
+                      uint16_t* out, int64_t N, int64_t K) {
+  constexpr int U = M == 1 ? 4 : M <= 4 ? 2 : 1;  // U * M accumulators: 8 at most
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i acc[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
+    const int64_t end = std::min(K, (b + 1) * kBlock) / 2;  // rows: K % 32 == 0, so U | rows
+    for (int64_t r = b * kBlock / 2; r < end; r += U) {
+      // 4 KB ahead: 1 KB left the fp32 version of this loop 12% behind the plain-layout GEMV
+      for (int u = 0; u < U; u += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(src + (r + u) * 32 + 4096), _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const __m512i w = _mm512_cvtepi8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r + u) * 32)));
+        for (int m = 0; m < M; ++m)
+          acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], w,
+                                          q_amx::pair_at(a.x.data() + m * K + 2 * (r + u)));
+      }
+    }
     for (int m = 0; m < M; ++m) {
-      double pair;  // (x[2r], x[2r + 1]) as one 64-bit lane, broadcast
-      std::memcpy(&pair, x + m * K + 2 * r, sizeof pair);
-      const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(pair));
-      lo[m] = _mm512_fmadd_ps(w0, xv, lo[m]);
-      hi[m] = _mm512_fmadd_ps(w1, xv, hi[m]);
+      __m512i d = acc[m][0];
+      for (int u = 1; u < U; ++u) d = _mm512_add_epi32(d, acc[m][u]);
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.unit[m * blocks + b]),
+                                 total[m]);
     }
   }
   const __m512 sc = _mm512_loadu_ps(scale);
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                          28, 30);
-  for (int m = 0; m < M; ++m) {  // lane 2i + lane 2i+1 -> channel i
-    const __m512 a = _mm512_add_ps(lo[m], _mm512_permute_ps(lo[m], 0xB1));
-    const __m512 b = _mm512_add_ps(hi[m], _mm512_permute_ps(hi[m], 0xB1));
-    const __m512 sums = _mm512_permutex2var_ps(a, evens, b);
-    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(sums, sc));
+  for (int m = 0; m < M; ++m) {
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(total[m], sc));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N), (__m256i)y);
   }
 }
@@ -85,9 +107,9 @@ void few_tokens_strip(const float* x, const int8_t* src, const float* scale, uin
 template <int M>
 void few_tokens(const uint16_t* xb, const int8_t* codes, const float* scale, uint16_t* out,
                 int64_t N, int64_t K, int threads) {
-  const std::vector<float> x = q_amx::widen_bf16(xb, M * K);  // once per call
+  const q_amx::FixedPoint a = q_amx::to_fixed_point(xb, M, K, kBlock);  // once per call
   q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    few_tokens_strip<M>(x.data(), codes + s * K * 16, scale + s * 16, out + s * 16, N, K);
+    few_tokens_strip<M>(a, codes + s * K * 16, scale + s * 16, out + s * 16, N, K);
   });
 }
 
@@ -100,7 +122,7 @@ extern "C" int q_amx_init() { return q_amx::request_permission(); }
 extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float* scale,
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int threads) {
   if (N % 16 || K % 32 || M < 1) return 1;
-  if (q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
+  if (q_amx::few_tokens<kFewTokens>(M, [&](auto m) {  // the register path (no AMX state needed)
         few_tokens<decltype(m)::value>(x, codes, scale, out, N, K, threads);
       }))
     return 0;

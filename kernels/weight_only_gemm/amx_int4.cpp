@@ -15,17 +15,18 @@
 // sz [N / 16][K / group][2][16] bf16: per strip and group, the 16 channels' scales, then
 // their zeros; w = (q - 8) * s + z (torch's int4pack convention, z = -zero_point * s).
 //
-// From 5 tokens on, each strip is widened to bf16 weights in the core's cache with the
+// From 9 tokens on, each strip is widened to bf16 weights in the core's cache with the
 // roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
 // again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass (on CPUs
 // without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
-// Up to 4 tokens, no tiles and no dequantization: a nibble OR 0x4300 is the bf16 number
-// 128 + q, exact in fp32 after a shift, so fp32 FMAs sum D = sum x * (128 + q) over a group
-// straight from the codes, and the group adds s * D + (z - 136 s) * sum(x) to the result
-// (sum x * w exactly as real numbers; the fp32 roundings differ from the tile path's, both
-// within bf16 rounding of the reference). N % 16 == 0, group % 32 == 0, K % group == 0.
-#if !defined(__AVX512BF16__) || (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
-#error "this CPU has no AVX-512 BF16 (or the compiler does not target it)"
+// Up to 8 tokens, no tiles and no dequantization: the nibbles widened to int16 meet the
+// activations as 16-bit fixed-point integers (amx_tiles.h's to_fixed_point) in vpdpwssd,
+// summed exactly per group, and the group adds s * sum((q - 8) x) + z * sum(x) to the result
+// (the roundings differ from the tile path's, both within bf16 rounding of the reference).
+// N % 16 == 0, group % 32 == 0, K % group == 0.
+#if !defined(__AVX512BF16__) || !defined(__AVX512VNNI__) || \
+    (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
+#error "this CPU has no AVX-512 BF16 and VNNI (or the compiler does not target them)"
 #endif
 #include <cstdint>
 #include <cstring>
@@ -78,57 +79,57 @@ void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t 
   }
 }
 
-// Up to 4 tokens on one strip, D per group straight from the codes (see the header): a
-// 16-bit lane 0x4300 | q is bf16 128 + q, and each 32-bit lane's two halves are fp32
-// numbers once the low one is shifted up and the high one masked. fp32 FMAs, not
-// vdpbf16ps on the bf16 pairs: with the weights streaming from memory, 1.2x faster at 2
-// tokens and 1.25x at 4, the same at 1 (an ad hoc A/B of two builds timed by
-// bench_decode_gemms_cpu.py over a 1.1B step's weights; that the FMAs have two ports and
-// vdpbf16ps one is the likely reason, not measured apart). U = 2 blocks per iteration, four
-// accumulators per token, for every M: a token's sums are added in the same order whatever
-// the batch.
+// Up to 8 tokens on one strip, no tiles and no bf16: a block's 32 bytes widened to 16 bits
+// and masked (low nibbles) or shifted (high ones) are the int16 pairs of q for (4t, 4t + 1)
+// and (4t + 2, 4t + 3), which meet each token's activation pairs as 16-bit integers
+// (amx_tiles.h's to_fixed_point, one unit per group) in vpdpwssd. Per group, the exact
+// int32 sum D = sum (q - 8) X = sum q X - 8 sum X becomes fp32 once, and the group adds
+// s * unit * D + z * sum(x) to the result. Integer sums have no order, so a token's numbers
+// do not depend on the batch. U blocks per iteration, two accumulators each per token.
+// Against the fp32-FMA loop this path replaced (nibble OR 0x4300 as bf16 128 + q, widened),
+// over a 1.1B step's weights on a 2-core AMD EPYC: the same at 1 token, 1.4x at 4, 1.3-1.8x
+// at 5-8 (tests/bench/bench_decode_gemms_cpu.py, docs/benchmarks.md).
+constexpr int kFewTokens = 8;  // tokens the register path takes
+
 template <int M>
-void few_tokens_strip(const float* x, const float* xsum, const uint8_t* src,
-                      const uint16_t* sz, uint16_t* out, int64_t N, int64_t K, int64_t group) {
-  constexpr int U = 2;
-  const __m512i low = _mm512_set1_epi16(0xF), bias = _mm512_set1_epi16(0x4300);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+void few_tokens_strip(const q_amx::FixedPoint& a, const float* xsum, const uint8_t* src,
+                      const uint16_t* sz, uint16_t* out, int64_t N, int64_t K, int64_t group,
+                      bool zero) {
+  constexpr int U = M <= 4 ? 2 : 1;  // 2 * U * M accumulators: 16 at most
+  const __m512i low = _mm512_set1_epi16(0xF);
   const int64_t groups = K / group, blocks = group / 4;
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[M][2 * U];
+    __m512i acc[M][2 * U];
     for (int m = 0; m < M; ++m)
-      for (int a = 0; a < 2 * U; ++a) acc[m][a] = _mm512_setzero_ps();
+      for (int i = 0; i < 2 * U; ++i) acc[m][i] = _mm512_setzero_si512();
     for (int64_t t = g * blocks; t < (g + 1) * blocks; t += U) {
       for (int h = 0; h < U; h += 2)
         _mm_prefetch(reinterpret_cast<const char*>(src + (t + h) * 32 + 4096), _MM_HINT_T0);
       for (int h = 0; h < U; ++h) {
         const __m512i w = _mm512_cvtepu8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (t + h) * 32)));
-        const __m512i u0 = _mm512_or_si512(_mm512_and_si512(w, low), bias);
-        const __m512i u1 = _mm512_or_si512(_mm512_srli_epi16(w, 4), bias);
-        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(u0, 16));   // k = 4t
-        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(u0, high_half));  // 4t + 1
-        const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(u1, 16));   // 4t + 2
-        const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(u1, high_half));  // 4t + 3
+        const __m512i q01 = _mm512_and_si512(w, low);   // k = 4t, 4t + 1
+        const __m512i q23 = _mm512_srli_epi16(w, 4);    // k = 4t + 2, 4t + 3
         for (int m = 0; m < M; ++m) {
-          const float* xk = x + m * K + 4 * (t + h);
-          __m512 a = _mm512_fmadd_ps(w0, _mm512_set1_ps(xk[0]), acc[m][2 * h]);
-          __m512 b = _mm512_fmadd_ps(w1, _mm512_set1_ps(xk[1]), acc[m][2 * h + 1]);
-          a = _mm512_fmadd_ps(w2, _mm512_set1_ps(xk[2]), a);
-          acc[m][2 * h + 1] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xk[3]), b);
-          acc[m][2 * h] = a;
+          const int16_t* xk = a.x.data() + m * K + 4 * (t + h);
+          acc[m][2 * h] = _mm512_dpwssd_epi32(acc[m][2 * h], q01, q_amx::pair_at(xk));
+          acc[m][2 * h + 1] = _mm512_dpwssd_epi32(acc[m][2 * h + 1], q23,
+                                                  q_amx::pair_at(xk + 2));
         }
       }
     }
-    const __m512 s = load_bf16x16(sz + g * 32), z = load_bf16x16(sz + g * 32 + 16);
-    const __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, z);  // z - 136 s
+    const __m512 s = load_bf16x16(sz + g * 32);
     for (int m = 0; m < M; ++m) {
-      __m512 d = acc[m][0];
-      for (int a = 1; a < 2 * U; ++a) d = _mm512_add_ps(d, acc[m][a]);
-      total[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(xsum[m * groups + g]), total[m]);
-      total[m] = _mm512_fmadd_ps(s, d, total[m]);
+      __m512i d = _mm512_set1_epi32(-8 * a.sum[m * groups + g]);
+      for (int i = 0; i < 2 * U; ++i) d = _mm512_add_epi32(d, acc[m][i]);
+      const __m512 dx = _mm512_mul_ps(_mm512_cvtepi32_ps(d),
+                                      _mm512_set1_ps(a.unit[m * groups + g]));
+      total[m] = _mm512_fmadd_ps(s, dx, total[m]);
+      if (zero)
+        total[m] = _mm512_fmadd_ps(load_bf16x16(sz + g * 32 + 16),
+                                   _mm512_set1_ps(xsum[m * groups + g]), total[m]);
     }
   }
   for (int m = 0; m < M; ++m)
@@ -138,19 +139,19 @@ void few_tokens_strip(const float* x, const float* xsum, const uint8_t* src,
 
 template <int M>
 void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uint16_t* out,
-                int64_t N, int64_t K, int64_t group, int threads) {
+                int64_t N, int64_t K, int64_t group, bool zero, int threads) {
   const int64_t groups = K / group;
-  std::vector<float> xsum(M * groups);  // each token's sum over each group, once per call
-  for (int64_t i = 0; i < M * groups; ++i) {
+  std::vector<float> xsum(M * groups);  // each token's sum over each group, for the zeros
+  for (int64_t i = 0; zero && i < M * groups; ++i) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t k = 0; k < group; k += 16)
       sum = _mm512_add_ps(sum, load_bf16x16(x + i * group + k));
     xsum[i] = _mm512_reduce_add_ps(sum);
   }
-  const std::vector<float> xf = q_amx::widen_bf16(x, M * K);  // once per call
+  const q_amx::FixedPoint a = q_amx::to_fixed_point(x, M, K, group);  // once per call
   q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    few_tokens_strip<M>(xf.data(), xsum.data(), codes + s * K * 8, sz + s * groups * 32,
-                        out + s * 16, N, K, group);
+    few_tokens_strip<M>(a, xsum.data(), codes + s * K * 8, sz + s * groups * 32, out + s * 16,
+                        N, K, group, zero);
   });
 }
 
@@ -165,8 +166,9 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t group,
                              int zero, int threads) {
   if (N % 16 || group % 32 || group < 32 || K % group || M < 1) return 1;
-  if (q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
-        few_tokens<decltype(m)::value>(x, codes, sz, out, N, K, group, threads);
+  if (q_amx::few_tokens<kFewTokens>(M, [&](auto m) {  // the register path (no AMX state needed)
+        few_tokens<decltype(m)::value>(x, codes, sz, out, N, K, group, zero != 0,
+                                        threads);
       }))
     return 0;
   const int64_t groups = K / group;

@@ -17,7 +17,7 @@ SOURCE = Path(__file__).with_name("dequant.cpp")
 GEMV_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cpp")
 AMX_INT4_SOURCE = Path(__file__).with_name("amx_int4.cpp")
-AMX_FLAGS = {"avx512_bf16"}  # and AMX-BF16 tiles where the CPU has them
+AMX_FLAGS = {"avx512_bf16", "avx512_vnni"}  # and AMX-BF16 tiles where the CPU has them
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 
 
@@ -105,7 +105,7 @@ def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tenso
 
 
 def _probe_int4(lib) -> bool:
-    for m in (1, 5):  # both paths (registers, tiles); codes 1, scale 1, zero 0.5: 32 * 1.5
+    for m in (1, 9):  # both paths (registers, tiles); codes 1, scale 1, zero 0.5: 32 * 1.5
         x = torch.ones(m, 32, dtype=torch.bfloat16)
         codes = to_amx_int4_layout(torch.ones(16, 32, dtype=torch.int8))
         sz = to_amx_int4_scales(torch.ones(16, 1), torch.full((16, 1), 0.5))
