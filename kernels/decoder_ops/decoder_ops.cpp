@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../bf16.h"
+
 namespace {
 
 // bit casts through a union: GCC vectorizes these loops, not those with memcpy or bit_cast
@@ -26,21 +28,11 @@ inline float bits_to_float(uint32_t u) {
   c.u = u;
   return c.f;
 }
-inline uint32_t float_to_bits(float f) {
-  union { uint32_t u; float f; } c;
-  c.f = f;
-  return c.u;
-}
 
 inline float load(float x) { return x; }
 inline float load(uint16_t x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }  // bf16
 
-// fp32 -> bf16, round to nearest even (c10::BFloat16's rule, NaN kept quiet)
-inline uint16_t to_bf16(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
+using q_bf16::to_bf16;  // c10::BFloat16's rounding
 
 inline void store(float* p, float x) { *p = x; }
 inline void store(uint16_t* p, float x) { *p = to_bf16(x); }

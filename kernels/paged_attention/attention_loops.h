@@ -9,6 +9,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -243,14 +245,7 @@ void sum_values(int64_t rows, bool vec, const float* w, const T* v_cache, const 
   });
 }
 
-// fp32 -> bf16, round to nearest even (c10::BFloat16's rule, NaN kept quiet)
-inline uint16_t to_bf16(float f) {
-  union { uint32_t u; float f; } c;
-  c.f = f;
-  const uint32_t u = c.u;
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
+using q_bf16::to_bf16;  // c10::BFloat16's rounding
 inline void store(float* p, float x) { *p = x; }
 inline void store(uint16_t* p, float x) { *p = to_bf16(x); }
 

@@ -13,18 +13,15 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "../bf16.h"
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-inline uint16_t to_bf16(float v) {  // round to nearest even; NaN stays NaN (branch-free)
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-}
+using q_bf16::to_bf16;
 
 template <typename Out>
 inline void write(Out* o, int64_t n, float v);

@@ -15,25 +15,16 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../bf16.h"
+
 namespace {
 
-inline float bf16_to_float(uint16_t x) {
-  uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
+using q_bf16::from_bf16;
+using q_bf16::to_bf16;
 
 inline uint16_t dequant(int q, float s, float z) {
-  const float scaled = bf16_to_float(float_to_bf16(static_cast<float>(q - 8) * s));
-  return float_to_bf16(scaled + z);
+  const float scaled = from_bf16(to_bf16(static_cast<float>(q - 8) * s));
+  return to_bf16(scaled + z);
 }
 
 }  // namespace
@@ -52,9 +43,9 @@ int q_dequant_int4pack(const uint8_t* packed, const uint16_t* scales_and_zeros,
       const int64_t width = K - k0 < TILE ? K - k0 : TILE;
       const uint16_t* sz = scales_and_zeros + ((k0 / group) * N + b * B) * 2;
       for (int64_t j = 0; j < half; ++j) {
-        const float s_lo = bf16_to_float(sz[2 * j]), z_lo = bf16_to_float(sz[2 * j + 1]);
-        const float s_hi = bf16_to_float(sz[2 * (j + half)]);
-        const float z_hi = bf16_to_float(sz[2 * (j + half) + 1]);
+        const float s_lo = from_bf16(sz[2 * j]), z_lo = from_bf16(sz[2 * j + 1]);
+        const float s_hi = from_bf16(sz[2 * (j + half)]);
+        const float z_hi = from_bf16(sz[2 * (j + half) + 1]);
         uint16_t* lo = out + (b * B + j) * K + k0;
         uint16_t* hi = out + (b * B + half + j) * K + k0;
         const uint8_t* src = packed + (b * K + k0) * half + j;
@@ -81,13 +72,13 @@ int q_dequant_int8(const int8_t* codes, const uint16_t* scale, const uint16_t* z
     const int8_t* c = codes + n * K;
     uint16_t* o = out + n * K;
     for (int64_t g = 0; g < groups; ++g) {
-      const float s = bf16_to_float(scale[n * groups + g]);
-      const float z = zero == nullptr ? 0.f : bf16_to_float(zero[n * groups + g]);
+      const float s = from_bf16(scale[n * groups + g]);
+      const float z = zero == nullptr ? 0.f : from_bf16(zero[n * groups + g]);
       const int64_t end = (g + 1) * group < K ? (g + 1) * group : K;
 #pragma omp simd
       for (int64_t k = g * group; k < end; ++k) {
-        const float shifted = bf16_to_float(float_to_bf16(static_cast<float>(c[k]) - z));
-        o[k] = float_to_bf16(shifted * s);
+        const float shifted = from_bf16(to_bf16(static_cast<float>(c[k]) - z));
+        o[k] = to_bf16(shifted * s);
       }
     }
   }

@@ -15,25 +15,16 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "../bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-inline float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-inline uint16_t to_bf16(float v) {  // round to nearest even; NaN stays NaN (branch-free)
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-}
+using q_bf16::from_bf16;
+using q_bf16::to_bf16;
 
 #if defined(__AVX512F__)
 // bytes ahead that each row's next line is asked for (with the weights coming from memory,
