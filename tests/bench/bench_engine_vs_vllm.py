@@ -14,7 +14,9 @@ twice: with its defaults, which reserve a core for its scheduler process (on 2 c
 model runs on 1 thread), and with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (all cores); q is
 compared with the faster of the two.
 
-Also, for q: time to first token of a 256-token prompt that arrives while 31 requests are
+Also, for q: the lone request's tokens per second after its first token (its decode alone,
+the prompt's prefill left out) and, per quantized checkpoint, both of its 1-request rates
+over bf16's; time to first token of a 256-token prompt that arrives while 31 requests are
 decoding, against the same prompt alone; and the peak RSS of a process that loads each
 checkpoint (``--rss``), beside the checkpoint's size.
 
@@ -101,10 +103,24 @@ def q_rates(path: Path, batch: list[list[int]], new_tokens: int, alone: list[int
     outs = session.generate(batch, max_tokens=new_tokens, ignore_eos=True)
     batch_s = time.perf_counter() - t0
     assert all(len(o.token_ids) == new_tokens for o in outs)
+    first_s, one_s = one_request(session, alone, new_tokens)
+    return {"batch_s": batch_s, "one_s": one_s, "first_s": first_s,
+            "ttft": ttft(session, batch)}
+
+
+def one_request(session, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Wall seconds of one request alone, to its first token and to its last: what
+    ``generate`` does, step by step, so that its decode rate can be told from its prefill."""
+    from q.generation import SamplingParams
+
     t0 = time.perf_counter()
-    session.generate([alone], max_tokens=new_tokens, ignore_eos=True)
-    one_s = time.perf_counter() - t0
-    return {"batch_s": batch_s, "one_s": one_s, "ttft": ttft(session, batch)}
+    rid = session.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    first = None
+    while session.has_unfinished():
+        for out in session.step():
+            if out.request_id == rid and first is None and out.token_ids:
+                first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0
 
 
 def ttft(session, batch) -> dict:
@@ -248,11 +264,14 @@ def main():
         print(f"\n{model}: {len(batch)} requests x 256-token prompts, {opts.new_tokens} new "
               "tokens each (generated tok/s, prefill included)\n")
         print("| checkpoint | vLLM CPU, 32 req | q, 32 req | q / vLLM | vLLM, 1 req | q, 1 req "
-              "| q / vLLM | q TTFT alone / with 31 decoding (s) |"
+              "| q / vLLM | q 1 req after its first token | q TTFT alone / with 31 decoding (s) |"
               + (" size MiB | q RSS MiB, peak / after load |" if opts.rss else ""))
-        print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
+        alone_rates = {}  # checkpoint -> (q 1 req tok/s, its decode tok/s after the first)
         for name, path in ckpts.items():
             mine = q_rates(path, batch, opts.new_tokens, alone, warmup)
+            decode = (opts.new_tokens - 1) / (mine["one_s"] - mine["first_s"])
+            alone_rates[name] = (opts.new_tokens / mine["one_s"], decode)
             theirs, setup = best_vllm(peers, name)
             for other, r in peers.items():  # every vLLM setup's own numbers, for the record
                 if name in r and "error" not in r[name]:
@@ -268,13 +287,20 @@ def main():
                 vb, v1, rb, r1 = (f"{vb_:.1f} ({setup})", f"{v1_:.1f}", f"{qb / vb_:.2f}",
                                   f"{q1 / v1_:.2f}")
             t = mine["ttft"]
-            row = (f"| {name} | {vb} | {qb:.1f} | {rb} | {v1} | {q1:.1f} | {r1} | "
+            row = (f"| {name} | {vb} | {qb:.1f} | {rb} | {v1} | {q1:.1f} | {r1} | {decode:.1f} | "
                    f"{t['alone_s']:.2f} / {t['with_decoding_s']:.2f} ({t['decoding']}) |")
             if opts.rss:
                 row += f" {size_mib(path):.0f} | {peak_rss(path)} |"
             print(row, flush=True)
             if "error" in theirs and not opts.no_vllm:
                 print(f"  (vLLM: {theirs['error'][:160]})")
+        if "bf16" in alone_rates:  # the issue's quantized-against-unquantized targets
+            base_total, base_decode = alone_rates["bf16"]
+            print(f"\n{model}, 1 request, against q's bf16 (whole request / after its first "
+                  "token): " + ", ".join(f"{name} {total / base_total:.2f}x / "
+                                         f"{decode / base_decode:.2f}x"
+                                         for name, (total, decode) in alone_rates.items()
+                                         if name != "bf16"))
 
 
 if __name__ == "__main__":
