@@ -265,3 +265,63 @@ def test_checkpoint_without_tokenizer_is_named(tiny_llama, tmp_path):
             shutil.copy(f, tmp_path / f.name)
     with pytest.raises(CheckpointError, match="has no tokenizer.*copy the tokenizer files"):
         q.load_engine(tmp_path)
+
+
+
+def test_a_cpu_engine_tunes_glibc_after_load(tiny_llama, monkeypatch):
+    """Loading trims the heap, then (KV cache made) has glibc keep a step's freed memory:
+    blocks up to 32 MB from the heap, trimmed only above 1 GiB (reuse_freed_memory's
+    docstring has why)."""
+    from q.plugins.engines import native
+
+    calls = []
+
+    class Recorder:
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+    monkeypatch.setattr(native, "_glibc", lambda: Recorder())
+    q.load_engine(tiny_llama(), device="cpu")
+    assert calls == [("malloc_trim", 0), ("mallopt", native.M_MMAP_THRESHOLD, 32 << 20),
+                     ("mallopt", native.M_TRIM_THRESHOLD, 1 << 30)]
+
+
+REUSE_PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+fields = ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost")
+libc.mallinfo2.restype = type("MallInfo2", (ctypes.Structure,),
+                              {"_fields_": [(f, ctypes.c_size_t) for f in fields.split()]})
+libc.malloc.restype = ctypes.c_void_p
+from q.plugins.engines.native import reuse_freed_memory  # torch's import allocates too
+if sys.argv[1] == "reuse":
+    reuse_freed_memory()
+before = libc.mallinfo2().hblks
+libc.malloc(30 << 20)  # not freed: freeing an mmapped block moves glibc's threshold itself
+print(libc.mallinfo2().hblks > before)  # whether glibc gave the block its own mmap
+"""
+
+
+def test_reuse_freed_memory_serves_step_sized_blocks_from_the_heap():
+    """glibc mmaps a 30 MB block by default (and unmaps it on free, so the next step pays
+    its page faults again); after reuse_freed_memory it comes from the heap. A fresh
+    process each, since a first probe would move glibc's threshold for the second."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc 2.33+ (no mallinfo2 to see the mmaps)")
+    mmapped = []
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        mmapped.append(out.stdout.split()[-1])
+    assert mmapped == ["True", "False"]
