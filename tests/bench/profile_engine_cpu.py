@@ -7,6 +7,7 @@
     python tests/bench/profile_engine_cpu.py --requests 32 --parts  # wall time per part
     python tests/bench/profile_engine_cpu.py --prefill --parts  # the same, 8 x 256 prompts
     python tests/bench/profile_engine_cpu.py --phases  # the engine bench's workload: prefill vs decode
+    python tests/bench/profile_engine_cpu.py --prefill --parts --glibc-defaults  # malloc A/B
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
 step time printed includes the profiler's overhead. torch's profiler does not see the C++
@@ -41,7 +42,15 @@ def main() -> None:
                     help="wall time per part of q's decoder forward instead of the profiler")
     ap.add_argument("--phases", action="store_true",
                     help="prefill and decode time of the 32-request engine bench workload")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="leave glibc's malloc policy as it is (the engine otherwise keeps a "
+                         "step's freed memory: native.reuse_freed_memory); run with and "
+                         "without it for the A/B behind that function's thresholds")
     args = ap.parse_args()
+    if args.glibc_defaults:
+        from q.plugins.engines import native
+
+        native.reuse_freed_memory = lambda: None
     session = q.load_engine(args.model or q.default_model())
     if args.parts:
         return time_parts(session, args.requests, args.prefill)

@@ -67,9 +67,10 @@ def reuse_freed_memory() -> None:
     EPYC took 1537 ms with glibc's defaults and 1322 ms with glibc told through the
     environment to keep freed memory (``MALLOC_TRIM_THRESHOLD_=17179869184
     MALLOC_TOP_PAD_=268435456 python tests/bench/profile_engine_cpu.py --prefill --parts``,
-    docs/benchmarks.md); the thresholds set here were chosen in an A/B not kept in the
-    repo. Blocks up to 32 MB (glibc's largest mmap threshold) now come from the heap, which is trimmed only
-    above 1 GiB free at its top; the memory a loaded model holds is unchanged (this runs
+    docs/benchmarks.md); with the thresholds set here, 1298-1312 ms against 1404-1647 with
+    glibc's defaults, alternated (``profile_engine_cpu.py --prefill --parts`` with and
+    without ``--glibc-defaults``). Blocks up to 32 MB (glibc's largest mmap threshold) now
+    come from the heap, which is trimmed only above 1 GiB free at its top; the memory a loaded model holds is unchanged (this runs
     after load's malloc_trim), the peak grows by at most one step's activations. vLLM's
     CPU docs preload tcmalloc for the same reason."""
     libc = _glibc()
