@@ -25,6 +25,8 @@ Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 vocab 32000). Checkpoints are written by q into ``--work`` and reused.
 
     python tests/bench/bench_engine_vs_vllm.py --models smollm2,llama-1b --rss
+    python tests/bench/bench_engine_vs_vllm.py --models llama-1b --schemes bf16,wint8,wint4-g64 \
+        --alone-only --alone-rounds 5    # the 1-request quantized-vs-bf16 ratios, interleaved
 """
 
 from __future__ import annotations
@@ -121,6 +123,43 @@ def one_request(session, prompt: list[int], new_tokens: int) -> tuple[float, flo
             if out.request_id == rid and first is None and out.token_ids:
                 first = time.perf_counter() - t0
     return first, time.perf_counter() - t0
+
+
+def alone_interleaved(ckpts: dict[str, Path], prompt: list[int], warmup: list[int],
+                      new_tokens: int, rounds: int) -> None:
+    """The lone request on every checkpoint in turn, ``rounds`` times, all loaded at once:
+    this VM's speed drifts by 20-35% within minutes, so per-checkpoint runs minutes apart
+    give ratios that move as much; here a drift hits every checkpoint of a round. Medians
+    (and ranges) of q's 1-request tok/s, whole and after its first token, and of each
+    checkpoint's ratios over bf16's within the same round."""
+    import statistics
+
+    import q
+
+    sessions = {name: q.load_engine(path, kv_cache_tokens=4096) for name, path in ckpts.items()}
+    for session in sessions.values():
+        session.generate([warmup], max_tokens=4, ignore_eos=True)
+    rates = {name: [] for name in sessions}  # per round: (whole tok/s, after-first tok/s)
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            first_s, one_s = one_request(session, prompt, new_tokens)
+            rates[name].append((new_tokens / one_s, (new_tokens - 1) / (one_s - first_s)))
+
+    def spread(values, unit=""):
+        return (f"{statistics.median(values):.2f}{unit} "
+                f"({min(values):.2f}-{max(values):.2f})")
+
+    print(f"\nq alone, {rounds} interleaved rounds of the lone request (medians, range)\n")
+    print("| checkpoint | 1 req tok/s | after its first token | over bf16, whole | over bf16, "
+          "after its first token |\n|---|---:|---:|---:|---:|")
+    for name, runs in rates.items():
+        whole, decode = zip(*runs)
+        over = ["-", "-"]
+        if "bf16" in rates and name != "bf16":
+            base = rates["bf16"]
+            over = [spread([r[i] / b[i] for r, b in zip(runs, base)], "x") for i in (0, 1)]
+        print(f"| {name} | {spread(whole)} | {spread(decode)} | {over[0]} | {over[1]} |",
+              flush=True)
 
 
 def ttft(session, batch) -> dict:
@@ -227,6 +266,11 @@ def main():
                              "measure what fusing does; timing only (not --rss)")
     parser.add_argument("--rss-only", action="store_true",
                         help="only checkpoint sizes and q's RSS (no timing)")
+    parser.add_argument("--alone-rounds", type=int, default=0,
+                        help="then time q's lone request on every checkpoint in turn, this "
+                             "many rounds, all loaded at once (ratios a drift cannot skew)")
+    parser.add_argument("--alone-only", action="store_true",
+                        help="only the --alone-rounds table (no 32-request runs, no vLLM)")
     opts = parser.parse_args()
     import q
 
@@ -249,6 +293,9 @@ def main():
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         *batch, alone, warmup = prompts(vocab, n=34)
         ckpts = checkpoints(model_dir, opts.work, opts.schemes.split(","))
+        if opts.alone_only:
+            alone_interleaved(ckpts, alone, warmup, opts.new_tokens, opts.alone_rounds or 5)
+            continue
         if opts.rss_only:
             print(f"\n{model}: checkpoint MiB, q RSS MiB (peak / after load and 4 tokens)\n")
             print("| checkpoint | size MiB | q RSS MiB, peak / after load |\n|---|---:|---:|")
@@ -294,6 +341,8 @@ def main():
             print(row, flush=True)
             if "error" in theirs and not opts.no_vllm:
                 print(f"  (vLLM: {theirs['error'][:160]})")
+        if opts.alone_rounds:
+            alone_interleaved(ckpts, alone, warmup, opts.new_tokens, opts.alone_rounds)
         if "bf16" in alone_rates:  # the issue's quantized-against-unquantized targets
             base_total, base_decode = alone_rates["bf16"]
             print(f"\n{model}, 1 request, against q's bf16 (whole request / after its first "
