@@ -29,6 +29,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace q_amx {
 
 struct TileConfig {  // the layout ldtilecfg reads (palette 1)
@@ -124,11 +126,8 @@ inline FixedPoint to_fixed_point(const uint16_t* xb, int64_t M, int64_t K, int64
       if (bits >= 0x7F800000u) {
         unit = std::numeric_limits<float>::quiet_NaN();  // X stays 0
       } else if (biased >= 14) {  // 2^(14 - E) = 2^(141 - biased) is a normal float
-        float to_int;
-        const uint32_t to_int_bits = static_cast<uint32_t>(141 - biased + 127) << 23;
-        std::memcpy(&to_int, &to_int_bits, sizeof to_int);
         unit = std::ldexp(1.f, biased - 141);
-        const __m512 scale = _mm512_set1_ps(to_int);
+        const __m512 scale = _mm512_set1_ps(std::ldexp(1.f, 141 - biased));
         __m512i sums = _mm512_setzero_si512();
         for (int64_t k = k0; k < k1; k += 16) {  // exact products, rounded to nearest even
           const __m512i q = _mm512_cvtps_epi32(
@@ -141,10 +140,7 @@ inline FixedPoint to_fixed_point(const uint16_t* xb, int64_t M, int64_t K, int64
         const double to_int = std::ldexp(1.0, 141 - std::max(biased, 1));
         unit = static_cast<float>(std::ldexp(1.0, std::max(biased, 1) - 141));
         for (int64_t k = k0; k < k1; ++k) {
-          const uint32_t u = static_cast<uint32_t>(x[k]) << 16;
-          float v;
-          std::memcpy(&v, &u, sizeof v);
-          out[k] = static_cast<int16_t>(std::nearbyint(v * to_int));
+          out[k] = static_cast<int16_t>(std::nearbyint(q_bf16::from_bf16(x[k]) * to_int));
           sum += out[k];
         }
       }

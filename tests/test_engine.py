@@ -267,7 +267,6 @@ def test_checkpoint_without_tokenizer_is_named(tiny_llama, tmp_path):
         q.load_engine(tmp_path)
 
 
-
 def test_a_cpu_engine_tunes_glibc_after_load(tiny_llama, monkeypatch):
     """Loading trims the heap, then (KV cache made) has glibc keep a step's freed memory:
     blocks up to 32 MB from the heap, trimmed only above 1 GiB (reuse_freed_memory's

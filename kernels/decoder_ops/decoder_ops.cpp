@@ -22,17 +22,10 @@
 
 namespace {
 
-// bit casts through a union: GCC vectorizes these loops, not those with memcpy or bit_cast
-inline float bits_to_float(uint32_t u) {
-  union { uint32_t u; float f; } c;
-  c.u = u;
-  return c.f;
-}
+using q_bf16::to_bf16;  // c10::BFloat16's rounding
 
 inline float load(float x) { return x; }
-inline float load(uint16_t x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }  // bf16
-
-using q_bf16::to_bf16;  // c10::BFloat16's rounding
+inline float load(uint16_t x) { return q_bf16::from_bf16(x); }
 
 inline void store(float* p, float x) { *p = x; }
 inline void store(uint16_t* p, float x) { *p = to_bf16(x); }

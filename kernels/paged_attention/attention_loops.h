@@ -25,9 +25,7 @@ inline float bits_to_float(uint32_t u) {
 }
 
 inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bf16: the high half of an fp32
-  return bits_to_float(static_cast<uint32_t>(x) << 16);
-}
+inline float to_float(uint16_t x) { return q_bf16::from_bf16(x); }
 
 // exp for x <= 0 (scores minus their maximum), vectorizable (libm's expf is not, without
 // -ffast-math, nor is std::floor): exp(x) = 2^k exp(r), k = x / ln2 rounded to the nearest

@@ -28,7 +28,6 @@
 #endif
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "../amx_tiles.h"

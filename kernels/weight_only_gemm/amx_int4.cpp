@@ -29,7 +29,6 @@
 #error "this CPU has no AVX-512 BF16 and VNNI (or the compiler does not target them)"
 #endif
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "../amx_tiles.h"

@@ -70,9 +70,9 @@ def reuse_freed_memory() -> None:
     docs/benchmarks.md); with the thresholds set here, 1298-1312 ms against 1404-1647 with
     glibc's defaults, alternated (``profile_engine_cpu.py --prefill --parts`` with and
     without ``--glibc-defaults``). Blocks up to 32 MB (glibc's largest mmap threshold) now
-    come from the heap, which is trimmed only above 1 GiB free at its top; the memory a loaded model holds is unchanged (this runs
-    after load's malloc_trim), the peak grows by at most one step's activations. vLLM's
-    CPU docs preload tcmalloc for the same reason."""
+    come from the heap, which is trimmed only above 1 GiB free at its top; the memory a
+    loaded model holds is unchanged (this runs after load's malloc_trim), the peak grows by
+    at most one step's activations. vLLM's CPU docs preload tcmalloc for the same reason."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
