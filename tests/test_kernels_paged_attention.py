@@ -80,6 +80,26 @@ def test_cpp_kernel_on_engine_blocks(kernel, shape, window, softcap):
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
 
+def test_cpp_kernel_strided_queries_and_cache_dtype_out(kernel):
+    """Queries read in place from a wider row (the fused q/k/v output) and the output written
+    in the caches' dtype: the very bits of the contiguous call's fp32 output rounded by
+    ``.to()``. A stride or rounding slip changes them."""
+    heads, kv_heads, dim = 8, 2, 64
+    lengths = [1, 63, 65, 200]
+    q, k, v, tables, lengths = _case(len(lengths), heads, kv_heads, dim, dim, lengths,
+                                     torch.bfloat16, 4, bs=64)
+    wide = torch.randn(len(lengths), (heads + 2 * kv_heads) * dim).to(torch.bfloat16)
+    wide[:, :heads * dim] = q.reshape(len(lengths), -1)
+    strided = wide[:, :heads * dim].view(len(lengths), heads, dim)
+    assert not strided.is_contiguous()
+    want = kernel(q, k, v, tables, lengths, 0.125)
+    assert torch.equal(kernel(strided, k, v, tables, lengths, 0.125), want)
+    got = kernel(strided, k, v, tables, lengths, 0.125, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="float32 or the caches' dtype"):
+        kernel(q, k, v, tables, lengths, 0.125, out_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("window,softcap", [(7, None), (BS, None), (None, 5.0), (20, 2.0)])
 def test_cpp_kernel_window_and_softcap(kernel, window, softcap):
     q, k, v, tables, lengths = _case(len(LENGTHS), 8, 2, 32, 32, LENGTHS, torch.bfloat16, 1)

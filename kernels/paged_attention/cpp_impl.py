@@ -19,7 +19,7 @@ LANES = 16  # positions per accumulator in the kernel: block sizes are multiples
 @functools.cache
 def _library() -> tuple[object, str | None]:
     """(the loaded kernels, None) or (None, why they are unavailable)."""
-    return cpp_build.bind(SOURCE, q_paged_decode="i pppppp llllllll ff i",
+    return cpp_build.bind(SOURCE, q_paged_decode="i pl ppppp i llllllll ff i",
                           q_paged_prefill="i pl ppppp l llllllll ff i")
 
 
@@ -49,22 +49,30 @@ def _check_caches(name: str, k_cache, v_cache, heads: int) -> None:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  tables: torch.Tensor, lengths: torch.Tensor, scale: float,
-                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """See :func:`q.kernels.paged_attention.reference.paged_decode`; fp32 ``[B, H, DV]``."""
+                 window: int | None = None, softcap: float | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """See :func:`q.kernels.paged_attention.reference.paged_decode`: ``[B, H, DV]`` in
+    fp32, or in the caches' dtype (``out_dtype``: the fp32 result rounded as ``.to()``
+    rounds). ``q``'s rows may be strided (a view of the fused q/k/v projection's output) as
+    long as each row's heads are contiguous."""
     lib = _lib()
     batch, heads, dim = q.shape
     _, kv_heads, _, block_size = k_cache.shape
     value_dim = v_cache.shape[-1]
     dtype = cpp_build.dtype_code(k_cache.dtype)
-    q = q.to(k_cache.dtype).contiguous()
+    if q.dtype != k_cache.dtype or q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.to(k_cache.dtype).contiguous()
     _check_caches("paged_decode", k_cache, v_cache, heads)
     tables = tables.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    out = torch.empty(batch, heads, value_dim, dtype=torch.float32)
-    lib.q_paged_decode(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-       lengths.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, value_dim,
-       tables.shape[1], block_size, window or 0, scale, softcap or 0.0,
-       torch.get_num_threads())
+    if out_dtype not in (torch.float32, k_cache.dtype):
+        raise ValueError(f"paged_decode writes float32 or the caches' dtype, not {out_dtype}")
+    out = torch.empty(batch, heads, value_dim, dtype=out_dtype)
+    lib.q_paged_decode(dtype, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                       tables.data_ptr(), lengths.data_ptr(), out.data_ptr(),
+                       int(out_dtype != torch.float32), batch, heads,
+                       kv_heads, dim, value_dim, tables.shape[1], block_size, window or 0,
+                       scale, softcap or 0.0, torch.get_num_threads())
     return out
 
 

@@ -8,12 +8,14 @@
 // these are one pool.
 //
 // Layouts of decode (all contiguous; prefill's are described at it):
-//   q       [B, H, D]                 queries of the step, one per sequence
+//   q       [B, H, D]                 queries of the step, one per sequence (rows of q_stride
+//                                     elements: a view of the fused q/k/v projection's output)
 //   k_cache [blocks, kvH, D, bs]      one layer's keys, positions innermost
 //   v_cache [blocks, bs, kvH, DV]     one layer's values (MLA: DV != D)
 //   tables  [B, nblk] int64           each sequence's blocks, position p in block p / bs
 //   lengths [B] int64                 keys a sequence's query sees: positions [0, len)
-//   out     [B, H, DV] float32
+//   out     [B, H, DV] float32, or in the caches' dtype (OutT = T: what o_proj takes, rounded
+//                                     as torch's .to() rounds)
 // The H query heads share kvH key/value heads in groups of H / kvH (grouped-query
 // attention); each (sequence, KV head) pair is one unit of work and reads its keys and
 // values once for the whole group. Scores, softmax and the weighted sum run in fp32.
@@ -27,9 +29,10 @@
 
 namespace {
 
-template <typename T>
-void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
-            const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t kvH, int64_t D,
+template <typename T, typename OutT>
+void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+            const int64_t* tables, const int64_t* lengths, OutT* out, int64_t B, int64_t H,
+            int64_t kvH, int64_t D,
             int64_t DV, int64_t nblk, int64_t bs, int64_t window, float scale, float softcap,
             int threads) {
   const int64_t group = H / kvH;
@@ -54,13 +57,13 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       const int64_t len = lengths[b];
       const int64_t first = (window > 0 && len > window) ? len - window : 0;
       const int64_t n = len - first;
-      float* o = out + (b * H + h * group) * DV;
+      OutT* o = out + (b * H + h * group) * DV;
       if (n <= 0) {
-        std::memset(o, 0, sizeof(float) * group * DV);
+        std::memset(o, 0, sizeof(OutT) * group * DV);
         continue;
       }
       for (int64_t j = 0; j < group; ++j) {
-        load_row(q + (b * H + h * group + j) * D, qf.data() + j * D, D);
+        load_row(q + b * q_stride + (h * group + j) * D, qf.data() + j * D, D);
         for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
         peak[j] = -INFINITY;
       }
@@ -115,7 +118,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       sum_values(rows, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
                  acc.data());
       for (int64_t j = 0; j < group; ++j)
-        for (int64_t i = 0; i < DV; ++i) o[j * DV + i] = acc[j * DV + i] / total[j];
+        for (int64_t i = 0; i < DV; ++i) store(o + j * DV + i, acc[j * DV + i] / total[j]);
     }
   }
 }
@@ -271,19 +274,29 @@ void prefill(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = bfloat16 (q and both caches share it). Returns 0.
-int q_paged_decode(int dtype, const void* q, const void* k_cache, const void* v_cache,
-                   const int64_t* tables, const int64_t* lengths, float* out, int64_t B,
-                   int64_t H, int64_t kvH, int64_t D, int64_t DV, int64_t nblk, int64_t bs,
-                   int64_t window, float scale, float softcap, int threads) {
-  if (dtype == 1)
-    decode(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_cache),
-           static_cast<const uint16_t*>(v_cache), tables, lengths, out, B, H, kvH, D, DV,
-           nblk, bs, window, scale, softcap, threads);
-  else
-    decode(static_cast<const float*>(q), static_cast<const float*>(k_cache),
-           static_cast<const float*>(v_cache), tables, lengths, out, B, H, kvH, D, DV, nblk,
-           bs, window, scale, softcap, threads);
+// dtype: 0 = float32, 1 = bfloat16 (q and both caches share it); q rows q_stride elements
+// apart; out_in_cache_dtype: 0 = out is float32, 1 = in the caches' dtype. Returns 0.
+int q_paged_decode(int dtype, const void* q, int64_t q_stride, const void* k_cache,
+                   const void* v_cache, const int64_t* tables, const int64_t* lengths, void* out,
+                   int out_in_cache_dtype, int64_t B, int64_t H, int64_t kvH, int64_t D,
+                   int64_t DV, int64_t nblk, int64_t bs, int64_t window, float scale,
+                   float softcap, int threads) {
+  const auto run = [&](auto q, auto k, auto v, auto o) {
+    decode(q, q_stride, k, v, tables, lengths, o, B, H, kvH, D, DV, nblk, bs, window, scale,
+           softcap, threads);
+  };
+  if (dtype == 1) {
+    const auto* q16 = static_cast<const uint16_t*>(q);
+    const auto* k16 = static_cast<const uint16_t*>(k_cache);
+    const auto* v16 = static_cast<const uint16_t*>(v_cache);
+    if (out_in_cache_dtype)
+      run(q16, k16, v16, static_cast<uint16_t*>(out));
+    else
+      run(q16, k16, v16, static_cast<float*>(out));
+  } else {
+    run(static_cast<const float*>(q), static_cast<const float*>(k_cache),
+        static_cast<const float*>(v_cache), static_cast<float*>(out));
+  }
   return 0;
 }
 

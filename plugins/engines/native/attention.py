@@ -136,9 +136,10 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
     heads, dim = q.shape[1], q.shape[2]
     scale = dim ** -0.5 if scaling is None else scaling
     if p.kernels is not None:
-        if p.spans is None:
+        if p.spans is None:  # written in the caches' dtype where that is the activations'
+            out_dtype = q.dtype if q.dtype == k_cache.dtype else torch.float32
             return p.kernels.paged_decode(q, k_cache, v_cache, p.blocks, p.lengths, scale,
-                                          window, softcap)
+                                          window, softcap, out_dtype)
         return p.kernels.paged_prefill(q, k_cache, v_cache, p.blocks, p.spans, scale, window,
                                        softcap)
     kv_heads, value_dim = v_cache.shape[-2], v_cache.shape[-1]
