@@ -70,3 +70,21 @@ def bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | Non
                              None if bias is None else bias.data_ptr(), out.data_ptr(), m, n,
                              k, torch.get_num_threads())
     return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)
+
+
+def bind_bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor):
+    """:func:`bf16_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a call
+    without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot
+    run."""
+    lib = _amx()[0]
+    m, k = x.shape
+    n = amx_weight.shape[0] * 16
+    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_weight, torch.bfloat16, (n // 16, k // 2, 16, 2))
+            or (bias is not None and not cpp_build.plain(bias, torch.float32, numel=n))
+            or not cpp_build.plain(out, torch.bfloat16, (m, n)) or amx_unavailable(n, k)):
+        return None
+    return cpp_build.bound_call(lib.q_bf16_amx, x.data_ptr(), amx_weight.data_ptr(),
+                                None if bias is None else bias.data_ptr(), out.data_ptr(), m,
+                                n, k, torch.get_num_threads(), name="q_bf16_amx")

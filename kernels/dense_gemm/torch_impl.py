@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .cpp_impl import amx_unavailable, bf16_amx, to_amx_bf16_layout
+from .cpp_impl import amx_unavailable, bf16_amx, bind_bf16_amx, to_amx_bf16_layout
 
 
 @functools.cache
@@ -62,3 +62,8 @@ class PackedLinear:
             return torch.empty(0, self.shape[0], dtype=torch.bfloat16)
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed,
                                                   self.bias, "none", [], "")
+
+    def bind(self, x: torch.Tensor, out: torch.Tensor):
+        """``out = self(x)`` for fixed bf16 buffers ``x [M, K]`` and ``out [M, N]`` as a call
+        without arguments (q's strip kernel), or None (oneDNN)."""
+        return bind_bf16_amx(x, self.packed, self.bias, out) if self.kernel == "amx" else None

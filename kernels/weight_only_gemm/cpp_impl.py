@@ -104,6 +104,24 @@ def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tenso
     return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)
 
 
+def bind_int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor,
+                         out: torch.Tensor):
+    """:func:`int8_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
+    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    cannot run."""
+    lib = _amx()[0]
+    m, k = x.shape
+    n = amx_codes.shape[0] * 16
+    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_codes, torch.int8, (n // 16, k // 2, 16, 2))
+            or not cpp_build.plain(scale, torch.float32, numel=n)
+            or not cpp_build.plain(out, torch.bfloat16, (m, n)) or amx_unavailable(n, k)):
+        return None
+    return cpp_build.bound_call(lib.q_wo_int8_amx, x.data_ptr(), amx_codes.data_ptr(),
+                                scale.data_ptr(), out.data_ptr(), m, n, k,
+                                torch.get_num_threads(), name="q_wo_int8_amx")
+
+
 def _probe_int4(lib) -> bool:
     for m in (1, 9):  # both paths (registers, tiles); codes 1, scale 1, zero 0.5: 32 * 1.5
         x = torch.ones(m, 32, dtype=torch.bfloat16)
@@ -177,6 +195,25 @@ def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.
                                 out.data_ptr(), m, n, k, group, int(zero),
                                 torch.get_num_threads())
     return None if refused else out  # the kernel's own shape rule (groups of 32s dividing K)
+
+
+def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
+                         group: int, zero: bool, out: torch.Tensor):
+    """:func:`int4_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
+    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    cannot run."""
+    lib = _amx_int4()[0]
+    m, k = x.shape
+    n = amx_codes.shape[0] * 16
+    if (lib is None or m == 0 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
+            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))
+            or not cpp_build.plain(out, torch.bfloat16, (m, n))
+            or amx_int4_unavailable(n, k, group)):
+        return None
+    return cpp_build.bound_call(lib.q_wo_int4_amx, x.data_ptr(), amx_codes.data_ptr(),
+                                amx_scales.data_ptr(), out.data_ptr(), m, n, k, group,
+                                int(zero), torch.get_num_threads(), name="q_wo_int4_amx")
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,

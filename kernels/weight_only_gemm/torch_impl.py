@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import cpu_choice
-from .cpp_impl import (amx_int4_unavailable, amx_unavailable, dequantize_int4pack,
+from .cpp_impl import (amx_int4_unavailable, amx_unavailable, bind_int4_weight_amx,
+                       bind_int8_weight_amx, dequantize_int4pack,
                        dequantize_int8, from_amx_int4_layout, gemv_unavailable,
                        int4_weight_amx, int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
                        to_amx_int4_scales, to_amx_layout)
@@ -246,3 +247,13 @@ class WeightOnlyTorch:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.choose(x.shape[0]))
+
+    def bind(self, x: torch.Tensor, out: torch.Tensor):
+        """``out = self(x)`` for fixed bf16 buffers ``x [M, K]`` and ``out [M, N]`` as a call
+        without arguments (the AMX-layout kernels: the one choice for every M), or None."""
+        if self.kernels != ("amx",):
+            return None
+        if self.bits == 4:
+            return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group,
+                                        self.has_zero, out)
+        return bind_int8_weight_amx(x, self.amx_codes, self.scale_fp32, out)

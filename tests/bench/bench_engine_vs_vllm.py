@@ -27,6 +27,8 @@ vocab 32000). Checkpoints are written by q into ``--work`` and reused.
     python tests/bench/bench_engine_vs_vllm.py --models smollm2,llama-1b --rss
     python tests/bench/bench_engine_vs_vllm.py --models llama-1b --schemes bf16,wint8,wint4-g64 \
         --alone-only --alone-rounds 5    # the 1-request quantized-vs-bf16 ratios, interleaved
+    python tests/bench/bench_engine_vs_vllm.py --models llama-1b --schemes bf16,wint4-g64 \
+        --alone-only --decode-program-ab  # the same, decode replayed or not (decode_program.py)
 """
 
 from __future__ import annotations
@@ -125,18 +127,26 @@ def one_request(session, prompt: list[int], new_tokens: int) -> tuple[float, flo
     return first, time.perf_counter() - t0
 
 
+FORWARD = " (forward)"  # --decode-program-ab: the same checkpoint, decode not replayed
+
+
 def alone_interleaved(ckpts: dict[str, Path], prompt: list[int], warmup: list[int],
-                      new_tokens: int, rounds: int) -> None:
+                      new_tokens: int, rounds: int, program_ab: bool = False) -> None:
     """The lone request on every checkpoint in turn, ``rounds`` times, all loaded at once:
     this VM's speed drifts by 20-35% within minutes, so per-checkpoint runs minutes apart
     give ratios that move as much; here a drift hits every checkpoint of a round. Medians
     (and ranges) of q's 1-request tok/s, whole and after its first token, and of each
-    checkpoint's ratios over bf16's within the same round."""
+    checkpoint's ratios over bf16's within the same round. ``program_ab``: each checkpoint
+    also loaded a second time with its decode steps run by the decoder forward instead of
+    replayed (decode_program.py), as rows named ``... (forward)``, ratios over bf16's own."""
     import statistics
 
     import q
 
     sessions = {name: q.load_engine(path, kv_cache_tokens=4096) for name, path in ckpts.items()}
+    for name, path in list(ckpts.items()) if program_ab else []:
+        session = sessions[name + FORWARD] = q.load_engine(path, kv_cache_tokens=4096)
+        session.runner.forward.programs = None
     for session in sessions.values():
         session.generate([warmup], max_tokens=4, ignore_eos=True)
     rates = {name: [] for name in sessions}  # per round: (whole tok/s, after-first tok/s)
@@ -155,8 +165,9 @@ def alone_interleaved(ckpts: dict[str, Path], prompt: list[int], warmup: list[in
     for name, runs in rates.items():
         whole, decode = zip(*runs)
         over = ["-", "-"]
-        if "bf16" in rates and name != "bf16":
-            base = rates["bf16"]
+        bf16 = "bf16" + (FORWARD if name.endswith(FORWARD) else "")
+        if bf16 in rates and name != bf16:
+            base = rates[bf16]
             over = [spread([r[i] / b[i] for r, b in zip(runs, base)], "x") for i in (0, 1)]
         print(f"| {name} | {spread(whole)} | {spread(decode)} | {over[0]} | {over[1]} |",
               flush=True)
@@ -271,6 +282,9 @@ def main():
                              "many rounds, all loaded at once (ratios a drift cannot skew)")
     parser.add_argument("--alone-only", action="store_true",
                         help="only the --alone-rounds table (no 32-request runs, no vLLM)")
+    parser.add_argument("--decode-program-ab", action="store_true",
+                        help="with --alone-only: every checkpoint also with its decode steps "
+                             "run by the decoder forward, not replayed (rows '(forward)')")
     opts = parser.parse_args()
     import q
 
@@ -294,7 +308,8 @@ def main():
         *batch, alone, warmup = prompts(vocab, n=34)
         ckpts = checkpoints(model_dir, opts.work, opts.schemes.split(","))
         if opts.alone_only:
-            alone_interleaved(ckpts, alone, warmup, opts.new_tokens, opts.alone_rounds or 5)
+            alone_interleaved(ckpts, alone, warmup, opts.new_tokens, opts.alone_rounds or 5,
+                              opts.decode_program_ab)
             continue
         if opts.rss_only:
             print(f"\n{model}: checkpoint MiB, q RSS MiB (peak / after load and 4 tokens)\n")

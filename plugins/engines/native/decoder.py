@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_program
 from .attention import attend
 
 log = logging.getLogger("q.engine")
@@ -39,9 +40,11 @@ NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def _projection(module: nn.Module, names: tuple[str, ...]):
-    """A callable ``h [M, K] -> tuple of [M, n_i]`` for the sibling projections ``names`` of
-    ``module``: their fused group's single GEMM split into views where the engine fused them
-    (:mod:`.fused`), else one call each (W8A8 layers share the activation quantization)."""
+    """``(call, layer, widths)`` for the sibling projections ``names`` of ``module``:
+    ``call`` maps ``h [M, K]`` to a tuple of ``[M, n_i]``, their fused group's single GEMM
+    (``layer``, of output ``widths``) split into views where the engine fused them
+    (:mod:`.fused`), else one call each (``layer`` None; W8A8 layers share the activation
+    quantization)."""
     from .fused import FusedPart
 
     parts = [getattr(module, n) for n in names]
@@ -50,8 +53,8 @@ def _projection(module: nn.Module, names: tuple[str, ...]):
             and [p.index for p in parts] == list(range(len(names)))
             and len(group.widths) == len(names)):
         layer, widths = group.layer, group.widths
-        return lambda h: layer(h).split(widths, dim=-1)
-    return lambda h: tuple(p(h) for p in parts)
+        return (lambda h: layer(h).split(widths, dim=-1)), layer, list(widths)
+    return (lambda h: tuple(p(h) for p in parts)), None, [p.out_features for p in parts]
 
 
 def why_not(model: nn.Module, device: torch.device, dtype: torch.dtype, impl: str):
@@ -124,11 +127,14 @@ class _Layer:
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of every head before the rotation
             self.qk_norms = (attn.q_norm.weight, attn.k_norm.weight,
                              attn.q_norm.variance_epsilon)
-        self.qkv = _projection(attn, ("q_proj", "k_proj", "v_proj"))
+        self.qkv, self.qkv_layer, widths = _projection(attn, ("q_proj", "k_proj", "v_proj"))
+        self.heads, self.kv_heads = widths[0] // self.head_dim, widths[1] // self.head_dim
+        self.value_dim = widths[2] // max(self.kv_heads, 1)
         self.o_proj = attn.o_proj
         self.window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
         self.scaling = attn.scaling
-        self.gate_up = _projection(mlp, ("gate_proj", "up_proj"))
+        self.gate_up, self.gate_up_layer, self.gate_up_widths = _projection(
+            mlp, ("gate_proj", "up_proj"))
         self.down = mlp.down_proj
 
 
@@ -147,9 +153,21 @@ class DecoderForward:
         self.lm_head = model.lm_head
         self.layers = [_Layer(layer, model.config)
                        for layer in inner.layers[:model.config.num_hidden_layers]]
+        self.dtype = self.embed.weight.dtype
+        why = decode_program.why_not(self)
+        self.programs = decode_program.DecodePrograms(self) if why is None else None
+        if why is not None:
+            log.info("decode steps: the decoder forward (not replayed: %s)", why)
 
     def __call__(self, input_ids, position_ids, logits_to_keep, q_batch, **_):
         ops = self.ops
+        n = input_ids.shape[1]
+        program = None
+        if self.programs is not None and decode_program.replayable(q_batch, n, logits_to_keep):
+            program = self.programs.get(n, q_batch.cache)
+        if program is not None:
+            cos, sin = self.rotary(program.h, position_ids)
+            return program.run(input_ids[0], cos[0].contiguous(), sin[0].contiguous(), q_batch)
         x = self.embed(input_ids[0])  # [N, hidden]
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos[0].contiguous(), sin[0].contiguous()

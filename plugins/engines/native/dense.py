@@ -45,6 +45,10 @@ class PackedDenseLinear(nn.Module):
         y = self.fast(x.reshape(-1, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
 
+    def bind(self, x: torch.Tensor, out: torch.Tensor):
+        """``out = self(x)`` for fixed 2-D buffers as a call without arguments, or None."""
+        return self.fast.bind(x, out)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 

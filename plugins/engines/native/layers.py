@@ -274,6 +274,14 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def bind(self, x: torch.Tensor, out: torch.Tensor):
+        """``out = self(x)`` for fixed 2-D buffers as a call without arguments, straight to
+        the kernel (weight-only layers without bias on the AMX-layout kernels), or None."""
+        if self.kind != "weight-only" or self.bias is not None or self.fast is None:
+            return None
+        bind = getattr(self.fast, "bind", None)
+        return None if bind is None else bind(x, out)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kind={self.kind}, bits={self.bits}, backend={self.backend}")

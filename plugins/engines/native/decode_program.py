@@ -1,0 +1,214 @@
+"""Decode steps of a few tokens replayed from calls bound once: the CPU counterpart of the
+CUDA graphs GPU engines replay for decode (nano-vllm captures one per batch size).
+
+The decoder forward (decoder.py) runs a decode step of a 22-layer model as some 800 Python
+calls: per layer four Linear modules, each through the module, its kernel object and a
+ctypes wrapper that checks shapes and layouts and allocates its output, two norms, the
+rotary/cache write, attention and the SiLU product, each with its own checks and
+allocation. On a 2-core CPU that Python was about a quarter of the main thread's time in a
+1-request wint4 step of the 1.1B model (``perf record``, docs/benchmarks.md), time in which
+the memory bus the GEMVs stream from sits idle.
+
+A :class:`DecodeProgram` is built once per token count ``m`` (1 to :data:`MAX_TOKENS`, on
+first use) for a model and its KV cache. It owns the step's activations as fixed buffers and
+holds every call of the forward with its arguments converted once: the norms, the rotary
+embedding with the cache write, paged attention (reading q in place from the fused q/k/v
+output and writing bf16 for o_proj), and each GEMM straight to its kernel where the layer
+can :meth:`bind` (weight-only int8/int4 and bf16 on the strip kernels; any other layer runs
+its module on the buffer and copies the product in). A step copies its token embeddings
+into the first buffer, points the few arguments that change per step (rotary tables, cache
+slots, block tables, their width) at this step's tensors and runs the list.
+
+Same kernels, same order, same roundings as the forward: the residual add the forward
+does in torch before the next layer's norm runs inside that norm's kernel (its residual
+variant, which rounds the sum as torch's add does), so the logits are the forward's bit
+for bit (tests/test_engine_decode_program.py). Steps with prompt tokens, more than
+:data:`MAX_TOKENS` tokens, fp32 activations, q/k norms (Qwen3) or unfused projections keep
+the forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("q.engine")
+
+MAX_TOKENS = 8  # the weight-only kernels' register path: decode batches up to this size
+
+
+def why_not(forward) -> str | None:
+    """Why decode steps of ``forward`` (a decoder.DecoderForward) cannot be replayed (None:
+    they can)."""
+    if forward.dtype != torch.bfloat16:
+        return f"the activations are {forward.dtype}, not bfloat16"
+    if type(forward.embed) is not nn.Embedding or forward.embed.max_norm is not None:
+        return f"the embedding is not a plain lookup ({type(forward.embed).__name__})"
+    for layer in forward.layers:
+        if layer.qk_norms is not None:
+            return "the layers normalize q and k per head"
+        if layer.qkv_layer is None or layer.gate_up_layer is None:
+            return "q/k/v or gate/up are not fused into one GEMM"
+    return None
+
+
+def replayable(batch, n: int, logits_to_keep) -> bool:
+    """Whether a step of ``n`` packed tokens is a decode step a program replays: one token
+    per sequence, each attending over its cache blocks in the C++ kernel, every row's logits
+    kept (``logits_to_keep`` the rows 0..n-1 in order, as the runner passes them)."""
+    paged = batch.paged if batch is not None else None
+    return (paged is not None and not batch.fresh and paged.spans is None
+            and paged.rows is None and paged.kernels is not None and paged.lengths is not None
+            and 1 <= n <= MAX_TOKENS and isinstance(logits_to_keep, torch.Tensor)
+            and logits_to_keep.numel() == n and int(logits_to_keep[-1]) == n - 1)
+
+
+class DecodeProgram:
+    """One decode step of ``m`` tokens, every call bound to fixed buffers."""
+
+    def __init__(self, forward, m: int, cache):
+        from q.kernels import cpp_build
+        from q.kernels.decoder_ops import cpp_impl as ops
+        from q.kernels.paged_attention import cpp_impl as attention
+
+        self.m, self.cache = m, cache
+        self.head_dim = forward.layers[0].head_dim
+        self.threads = torch.get_num_threads()
+        lanes = ops.torch_sum_lanes() or 8
+        norm_lib, attn_lib = ops._library()[0], attention._lib()
+        bf16 = cpp_build.dtype_code(torch.bfloat16)
+        first = forward.layers[0]
+        d, heads, kv_heads = first.head_dim, first.heads, first.kv_heads
+        value_dim = first.value_dim
+        hidden = forward.embed.weight.shape[1]
+        qkv_width = (heads + kv_heads) * d + kv_heads * value_dim
+        inter = first.gate_up_widths[0]
+        new = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
+        # the activations: two residual streams taking turns (a norm's residual input and
+        # its sum output must not alias), the normed rows, each projection's output
+        self.x = (new(m, hidden), new(m, hidden))
+        self.h, self.qkv, self.attn = new(m, hidden), new(m, qkv_width), new(m, heads * value_dim)
+        self.o, self.down = new(m, hidden), new(m, hidden)
+        self.gate_up, self.act = new(m, sum(first.gate_up_widths)), new(m, inter)
+        self.logits = new(m, forward.lm_head.out_features)
+        # what changes per step: set in place, read by every bound call that names it
+        self.cos, self.sin = ctypes.c_void_p(), ctypes.c_void_p()
+        self.slots, self.tables, self.lengths = (ctypes.c_void_p(), ctypes.c_void_p(),
+                                                 ctypes.c_void_p())
+        self.width = ctypes.c_int64()  # blocks per row of the block tables
+        self.block_size = cache.block_size
+        self.calls, self.kinds = [], set()
+        ptr = lambda t: t.data_ptr()  # noqa: E731
+        esize = 2  # bytes per bf16 element
+
+        def norm(x, weight, eps, out, residual=None, total=None):
+            self.calls.append(cpp_build.bound_call(
+                norm_lib.q_rms_norm, bf16, ptr(x), x.stride(0),
+                None if residual is None else ptr(residual),
+                0 if residual is None else residual.stride(0), ptr(weight), ptr(out),
+                None if total is None else ptr(total), m, x.shape[1], eps, lanes,
+                self.threads, name="q_rms_norm"))
+
+        cur = 0  # which residual buffer holds the stream
+        for i, layer in enumerate(forward.layers):
+            k_cache, v_cache = cache.layer(layer.index)
+            if i == 0:
+                norm(self.x[0], *layer.norm_in, self.h)
+            else:  # the forward's `x = x + mlp` here, inside the norm (same rounding)
+                norm(self.down, *layer.norm_in, self.h, self.x[cur], self.x[1 - cur])
+                cur = 1 - cur
+            self._gemm(layer.qkv_layer, self.h, self.qkv)
+            base = ptr(self.qkv)
+            self.calls.append(cpp_build.bound_call(
+                norm_lib.q_rotary_cache, bf16, base, qkv_width, heads,
+                base + heads * d * esize, qkv_width, base + (heads + kv_heads) * d * esize,
+                qkv_width, kv_heads, d, value_dim, self.cos, self.sin, m, ptr(k_cache),
+                ptr(v_cache), self.slots, self.block_size, self.threads,
+                name="q_rotary_cache"))
+            scale = d ** -0.5 if layer.scaling is None else layer.scaling
+            self.calls.append(cpp_build.bound_call(
+                attn_lib.q_paged_decode, bf16, base, qkv_width, ptr(k_cache), ptr(v_cache),
+                self.tables, self.lengths, ptr(self.attn), 1, m, heads, kv_heads, d,
+                value_dim, self.width, self.block_size, layer.window or 0, scale, 0.0,
+                self.threads, name="q_paged_decode"))
+            self._gemm(layer.o_proj, self.attn, self.o)
+            norm(self.o, *layer.norm_post, self.h, self.x[cur], self.x[1 - cur])
+            cur = 1 - cur
+            self._gemm(layer.gate_up_layer, self.h, self.gate_up)
+            gate, up = self.gate_up.split(layer.gate_up_widths, dim=1)
+            self.calls.append(lambda gate=gate, up=up: torch.mul(F.silu(gate), up, out=self.act))
+            self._gemm(layer.down, self.act, self.down)
+        final = forward.norm
+        norm(self.down, final.weight, final.variance_epsilon, self.h, self.x[cur],
+             self.x[1 - cur])
+        self._gemm(forward.lm_head, self.h, self.logits)
+        self.keep = (forward.embed.weight,)
+
+    def _gemm(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        bind = getattr(module, "bind", None)
+        call = None if bind is None else bind(x, out)
+        if call is None:  # the module itself; a fresh view each step, so that no layer's
+            # cache keyed on its input tensor (W8A8's shared quantization) sees a stale one
+            call = lambda: out.copy_(module(x.view(x.shape)))  # noqa: E731
+            self.kinds.add(f"{type(module).__name__} through its module")
+        else:
+            self.kinds.add(f"{type(module).__name__} bound")
+        self.calls.append(call)
+
+    def run(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch
+            ) -> torch.Tensor:
+        """Logits ``[m, vocab]`` (bf16, this program's buffer: valid until its next run)."""
+        paged = batch.paged
+        torch.index_select(self.keep[0], 0, input_ids, out=self.x[0])
+        tables, lengths, slots = paged.blocks, paged.lengths, batch.slot_mapping
+        m = self.m
+        # the kernels trust these pointers: a wrong shape here would read out of bounds
+        if not (tables.dtype == lengths.dtype == slots.dtype == torch.int64
+                and tables.dim() == 2 and tables.shape[0] == m and tables.is_contiguous()
+                and lengths.shape == (m,) and lengths.is_contiguous()
+                and slots.shape == (m,) and slots.is_contiguous()
+                and cos.shape == sin.shape == (m, self.head_dim)
+                and cos.dtype == sin.dtype == torch.bfloat16
+                and cos.is_contiguous() and sin.is_contiguous()
+                and input_ids.shape == (m,)):
+            raise ValueError(f"a decode step of {m} tokens needs contiguous int64 block tables "
+                             f"[{m}, blocks], lengths and slots [{m}], and bf16 rotary tables "
+                             f"[{m}, {self.head_dim}]")
+        self.cos.value, self.sin.value = cos.data_ptr(), sin.data_ptr()
+        self.slots.value, self.tables.value = slots.data_ptr(), tables.data_ptr()
+        self.lengths.value, self.width.value = lengths.data_ptr(), tables.shape[1]
+        for call in self.calls:
+            call()
+        return self.logits
+
+
+class DecodePrograms:
+    """The programs of one model, per token count, rebuilt when the cache or the thread count
+    they were bound to changes."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.programs: dict[int, DecodeProgram] = {}
+        self.cache = None
+        self.logged = False
+
+    def get(self, m: int, cache) -> DecodeProgram | None:
+        """The program for steps of ``m`` tokens over ``cache``, or None (a cache not in
+        bf16: the forward runs)."""
+        if cache.keys.dtype != torch.bfloat16 or cache.values.dtype != torch.bfloat16:
+            return None
+        if cache is not self.cache or torch.get_num_threads() != next(
+                (p.threads for p in self.programs.values()), torch.get_num_threads()):
+            self.programs, self.cache = {}, cache
+        program = self.programs.get(m)
+        if program is None:
+            program = self.programs[m] = DecodeProgram(self.forward, m, cache)
+            if not self.logged:
+                self.logged = True
+                log.info("decode steps of 1-%d tokens: replayed from bound calls (GEMMs: %s)",
+                         MAX_TOKENS, ", ".join(sorted(program.kinds)))
+        return program
