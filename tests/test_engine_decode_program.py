@@ -2,7 +2,7 @@
 the decoder forward they replace, on the same loaded model: every step's logits bit for bit,
 through decode batches that shrink from 4 sequences to 1 as requests finish, sequences that
 cross cache blocks, a sliding window and q/k/v biases; GEMMs bound straight to their kernels
-(bf16, wint8, wint4) or run through their modules (W8A8)."""
+(bf16, wint8, wint4, int8 W8A8) or run through their modules (fp8)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,20 @@ def _run(session, replay: bool) -> tuple[list[torch.Tensor], list[int]]:
     return seen, replayed
 
 
+def _bindable(scheme: str | None) -> bool:
+    """Whether this CPU runs the strip kernel a layer of ``scheme`` binds to."""
+    from q.kernels.dense_gemm.cpp_impl import amx_unavailable as bf16
+    from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as int8
+    from q.kernels.weight_only_gemm.cpp_impl import amx_int4_unavailable, amx_unavailable
+
+    return {None: bf16(16, 32), "wint8": amx_unavailable(16, 32),
+            "wint4": amx_int4_unavailable(16, 32, 32), "w8a8-int8": int8(16, 64),
+            "fp8-dynamic": "fp8 weights are dequantized to bf16 on CPU: no bound kernel"
+            }[scheme] is None
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("scheme", [None, "wint8", "wint4", "w8a8-int8"])
+@pytest.mark.parametrize("scheme", [None, "wint8", "wint4", "w8a8-int8", "fp8-dynamic"])
 def test_replayed_decode_steps_are_bit_exact_to_the_forward(arch, scheme, tmp_path, caplog):
     cls_name, extra = ARCHS[arch]
     path = save_tiny_arch(tmp_path, cls_name, **extra)
@@ -77,10 +89,10 @@ def test_replayed_decode_steps_are_bit_exact_to_the_forward(arch, scheme, tmp_pa
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"step {i}: max difference {(a - b).abs().max()}"
     # the GEMMs went straight to their kernels where the layer binds, else via the module
-    quantized = "QuantLinear through its module" if scheme == "w8a8-int8" else \
-        "QuantLinear bound" if scheme else None
     line = next(r.getMessage() for r in caplog.records if "replayed from bound" in r.getMessage())
-    assert "PackedDenseLinear bound" in line and (quantized is None or quantized in line), line
+    how = lambda ok: "bound" if ok else "through its module"  # noqa: E731
+    assert f"PackedDenseLinear {how(_bindable(None))}" in line, line
+    assert scheme is None or f"QuantLinear {how(_bindable(scheme))}" in line, line
 
 
 def test_models_it_cannot_replay_keep_the_forward(tmp_path, caplog):

@@ -35,3 +35,21 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     fn(dtype, x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), rows, k,
        torch.get_num_threads())
     return codes, scales
+
+
+def bind_quantize_int8_per_token(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
+    """:func:`quantize_int8_per_token` of ``x [M, K]`` into fixed buffers ``codes [M, K]``
+    int8 and ``scales [M, 1]`` fp32 as a call without arguments
+    (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot run."""
+    fn = _kernel()
+    dtype = cpp_build.dtype_code(x.dtype)
+    if (fn is None or dtype is None or x.dim() != 2 or x.device.type != "cpu"
+            or x.stride(1) != 1):
+        return None
+    rows, k = x.shape
+    if not (cpp_build.plain(codes, torch.int8, (rows, k))
+            and cpp_build.plain(scales, torch.float32, (rows, 1))):
+        return None
+    return cpp_build.bound_call(fn, dtype, x.data_ptr(), x.stride(0), codes.data_ptr(),
+                                scales.data_ptr(), rows, k, torch.get_num_threads(),
+                                name="q_quantize_int8_per_token")

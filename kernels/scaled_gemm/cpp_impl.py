@@ -106,6 +106,27 @@ def amx_unavailable(n: int, k: int) -> str | None:
     return _amx()[1]
 
 
+def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
+                  rowsum: torch.Tensor, out: torch.Tensor):
+    """:func:`int8_amx` from fixed buffers ``xq``/``xs`` into ``out`` ``[M, N]`` (its dtype the
+    output's) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None
+    where it cannot run."""
+    lib = _amx()[0]
+    dtype = cpp_build.dtype_code(out.dtype)
+    m, k = xq.shape
+    n = amx_w.shape[0] * 16
+    if (lib is None or dtype is None or m == 0 or not cpp_build.plain(xq, torch.int8)
+            or not cpp_build.plain(amx_w, torch.int8, (n // 16, k // 4, 16, 4))
+            or not _fp32_vector(xs, m) or not xs.is_contiguous() or not _fp32_vector(ws, n)
+            or not cpp_build.plain(rowsum, torch.int32, numel=n)
+            or not cpp_build.plain(out, out.dtype, (m, n)) or amx_unavailable(n, k)):
+        return None
+    return cpp_build.bound_call(lib.q_int8_amx, dtype, xq.data_ptr(), xs.data_ptr(),
+                                amx_w.data_ptr(), ws.data_ptr(), rowsum.data_ptr(),
+                                out.data_ptr(), m, n, k, torch.get_num_threads(),
+                                name="q_int8_amx")
+
+
 def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` int8 -> ``[N / 16, K / 4, 16, 4]``: per 16 channels, four columns' codes of
     each side by side, the B operand of AMX's int8 tiles (amx_int8.cpp)."""

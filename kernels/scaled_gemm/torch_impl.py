@@ -44,8 +44,8 @@ from ..act_quant.reference import quantize_activation
 from ..configs import cpu_choice
 from ..numerics import codes_to_float, mul_blocks_
 from ..weight_only_gemm.torch_impl import INT8PACK_K_MULTIPLE
-from .cpp_impl import (amx_unavailable, int8_amx, int8_epilogue, int8_gemv, to_amx_int8_layout,
-                       weight_row_sums)
+from .cpp_impl import (amx_unavailable, bind_int8_amx, int8_amx, int8_epilogue, int8_gemv,
+                       to_amx_int8_layout, weight_row_sums)
 from .cpp_impl import unavailable_reason as int8_gemv_unavailable
 
 
@@ -91,6 +91,28 @@ class Int8Scaled:
         acc = torch._int_mm(xq, self.wq.t())
         y = int8_epilogue(acc, xs, self.ws, self.out_dtype)  # one C++ pass, same bits
         return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
+
+    def bind(self, x: torch.Tensor, out: torch.Tensor):
+        """``out = self(x)`` for fixed buffers ``x [M, K]`` and ``out [M, N]`` as a call
+        without arguments: the per-token quantization into buffers of its own, then the
+        strip kernel (its only kernel where it runs); None elsewhere."""
+        from q.kernels.act_quant.cpp_impl import bind_quantize_int8_per_token
+
+        if self.kernels != ("amx",) or out.dtype != self.out_dtype:
+            return None
+        xq = torch.empty(x.shape, dtype=torch.int8)
+        xs = torch.empty(x.shape[0], 1, dtype=torch.float32)
+        quantize = bind_quantize_int8_per_token(x, xq, xs)
+        gemm = bind_int8_amx(xq, xs, self.amx_w, self.ws, self.rowsum, out)
+        if quantize is None or gemm is None:
+            return None
+
+        def call() -> None:
+            quantize()
+            gemm()
+
+        call.buffers = (xq, xs)  # the bound pointers' tensors live as long as the call
+        return call
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
         if self.kernels == ("amx",):  # exact int32 sums, like _int_mm

@@ -276,8 +276,13 @@ class QuantLinear(nn.Module):
 
     def bind(self, x: torch.Tensor, out: torch.Tensor):
         """``out = self(x)`` for fixed 2-D buffers as a call without arguments, straight to
-        the kernel (weight-only layers without bias on the AMX-layout kernels), or None."""
-        if self.kind != "weight-only" or self.bias is not None or self.fast is None:
+        the kernels (layers without bias on the strip-layout kernels: weight-only, and int8
+        W8A8 with its per-token activation quantization), or None."""
+        if self.bias is not None or self.fast is None:
+            return None
+        if self.kind != "weight-only" and not (
+                self.kind == "scaled" and self.act_group is None
+                and self.act_dtype == torch.int8):
             return None
         bind = getattr(self.fast, "bind", None)
         return None if bind is None else bind(x, out)
