@@ -194,7 +194,7 @@ class DecodePrograms:
     def __init__(self, forward):
         self.forward = forward
         self.programs: dict[int, DecodeProgram] = {}
-        self.cache = None
+        self.where = None  # (cache, its tensors' addresses, threads) the programs are bound to
         self.logged = False
 
     def get(self, m: int, cache) -> DecodeProgram | None:
@@ -202,9 +202,9 @@ class DecodePrograms:
         bf16: the forward runs)."""
         if cache.keys.dtype != torch.bfloat16 or cache.values.dtype != torch.bfloat16:
             return None
-        if cache is not self.cache or torch.get_num_threads() != next(
-                (p.threads for p in self.programs.values()), torch.get_num_threads()):
-            self.programs, self.cache = {}, cache
+        where = (cache, cache.keys.data_ptr(), cache.values.data_ptr(), torch.get_num_threads())
+        if where != self.where:  # the bound pointers and thread counts would be stale
+            self.programs, self.where = {}, where
         program = self.programs.get(m)
         if program is None:
             program = self.programs[m] = DecodeProgram(self.forward, m, cache)
