@@ -49,11 +49,16 @@ def why_not(forward) -> str | None:
         return f"the activations are {forward.dtype}, not bfloat16"
     if type(forward.embed) is not nn.Embedding or forward.embed.max_norm is not None:
         return f"the embedding is not a plain lookup ({type(forward.embed).__name__})"
+    first = forward.layers[0]
+    shape = lambda layer: (layer.head_dim, layer.heads, layer.kv_heads,  # noqa: E731
+                           layer.value_dim, layer.gate_up_widths)
     for layer in forward.layers:
         if layer.qk_norms is not None:
             return "the layers normalize q and k per head"
         if layer.qkv_layer is None or layer.gate_up_layer is None:
             return "q/k/v or gate/up are not fused into one GEMM"
+        if shape(layer) != shape(first):  # the buffers are sized once for every layer
+            return "the layers differ in heads or widths"
     return None
 
 
@@ -164,7 +169,6 @@ class DecodeProgram:
             ) -> torch.Tensor:
         """Logits ``[m, vocab]`` (bf16, this program's buffer: valid until its next run)."""
         paged = batch.paged
-        torch.index_select(self.keep[0], 0, input_ids, out=self.x[0])
         tables, lengths, slots = paged.blocks, paged.lengths, batch.slot_mapping
         m = self.m
         # the kernels trust these pointers: a wrong shape here would read out of bounds
@@ -179,6 +183,7 @@ class DecodeProgram:
             raise ValueError(f"a decode step of {m} tokens needs contiguous int64 block tables "
                              f"[{m}, blocks], lengths and slots [{m}], and bf16 rotary tables "
                              f"[{m}, {self.head_dim}]")
+        torch.index_select(self.keep[0], 0, input_ids, out=self.x[0])
         self.cos.value, self.sin.value = cos.data_ptr(), sin.data_ptr()
         self.slots.value, self.tables.value = slots.data_ptr(), tables.data_ptr()
         self.lengths.value, self.width.value = lengths.data_ptr(), tables.shape[1]
