@@ -32,9 +32,8 @@ namespace {
 template <typename T, typename OutT>
 void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
             const int64_t* tables, const int64_t* lengths, OutT* out, int64_t B, int64_t H,
-            int64_t kvH, int64_t D,
-            int64_t DV, int64_t nblk, int64_t bs, int64_t window, float scale, float softcap,
-            int threads) {
+            int64_t kvH, int64_t D, int64_t DV, int64_t nblk, int64_t bs, int64_t window,
+            float scale, float softcap, int threads) {
   const int64_t group = H / kvH;
   // query heads are scored R at a time (the group when it is at most 4, else 4): a larger
   // group is padded with zero queries to a multiple of 4, whose scores are dropped
