@@ -22,18 +22,31 @@ def _kernel():
     return None if lib is None else lib.q_quantize_int8_per_token
 
 
+def _arguments(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple | None:
+    """The kernel's arguments for ``x`` into ``codes``/``scales``, or None where it cannot
+    run them."""
+    dtype = cpp_build.dtype_code(x.dtype)
+    if dtype is None or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1:
+        return None
+    rows, k = x.shape
+    if not (cpp_build.plain(codes, torch.int8, (rows, k))
+            and cpp_build.plain(scales, torch.float32, (rows, 1))):
+        return None
+    return (dtype, x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), rows, k,
+            torch.get_num_threads())
+
+
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``x [M, K]`` -> (int8 codes ``[M, K]``, fp32 scales ``[M, 1]``), or None."""
     fn = _kernel()
-    dtype = cpp_build.dtype_code(x.dtype)
-    if (fn is None or dtype is None or x.dim() != 2 or x.device.type != "cpu"
-            or x.stride(1) != 1):
+    if fn is None or x.dim() != 2:
         return None
-    rows, k = x.shape
-    codes = torch.empty(rows, k, dtype=torch.int8)
-    scales = torch.empty(rows, 1, dtype=torch.float32)
-    fn(dtype, x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), rows, k,
-       torch.get_num_threads())
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(x.shape[0], 1, dtype=torch.float32)
+    args = _arguments(x, codes, scales)
+    if args is None:
+        return None
+    fn(*args)
     return codes, scales
 
 
@@ -42,14 +55,6 @@ def bind_quantize_int8_per_token(x: torch.Tensor, codes: torch.Tensor, scales: t
     int8 and ``scales [M, 1]`` fp32 as a call without arguments
     (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot run."""
     fn = _kernel()
-    dtype = cpp_build.dtype_code(x.dtype)
-    if (fn is None or dtype is None or x.dim() != 2 or x.device.type != "cpu"
-            or x.stride(1) != 1):
-        return None
-    rows, k = x.shape
-    if not (cpp_build.plain(codes, torch.int8, (rows, k))
-            and cpp_build.plain(scales, torch.float32, (rows, 1))):
-        return None
-    return cpp_build.bound_call(fn, dtype, x.data_ptr(), x.stride(0), codes.data_ptr(),
-                                scales.data_ptr(), rows, k, torch.get_num_threads(),
-                                name="q_quantize_int8_per_token")
+    args = None if fn is None else _arguments(x, codes, scales)
+    return None if args is None else cpp_build.bound_call(fn, *args,
+                                                          name="q_quantize_int8_per_token")
