@@ -66,21 +66,63 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return _rms_norm(x, weight, eps, residual, torch_sum_lanes() or 8)
 
 
-def _rms_norm(x, weight, eps, residual, lanes):
-    lib = _library()[0]
+def _rms_norm_arguments(x, weight, eps, residual, out, total, lanes) -> tuple:
+    """``q_rms_norm``'s arguments, the inputs checked (the outputs: by the caller)."""
     rows, n = x.shape
     xs = _rows(x, "x")
     rs = 0 if residual is None else _rows(residual, "residual", n)
     if weight.dtype != x.dtype or not weight.is_contiguous() or weight.numel() != n:
         raise ValueError("the norm weight must be contiguous, of the activations' width "
                          "and dtype")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return (cpp_build.dtype_code(x.dtype), x.data_ptr(), xs, ptr(residual), rs,
+            weight.data_ptr(), out.data_ptr(), ptr(total), rows, n, eps, lanes,
+            torch.get_num_threads())
+
+
+def _rms_norm(x, weight, eps, residual, lanes):
+    rows, n = x.shape
     out = torch.empty(rows, n, dtype=x.dtype)
     total = None if residual is None else torch.empty(rows, n, dtype=x.dtype)
-    lib.q_rms_norm(cpp_build.dtype_code(x.dtype), x.data_ptr(), xs,
-                   None if residual is None else residual.data_ptr(), rs, weight.data_ptr(),
-                   out.data_ptr(), None if total is None else total.data_ptr(), rows, n, eps,
-                   lanes, torch.get_num_threads())
+    _library()[0].q_rms_norm(*_rms_norm_arguments(x, weight, eps, residual, out, total, lanes))
     return out if residual is None else (out, total)
+
+
+def bind_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                  residual: torch.Tensor | None = None, total: torch.Tensor | None = None):
+    """:func:`rms_norm` of fixed buffers into ``out`` (and the sum ``residual + x`` into
+    ``total``) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`)."""
+    rows, n = x.shape
+    if any(t is not None and not cpp_build.plain(t, x.dtype, (rows, n)) for t in (out, total)) \
+            or (residual is None) != (total is None):
+        raise ValueError("the norm's outputs must be contiguous [rows, n] in the activations' "
+                         "dtype, the sum output given exactly when a residual is")
+    args = _rms_norm_arguments(x, weight, eps, residual, out, total, torch_sum_lanes() or 8)
+    return cpp_build.bound_call(_library()[0].q_rms_norm, *args, name="q_rms_norm")
+
+
+def _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, rows, cos, sin, slots) -> tuple:
+    """``q_rotary_cache``'s arguments, q/k/v and the caches checked; ``cos``, ``sin`` and
+    ``slots`` are pointers (checked by the caller: they change per step when bound)."""
+    dtype = q.dtype
+    if any(t.dtype != dtype for t in (k, v)) or head_dim % 2:
+        raise ValueError("q, k, v, cos and sin must share a dtype; the head size must be even")
+    qs, ks, vs = _rows(q, "q"), _rows(k, "k"), _rows(v, "v")
+    heads, kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    value_dim, bs = v.shape[1] // max(kv_heads, 1), 0
+    if k_cache is not None:
+        bs = k_cache.shape[-1]
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()
+                and k_cache.dtype == v_cache.dtype == dtype
+                and tuple(k_cache.shape[1:3]) == (kv_heads, head_dim)
+                and tuple(v_cache.shape[1:]) == (bs, kv_heads, value_dim)):
+            raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
+                             "keys and [blocks, bs, kvH, dv] values of the activations' "
+                             "dtype, with one int64 slot per row")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return (cpp_build.dtype_code(dtype), q.data_ptr(), qs, heads, k.data_ptr(), ks,
+            v.data_ptr(), vs, kv_heads, head_dim, value_dim, cos, sin, rows, ptr(k_cache),
+            ptr(v_cache), slots, bs, torch.get_num_threads())
 
 
 def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -89,30 +131,27 @@ def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
     """Rotate ``q [N, H*d]`` and ``k [N, kvH*d]`` in place and, given a cache, write each
     token's keys and values (``v [N, kvH*dv]``) to ``slots`` (int64); as
     :func:`.reference.rotary` then :func:`.reference.write_cache`."""
-    lib = _library()[0]
     rows = q.shape[0]
-    dtype = q.dtype
-    if any(t.dtype != dtype for t in (k, v, cos, sin)) or head_dim % 2:
+    if cos.dtype != q.dtype or sin.dtype != q.dtype:
         raise ValueError("q, k, v, cos and sin must share a dtype; the head size must be even")
-    qs, ks, vs = _rows(q, "q"), _rows(k, "k"), _rows(v, "v")
     _rows(cos, "cos", head_dim), _rows(sin, "sin", head_dim)
     if cos.stride(0) != head_dim or sin.stride(0) != head_dim or cos.shape[0] != rows:
         raise ValueError("cos and sin must be contiguous [N, head_dim]")
-    heads, kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
-    value_dim, bs = v.shape[1] // max(kv_heads, 1), 0
-    if k_cache is not None:
-        bs = k_cache.shape[-1]
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()
-                and k_cache.dtype == v_cache.dtype == dtype
-                and tuple(k_cache.shape[1:3]) == (kv_heads, head_dim)
-                and tuple(v_cache.shape[1:]) == (bs, kv_heads, value_dim)
-                and slots.dtype == torch.int64 and slots.is_contiguous()
-                and slots.numel() == rows):
-            raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
-                             "keys and [blocks, bs, kvH, dv] values of the activations' "
-                             "dtype, with one int64 slot per row")
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    lib.q_rotary_cache(cpp_build.dtype_code(dtype), q.data_ptr(), qs, heads, k.data_ptr(), ks,
-                       v.data_ptr(), vs, kv_heads, head_dim, value_dim, cos.data_ptr(),
-                       sin.data_ptr(), rows, ptr(k_cache), ptr(v_cache), ptr(slots), bs,
-                       torch.get_num_threads())
+    if k_cache is not None and not (slots.dtype == torch.int64 and slots.is_contiguous()
+                                    and slots.numel() == rows):
+        raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
+                         "keys and [blocks, bs, kvH, dv] values of the activations' "
+                         "dtype, with one int64 slot per row")
+    args = _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, rows, cos.data_ptr(),
+                             sin.data_ptr(), None if slots is None else slots.data_ptr())
+    _library()[0].q_rotary_cache(*args)
+
+
+def bind_rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, cos, sin, slots):
+    """:func:`rotary_cache` of fixed buffers (views of one fused q/k/v output may be passed)
+    into one layer's caches as a call without arguments; ``cos``, ``sin`` and ``slots`` are
+    ``ctypes.c_void_p`` the caller points, before each call, at contiguous ``[N, head_dim]``
+    tables in the activations' dtype and ``[N]`` int64 slots."""
+    args = _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, q.shape[0], cos, sin, slots)
+    return cpp_build.bound_call(_library()[0].q_rotary_cache, *args, name="q_rotary_cache")

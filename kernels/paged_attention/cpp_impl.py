@@ -47,6 +47,26 @@ def _check_caches(name: str, k_cache, v_cache, heads: int) -> None:
                          "per KV head")
 
 
+def _decode_arguments(q, k_cache, v_cache, tables, lengths, width, out, scale, window,
+                      softcap) -> tuple:
+    """``q_paged_decode``'s arguments, q and the caches checked; ``tables`` and
+    ``lengths`` are pointers and ``width`` the tables' row length (checked by the caller:
+    they change per step when bound)."""
+    batch, heads, dim = q.shape
+    _, kv_heads, _, block_size = k_cache.shape
+    value_dim = v_cache.shape[-1]
+    _check_caches("paged_decode", k_cache, v_cache, heads)
+    if q.dtype != k_cache.dtype or q.stride(2) != 1 or q.stride(1) != dim:
+        raise ValueError("paged_decode takes q [B, H, D] in the caches' dtype, each row's "
+                         "heads contiguous")
+    if out.dtype not in (torch.float32, k_cache.dtype):
+        raise ValueError(f"paged_decode writes float32 or the caches' dtype, not {out.dtype}")
+    return (cpp_build.dtype_code(k_cache.dtype), q.data_ptr(), q.stride(0),
+            k_cache.data_ptr(), v_cache.data_ptr(), tables, lengths, out.data_ptr(),
+            int(out.dtype != torch.float32), batch, heads, kv_heads, dim, value_dim, width,
+            block_size, window or 0, scale, softcap or 0.0, torch.get_num_threads())
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  tables: torch.Tensor, lengths: torch.Tensor, scale: float,
                  window: int | None = None, softcap: float | None = None,
@@ -56,24 +76,29 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     rounds). ``q``'s rows may be strided (a view of the fused q/k/v projection's output) as
     long as each row's heads are contiguous."""
     lib = _lib()
-    batch, heads, dim = q.shape
-    _, kv_heads, _, block_size = k_cache.shape
-    value_dim = v_cache.shape[-1]
-    dtype = cpp_build.dtype_code(k_cache.dtype)
-    if q.dtype != k_cache.dtype or q.stride(2) != 1 or q.stride(1) != dim:
+    if q.dtype != k_cache.dtype or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.to(k_cache.dtype).contiguous()
-    _check_caches("paged_decode", k_cache, v_cache, heads)
     tables = tables.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    if out_dtype not in (torch.float32, k_cache.dtype):
-        raise ValueError(f"paged_decode writes float32 or the caches' dtype, not {out_dtype}")
-    out = torch.empty(batch, heads, value_dim, dtype=out_dtype)
-    lib.q_paged_decode(dtype, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                       tables.data_ptr(), lengths.data_ptr(), out.data_ptr(),
-                       int(out_dtype != torch.float32), batch, heads,
-                       kv_heads, dim, value_dim, tables.shape[1], block_size, window or 0,
-                       scale, softcap or 0.0, torch.get_num_threads())
+    out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=out_dtype)
+    lib.q_paged_decode(*_decode_arguments(q, k_cache, v_cache, tables.data_ptr(),
+                                          lengths.data_ptr(), tables.shape[1], out, scale,
+                                          window, softcap))
     return out
+
+
+def bind_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      tables, lengths, width, out: torch.Tensor, scale: float,
+                      window: int | None = None, softcap: float | None = None):
+    """:func:`paged_decode` of fixed buffers into ``out`` as a call without arguments;
+    ``tables`` and ``lengths`` are ``ctypes.c_void_p`` and ``width`` a ``ctypes.c_int64``
+    the caller sets, before each call, to contiguous int64 ``[B, width]`` block tables and
+    ``[B]`` lengths."""
+    if not cpp_build.plain(out, out.dtype, (q.shape[0], q.shape[1], v_cache.shape[-1])):
+        raise ValueError("paged_decode's output must be contiguous [B, H, DV]")
+    args = _decode_arguments(q, k_cache, v_cache, tables, lengths, width, out, scale, window,
+                             softcap)
+    return cpp_build.bound_call(_lib().q_paged_decode, *args, name="q_paged_decode")
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

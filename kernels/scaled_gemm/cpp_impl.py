@@ -117,7 +117,7 @@ def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: t
     n = amx_w.shape[0] * 16
     if (lib is None or dtype is None or m == 0 or not cpp_build.plain(xq, torch.int8)
             or not cpp_build.plain(amx_w, torch.int8, (n // 16, k // 4, 16, 4))
-            or not _fp32_vector(xs, m) or not xs.is_contiguous() or not _fp32_vector(ws, n)
+            or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)
             or not cpp_build.plain(rowsum, torch.int32, numel=n)
             or not cpp_build.plain(out, out.dtype, (m, n)) or amx_unavailable(n, k)):
         return None

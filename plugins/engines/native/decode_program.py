@@ -77,82 +77,59 @@ class DecodeProgram:
     """One decode step of ``m`` tokens, every call bound to fixed buffers."""
 
     def __init__(self, forward, m: int, cache):
-        from q.kernels import cpp_build
-        from q.kernels.decoder_ops import cpp_impl as ops
-        from q.kernels.paged_attention import cpp_impl as attention
+        from q.kernels.decoder_ops.cpp_impl import bind_rms_norm, bind_rotary_cache
+        from q.kernels.paged_attention.cpp_impl import bind_paged_decode
 
-        self.m, self.cache = m, cache
-        self.head_dim = forward.layers[0].head_dim
-        self.threads = torch.get_num_threads()
-        lanes = ops.torch_sum_lanes() or 8
-        norm_lib, attn_lib = ops._library()[0], attention._lib()
-        bf16 = cpp_build.dtype_code(torch.bfloat16)
+        self.m, self.threads = m, torch.get_num_threads()
         first = forward.layers[0]
         d, heads, kv_heads = first.head_dim, first.heads, first.kv_heads
-        value_dim = first.value_dim
-        hidden = forward.embed.weight.shape[1]
-        qkv_width = (heads + kv_heads) * d + kv_heads * value_dim
-        inter = first.gate_up_widths[0]
+        widths = (heads * d, kv_heads * d, kv_heads * first.value_dim)
+        self.head_dim, self.embedding = d, forward.embed.weight
+        hidden = self.embedding.shape[1]
         new = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
         # the activations: two residual streams taking turns (a norm's residual input and
         # its sum output must not alias), the normed rows, each projection's output
         self.x = (new(m, hidden), new(m, hidden))
-        self.h, self.qkv, self.attn = new(m, hidden), new(m, qkv_width), new(m, heads * value_dim)
-        self.o, self.down = new(m, hidden), new(m, hidden)
-        self.gate_up, self.act = new(m, sum(first.gate_up_widths)), new(m, inter)
+        self.h, self.o, self.down = new(m, hidden), new(m, hidden), new(m, hidden)
+        self.qkv, self.attn = new(m, sum(widths)), new(m, heads, first.value_dim)
+        self.gate_up = new(m, sum(first.gate_up_widths))
+        self.act = new(m, first.gate_up_widths[0])
         self.logits = new(m, forward.lm_head.out_features)
+        q, k, v = self.qkv.split(widths, dim=1)  # views: the kernels read them in place
         # what changes per step: set in place, read by every bound call that names it
         self.cos, self.sin = ctypes.c_void_p(), ctypes.c_void_p()
         self.slots, self.tables, self.lengths = (ctypes.c_void_p(), ctypes.c_void_p(),
                                                  ctypes.c_void_p())
         self.width = ctypes.c_int64()  # blocks per row of the block tables
-        self.block_size = cache.block_size
         self.calls, self.kinds = [], set()
-        ptr = lambda t: t.data_ptr()  # noqa: E731
-        esize = 2  # bytes per bf16 element
-
-        def norm(x, weight, eps, out, residual=None, total=None):
-            self.calls.append(cpp_build.bound_call(
-                norm_lib.q_rms_norm, bf16, ptr(x), x.stride(0),
-                None if residual is None else ptr(residual),
-                0 if residual is None else residual.stride(0), ptr(weight), ptr(out),
-                None if total is None else ptr(total), m, x.shape[1], eps, lanes,
-                self.threads, name="q_rms_norm"))
-
         cur = 0  # which residual buffer holds the stream
         for i, layer in enumerate(forward.layers):
             k_cache, v_cache = cache.layer(layer.index)
             if i == 0:
-                norm(self.x[0], *layer.norm_in, self.h)
+                self.calls.append(bind_rms_norm(self.x[0], *layer.norm_in, self.h))
             else:  # the forward's `x = x + mlp` here, inside the norm (same rounding)
-                norm(self.down, *layer.norm_in, self.h, self.x[cur], self.x[1 - cur])
+                self.calls.append(bind_rms_norm(self.down, *layer.norm_in, self.h,
+                                                self.x[cur], self.x[1 - cur]))
                 cur = 1 - cur
             self._gemm(layer.qkv_layer, self.h, self.qkv)
-            base = ptr(self.qkv)
-            self.calls.append(cpp_build.bound_call(
-                norm_lib.q_rotary_cache, bf16, base, qkv_width, heads,
-                base + heads * d * esize, qkv_width, base + (heads + kv_heads) * d * esize,
-                qkv_width, kv_heads, d, value_dim, self.cos, self.sin, m, ptr(k_cache),
-                ptr(v_cache), self.slots, self.block_size, self.threads,
-                name="q_rotary_cache"))
-            scale = d ** -0.5 if layer.scaling is None else layer.scaling
-            self.calls.append(cpp_build.bound_call(
-                attn_lib.q_paged_decode, bf16, base, qkv_width, ptr(k_cache), ptr(v_cache),
-                self.tables, self.lengths, ptr(self.attn), 1, m, heads, kv_heads, d,
-                value_dim, self.width, self.block_size, layer.window or 0, scale, 0.0,
-                self.threads, name="q_paged_decode"))
-            self._gemm(layer.o_proj, self.attn, self.o)
-            norm(self.o, *layer.norm_post, self.h, self.x[cur], self.x[1 - cur])
+            self.calls.append(bind_rotary_cache(q, k, v, d, k_cache, v_cache, self.cos,
+                                                self.sin, self.slots))
+            self.calls.append(bind_paged_decode(
+                q.view(m, heads, d), k_cache, v_cache, self.tables, self.lengths, self.width,
+                self.attn, d ** -0.5 if layer.scaling is None else layer.scaling,
+                layer.window))
+            self._gemm(layer.o_proj, self.attn.view(m, -1), self.o)
+            self.calls.append(bind_rms_norm(self.o, *layer.norm_post, self.h, self.x[cur],
+                                            self.x[1 - cur]))
             cur = 1 - cur
             self._gemm(layer.gate_up_layer, self.h, self.gate_up)
             gate, up = self.gate_up.split(layer.gate_up_widths, dim=1)
             self.calls.append(lambda gate=gate, up=up: torch.mul(F.silu(gate), up, out=self.act))
             self._gemm(layer.down, self.act, self.down)
         final = forward.norm
-        norm(self.down, final.weight, final.variance_epsilon, self.h, self.x[cur],
-             self.x[1 - cur])
+        self.calls.append(bind_rms_norm(self.down, final.weight, final.variance_epsilon, self.h,
+                                        self.x[cur], self.x[1 - cur]))
         self._gemm(forward.lm_head, self.h, self.logits)
-        self.keep = (forward.embed.weight,)
 
     def _gemm(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         bind = getattr(module, "bind", None)
@@ -183,7 +160,7 @@ class DecodeProgram:
             raise ValueError(f"a decode step of {m} tokens needs contiguous int64 block tables "
                              f"[{m}, blocks], lengths and slots [{m}], and bf16 rotary tables "
                              f"[{m}, {self.head_dim}]")
-        torch.index_select(self.keep[0], 0, input_ids, out=self.x[0])
+        torch.index_select(self.embedding, 0, input_ids, out=self.x[0])
         self.cos.value, self.sin.value = cos.data_ptr(), sin.data_ptr()
         self.slots.value, self.tables.value = slots.data_ptr(), tables.data_ptr()
         self.lengths.value, self.width.value = lengths.data_ptr(), tables.shape[1]
