@@ -1,7 +1,7 @@
 """Decode steps replayed from bound calls (plugins/engines/native/decode_program.py) against
 the decoder forward they replace, on the same loaded model: every step's logits bit for bit,
-through decode batches that shrink from 4 sequences to 1 as requests finish, sequences that
-cross cache blocks, a sliding window and q/k/v biases; GEMMs bound straight to their kernels
+through decode batches that shrink from 12 sequences to 1 as requests finish (past the
+weight-only kernels' register path at 8), sequences that cross cache blocks, a sliding window and q/k/v biases; GEMMs bound straight to their kernels
 (bf16, wint8, wint4, int8 W8A8) or run through their modules (fp8)."""
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ ARCHS = {
 }
 
 
+PROMPTS = [62, 70, 5, 60, 3, 9, 4, 8, 6, 7, 30, 2]
+
+
 def _run(session, replay: bool) -> tuple[list[torch.Tensor], list[int]]:
     """Every step's logits of one workload, and the token counts of the replayed steps."""
     forward = session.runner.forward
@@ -50,10 +53,10 @@ def _run(session, replay: bool) -> tuple[list[torch.Tensor], list[int]]:
     type(programs.get(1, session.runner.cache)).run = counting
     try:
         # prompts of 60-70 tokens decode across the 64-token block boundary; the requests
-        # finish one after another, so decode batches go 4, 3, 2, 1
-        for i, n in enumerate([62, 70, 5, 60]):
+        # finish one after another, so decode batches go 12, 11, ..., 1
+        for i, n in enumerate(PROMPTS):
             session.add_request(list(range(3 + i, 3 + i + n)),
-                                SamplingParams(max_tokens=4 + 3 * i, ignore_eos=True))
+                                SamplingParams(max_tokens=2 + i, ignore_eos=True))
         while session.has_unfinished():
             session.step()
     finally:
@@ -81,10 +84,10 @@ def test_replayed_decode_steps_are_bit_exact_to_the_forward(arch, scheme, tmp_pa
     cls_name, extra = ARCHS[arch]
     path = save_tiny_arch(tmp_path, cls_name, **extra)
     with caplog.at_level(logging.INFO, logger="q.engine"):
-        session = q.load_engine(path, scheme=scheme, dtype="bfloat16", max_batch=4)
+        session = q.load_engine(path, scheme=scheme, dtype="bfloat16", max_batch=len(PROMPTS))
         got, replayed = _run(session, replay=True)
     want, none = _run(session, replay=False)
-    assert not none and sorted(set(replayed)) == [1, 2, 3, 4]
+    assert not none and sorted(set(replayed)) == list(range(1, len(PROMPTS) + 1))
     assert len(got) == len(want) > len(replayed)
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"step {i}: max difference {(a - b).abs().max()}"

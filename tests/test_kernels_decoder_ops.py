@@ -1,7 +1,7 @@
 """The decoder layer's C++ elementwise ops (q.kernels.decoder_ops.cpp_impl) against their
 torch reference, which is transformers' own arithmetic: bit-exact for the residual add, the
-rotary embedding and the cache write everywhere, and for RMSNorm where torch's summation
-order is known (probed: cpp_impl.torch_sum_lanes)."""
+rotary embedding, the cache write and bf16 SiLU x up everywhere, and for RMSNorm where
+torch's summation order is known (probed: cpp_impl.torch_sum_lanes)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,55 @@ def test_rotary_without_a_cache_only_rotates():
     assert torch.equal(q, want[0]) and torch.equal(k, want[1])
 
 
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-equal, except that any NaN matches any NaN (torch's vector and scalar bf16
+    conversions themselves store NaN as 0xFFFF and 0x7FC0)."""
+    nan = torch.isnan(want)
+    return (torch.equal(torch.isnan(got), nan)
+            and torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan]))
+
+
+def test_silu_table_is_torchs_silu_of_every_bf16_value():
+    import numpy as np
+
+    bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+    x = bits.view(torch.bfloat16)
+    table = cpp.silu_table()
+    assert table.shape == (1 << 16,) and table.dtype == torch.float32
+    assert _same_bits(table.bfloat16(), torch.nn.functional.silu(x))
+    # torch's scalar loop (a row's tail) gives the same numbers as its vector loop, so one
+    # table serves every element: 1-element calls take the scalar path
+    some = x[torch.randperm(1 << 16, generator=_gen(5))[:2000]]
+    scalar = torch.cat([torch.nn.functional.silu(v.reshape(1)) for v in some])
+    assert _same_bits(scalar, torch.nn.functional.silu(some))
+
+
+@pytest.mark.parametrize("rows,width", [(1, 5632), (1, 16), (3, 37), (7, 576), (64, 1536),
+                                        (300, 100)])
+def test_silu_mul_matches_transformers(rows, width):
+    g = _gen(rows)
+    gate_up = (torch.randn(rows, 2 * width, generator=g) * 4).bfloat16()  # one fused GEMM
+    gate, up = gate_up.split(width, dim=1)
+    before = gate_up.clone()
+    got = cpp.silu_mul(gate, up)
+    assert _same_bits(got, reference.silu_mul(gate, up))
+    assert torch.equal(gate_up, before)  # inputs untouched
+    out = torch.full((rows, width), 7.0, dtype=torch.bfloat16)
+    cpp.bind_silu_mul(gate, up, out)()
+    assert _same_bits(out, got)
+
+
+def test_silu_mul_over_every_bf16_gate_value():
+    import numpy as np
+
+    bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+    gate = bits.view(torch.bfloat16).view(64, 1024)  # inf, NaN, subnormals, -0 included
+    up = (torch.randn(64, 1024, generator=_gen(6)) * 3).bfloat16()
+    up[0, :8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40,
+                              3e38, -3e38])
+    assert _same_bits(cpp.silu_mul(gate, up), reference.silu_mul(gate, up))
+
+
 def test_layouts_the_kernels_cannot_read_are_refused():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="contiguous"):
@@ -105,3 +154,12 @@ def test_layouts_the_kernels_cannot_read_are_refused():
         cpp.rotary_cache(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8),
                          torch.ones(2, 8), torch.zeros(2, 8), 8, torch.zeros(3, 1, 8, 16),
                          torch.zeros(3, 16, 1, 8), torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="bf16 gate and up"):
+        cpp.silu_mul(x, x)
+    gate_up = torch.zeros(2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="row stride"):
+        cpp.silu_mul(gate_up[:, :8], torch.zeros(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpp.silu_mul(gate_up.t(), gate_up.t())
+    with pytest.raises(ValueError, match="output"):
+        cpp.bind_silu_mul(gate_up[:, :8], gate_up[:, 8:], torch.zeros(2, 9, dtype=torch.bfloat16))

@@ -1,7 +1,8 @@
 """The decoder layer's elementwise ops in C++ (``decoder_ops.cpp``, built on first use by
 :mod:`q.kernels.cpp_build`), one pass each where transformers runs several torch ops:
 bit-exact to :mod:`.reference` for the residual add and the rotary embedding, and for
-RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`). Each function
+RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`), and SiLU x up
+in bf16 (its SiLU a lookup in torch's own SiLU of every bf16 value, :func:`silu_table`). Each function
 takes the layouts the engine has (rows of a fixed stride, the last dimension contiguous)
 and raises ``ValueError`` on others: :func:`unavailable_reason` is asked once per load, and
 the engine keeps transformers' forward where it is not None.
@@ -22,7 +23,8 @@ SOURCE = Path(__file__).with_name("decoder_ops.cpp")
 @functools.cache
 def _library():
     return cpp_build.bind(SOURCE, q_rms_norm="iplpl pppll fii",
-                          q_rotary_cache="ipll plpl lll pp l ppp li")
+                          q_rotary_cache="ipll plpl lll pp l ppp li",
+                          q_silu_mul="ppl p pl ll i")
 
 
 @functools.cache
@@ -155,3 +157,44 @@ def bind_rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_di
     tables in the activations' dtype and ``[N]`` int64 slots."""
     args = _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, q.shape[0], cos, sin, slots)
     return cpp_build.bound_call(_library()[0].q_rotary_cache, *args, name="q_rotary_cache")
+
+
+@functools.cache
+def silu_table() -> torch.Tensor:
+    """fp32 ``[65536]``: torch's bf16 ``F.silu`` of the bf16 number with each bit pattern,
+    the table ``q_silu_mul`` looks SiLU up in. torch computes it in fp32 with Sleef's exp
+    and rounds to bf16; its vector and scalar loops agree on every bf16 input (checked when
+    this was written, and by tests/test_decoder_ops.py), so the table holds the very numbers
+    ``F.silu`` gives wherever a row's elements fall."""
+    import numpy as np
+
+    bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+    return torch.nn.functional.silu(bits.view(torch.bfloat16)).float().contiguous()
+
+
+def _silu_mul_arguments(gate, up, out) -> tuple:
+    """``q_silu_mul``'s arguments, ``gate`` and ``up`` checked (``out``: by the caller)."""
+    rows, n = gate.shape
+    stride = _rows(gate, "gate")
+    if (gate.dtype != torch.bfloat16 or up.dtype != torch.bfloat16
+            or _rows(up, "up", n) != stride or up.shape[0] != rows):
+        raise ValueError("SiLU x up takes bf16 gate and up of one shape and row stride (got "
+                         f"{gate.dtype} {tuple(gate.shape)} and {up.dtype} {tuple(up.shape)})")
+    return (gate.data_ptr(), up.data_ptr(), stride, silu_table().data_ptr(), out.data_ptr(),
+            out.stride(0), rows, n, torch.get_num_threads())
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` for bf16 ``[N, n]`` rows (views of one fused gate/up output
+    may be passed), bit-exact: see :func:`.reference.silu_mul`."""
+    out = torch.empty(gate.shape, dtype=torch.bfloat16)
+    _library()[0].q_silu_mul(*_silu_mul_arguments(gate, up, out))
+    return out
+
+
+def bind_silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor):
+    """:func:`silu_mul` of fixed buffers into ``out`` as a call without arguments."""
+    if not cpp_build.plain(out, torch.bfloat16, tuple(gate.shape)):
+        raise ValueError("SiLU x up's output must be contiguous bf16 of gate's shape")
+    args = _silu_mul_arguments(gate, up, out)
+    return cpp_build.bound_call(_library()[0].q_silu_mul, *args, name="q_silu_mul")

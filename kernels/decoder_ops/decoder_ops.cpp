@@ -1,10 +1,13 @@
 // The elementwise work of a Llama-style decoder layer, for CPUs, each op in one pass:
 //   q_rms_norm     (residual add +) RMSNorm, as transformers' LlamaRMSNorm computes it
 //   q_rotary_cache rotary embedding of q and k in place, and k, v written to the paged cache
+//   q_silu_mul     SiLU(gate) x up in bf16, SiLU looked up in a table of torch's own SiLU
 // transformers runs these as about 20 small torch ops per layer; at decode sizes each op's
-// fixed cost outweighs its arithmetic (tests/bench/profile_engine_cpu.py). SiLU x up stays
-// torch's: its exp (Sleef) is faster than this file's was (tests/bench/bench_decoder_ops.py
-// measured a C++ SiLU x up at 0.4-0.9x of torch's two ops before it was dropped).
+// fixed cost outweighs its arithmetic (tests/bench/profile_engine_cpu.py). A SiLU computed
+// here with its own exp was slower than torch's (Sleef's, vectorized) and could not match
+// its bits; a bf16 input has only 65536 values, so the caller passes torch's SiLU of every
+// one of them (a 256 KB fp32 table, built once) and this file only looks it up: torch's
+// numbers by construction, one pass over gate and up instead of torch's two.
 //
 // Every rounding is where torch rounds: in bf16 each op of the reference rounds its result to
 // bf16 (round to nearest even), and here too; so the rotary embedding and the residual add are
@@ -19,6 +22,10 @@
 #include <cstring>
 
 #include "../bf16.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -174,6 +181,35 @@ void rotary_cache(T* q, int64_t q_stride, int64_t H, T* k, int64_t k_stride, con
   }
 }
 
+// out = SiLU(gate) x up, each product rounded to bf16 as torch's mul rounds it; gate and up
+// rows of in_stride elements (the two halves of one fused gate/up output), table[bits] the
+// fp32 value of torch's bf16 SiLU of the bf16 number with those bits
+void silu_mul_row(const uint16_t* gate, const uint16_t* up, const float* table, uint16_t* out,
+                  int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1),
+                quiet_nan = _mm512_set1_epi32(0x7FC0);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i bits = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
+    const __m512 silu = _mm512_i32gather_ps(bits, table, 4);
+    const __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + i))),
+        16));
+    const __m512 product = _mm512_mul_ps(silu, u);
+    const __m512i p = _mm512_castps_si512(product);  // q_bf16::to_bf16, 16 lanes at once
+    __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(p, round_bias),
+                         _mm512_and_si512(_mm512_srli_epi32(p, 16), one)), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(product, product, _CMP_UNORD_Q),
+                                    quiet_nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(rounded));
+  }
+#endif
+  for (; i < n; ++i) out[i] = to_bf16(table[gate[i]] * load(up[i]));
+}
+
 }  // namespace
 
 // dtype: 0 = float32, 1 = bfloat16 (every tensor of a call shares it). Return 0.
@@ -209,6 +245,18 @@ int q_rotary_cache(int dtype, void* q, int64_t q_stride, int64_t H, void* k, int
                  static_cast<const float*>(cos), static_cast<const float*>(sin), rows,
                  static_cast<float*>(k_cache), static_cast<float*>(v_cache), slots, bs,
                  threads);
+  return 0;
+}
+
+// bf16 only (the table is of bf16 inputs)
+int q_silu_mul(const void* gate, const void* up, int64_t in_stride, const float* table,
+               void* out, int64_t out_stride, int64_t rows, int64_t n, int threads) {
+  const auto* g = static_cast<const uint16_t*>(gate);
+  const auto* u = static_cast<const uint16_t*>(up);
+  auto* o = static_cast<uint16_t*>(out);
+#pragma omp parallel for num_threads(threads) if (rows * n >= PARALLEL_ELEMENTS)
+  for (int64_t r = 0; r < rows; ++r)
+    silu_mul_row(g + r * in_stride, u + r * in_stride, table, o + r * out_stride, n);
   return 0;
 }
 

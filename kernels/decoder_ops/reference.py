@@ -22,6 +22,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if residual is None else (out, x)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation, as transformers' LlamaMLP computes it: SiLU rounded to
+    the activations' dtype, then the product rounded again."""
+    return torch.nn.functional.silu(gate) * up
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -63,7 +63,7 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed,
                                                   self.bias, "none", [], "")
 
-    def bind(self, x: torch.Tensor, out: torch.Tensor):
+    def bind(self, x: torch.Tensor, out: torch.Tensor, scratch=None):
         """``out = self(x)`` for fixed bf16 buffers ``x [M, K]`` and ``out [M, N]`` as a call
-        without arguments (q's strip kernel), or None (oneDNN)."""
+        without arguments (q's strip kernel), or None (oneDNN); ``scratch`` is unused."""
         return bind_bf16_amx(x, self.packed, self.bias, out) if self.kernel == "amx" else None

@@ -92,16 +92,18 @@ class Int8Scaled:
         y = int8_epilogue(acc, xs, self.ws, self.out_dtype)  # one C++ pass, same bits
         return y if y is not None else acc.float().mul_(xs).mul_(self.ws).to(self.out_dtype)
 
-    def bind(self, x: torch.Tensor, out: torch.Tensor):
+    def bind(self, x: torch.Tensor, out: torch.Tensor, scratch=None):
         """``out = self(x)`` for fixed buffers ``x [M, K]`` and ``out [M, N]`` as a call
-        without arguments: the per-token quantization into buffers of its own, then the
-        strip kernel (its only kernel where it runs); None elsewhere."""
+        without arguments: the per-token quantization into buffers of its own (or from
+        ``scratch(shape, dtype)``, memory the caller shares between calls that run one
+        after another), then the strip kernel (its only kernel where it runs); None
+        elsewhere."""
         from q.kernels.act_quant.cpp_impl import bind_quantize_int8_per_token
 
         if self.kernels != ("amx",) or out.dtype != self.out_dtype:
             return None
-        xq = torch.empty(x.shape, dtype=torch.int8)
-        xs = torch.empty(x.shape[0], 1, dtype=torch.float32)
+        new = scratch or (lambda shape, dtype: torch.empty(shape, dtype=dtype))  # noqa: E731
+        xq, xs = new(tuple(x.shape), torch.int8), new((x.shape[0], 1), torch.float32)
         quantize = bind_quantize_int8_per_token(x, xq, xs)
         gemm = bind_int8_amx(xq, xs, self.amx_w, self.ws, self.rowsum, out)
         if quantize is None or gemm is None:

@@ -248,9 +248,10 @@ class WeightOnlyTorch:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.choose(x.shape[0]))
 
-    def bind(self, x: torch.Tensor, out: torch.Tensor):
+    def bind(self, x: torch.Tensor, out: torch.Tensor, scratch=None):
         """``out = self(x)`` for fixed bf16 buffers ``x [M, K]`` and ``out [M, N]`` as a call
-        without arguments (the AMX-layout kernels: the one choice for every M), or None."""
+        without arguments (the AMX-layout kernels: the one choice for every M), or None;
+        ``scratch`` is unused (these kernels take bf16 as it comes)."""
         if self.kernels != ("amx",):
             return None
         if self.bits == 4:

@@ -8,12 +8,18 @@
     python tests/bench/profile_engine_cpu.py --prefill --parts  # the same, 8 x 256 prompts
     python tests/bench/profile_engine_cpu.py --phases  # the engine bench's workload: prefill vs decode
     python tests/bench/profile_engine_cpu.py --prefill --parts --glibc-defaults  # malloc A/B
+    python tests/bench/profile_engine_cpu.py --prefill --parts --torch-silu  # SiLU x up A/B
+    python tests/bench/profile_engine_cpu.py --loop 2000 --model CKPT  # for `perf record -p PID`
+    ... --no-replay    # decode steps through the decoder forward, not replayed programs
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
 step time printed includes the profiler's overhead. torch's profiler does not see the C++
 kernels q calls through ctypes (decode attention, the decoder's elementwise ops): ``--parts``
 times instead each part of the engine's own decoder forward (decoder.py) with a wall clock
-over 20 decode steps (with ``--prefill``: over 3 steps of 8 fresh prompts), no profiler.
+over 20 decode steps (with ``--prefill``: over 3 steps of 8 fresh prompts), no profiler;
+decode steps then run the forward, not the replayed programs (decode_program.py), whose
+calls it cannot see. ``--loop N`` prints the process id, runs N decode steps with no
+profiler (time to attach ``perf record -g -p PID``) and prints the step time.
 ``--phases`` runs bench_engine_vs_vllm.py's workload (32
 prompts of 256 tokens, 64 new tokens each, greedy) twice and splits each run's wall time
 into the steps that carry prompt tokens and the decode-only steps.
@@ -46,12 +52,33 @@ def main() -> None:
                     help="leave glibc's malloc policy as it is (the engine otherwise keeps a "
                          "step's freed memory: native.reuse_freed_memory); run with and "
                          "without it for the A/B behind that function's thresholds")
+    ap.add_argument("--torch-silu", action="store_true",
+                    help="SiLU x up as torch's two ops (decoder_ops.reference.silu_mul, the "
+                         "forward's before the C++ pass), for an A/B with --parts")
+    ap.add_argument("--loop", type=int, default=0, metavar="N",
+                    help="run N decode steps unprofiled, after printing the process id")
+    ap.add_argument("--no-replay", action="store_true",
+                    help="decode steps through the decoder forward (no replayed programs)")
     args = ap.parse_args()
     if args.glibc_defaults:
         from q.plugins.engines import native
 
         native.reuse_freed_memory = lambda: None
     session = q.load_engine(args.model or q.default_model())
+    if args.no_replay or args.parts:
+        forward = session.runner.forward
+        if getattr(forward, "programs", None) is not None:
+            forward.programs = None
+    if args.torch_silu:
+        import types
+
+        from q.kernels.decoder_ops import reference
+
+        forward = session.runner.forward
+        forward.ops = types.SimpleNamespace(**{**vars(forward.ops),
+                                               "silu_mul": reference.silu_mul})
+    if args.loop:
+        return loop(session, args.requests, args.loop)
     if args.parts:
         return time_parts(session, args.requests, args.prefill)
     if args.prefill:
@@ -70,6 +97,23 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     print(f"{args.requests} requests: {elapsed / 10 * 1e3:.1f} ms per decode step (profiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def loop(session, requests: int, steps: int) -> None:
+    """``steps`` decode steps of ``requests`` requests, nothing else running: what a
+    sampling profiler attached from outside sees."""
+    import os
+
+    for i in range(requests):
+        session.add_request(list(range(100 + i, 356 + i)),
+                            SamplingParams(max_tokens=steps + 20, ignore_eos=True))
+    for _ in range(10):
+        session.step()
+    print(f"pid {os.getpid()}: {steps} decode steps of {requests} requests", flush=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        session.step()
+    print(f"{(time.perf_counter() - start) / steps * 1e3:.2f} ms per decode step")
 
 
 def time_phases(session) -> None:
@@ -115,7 +159,7 @@ def time_parts(session, requests: int, prefill: bool = False) -> None:
 
     ops = forward.ops
     forward.ops = type("TimedOps", (), {n: staticmethod(timed(n, getattr(ops, n)))
-                                        for n in ("rms_norm", "rotary_cache")})
+                                        for n in ("rms_norm", "rotary_cache", "silu_mul")})
     attend = decoder.attend
     decoder.attend = timed("attention", attend)
     for layer in forward.layers:

@@ -10,10 +10,10 @@ allocation. On a 2-core CPU that Python was about a quarter of the main thread's
 the memory bus the GEMVs stream from sits idle.
 
 A :class:`DecodeProgram` is built once per token count ``m`` (1 to :data:`MAX_TOKENS`, on
-first use) for a model and its KV cache. It owns the step's activations as fixed buffers and
-holds every call of the forward with its arguments converted once: the norms, the rotary
+first use) for a model and its KV cache. It runs on fixed buffers (the first ``m`` rows of
+one set all programs share, :class:`Buffers`) and holds every call of the forward with its arguments converted once: the norms, the rotary
 embedding with the cache write, paged attention (reading q in place from the fused q/k/v
-output and writing bf16 for o_proj), and each GEMM straight to its kernel where the layer
+output and writing bf16 for o_proj), SiLU x up, and each GEMM straight to its kernel where the layer
 can ``bind`` (bf16, weight-only int8/int4 and int8 W8A8 with its activation quantization,
 on the strip kernels; any other layer, fp8 for one, runs its module on the buffer and
 copies the product in). A step copies its token embeddings
@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger("q.engine")
 
-MAX_TOKENS = 8  # the weight-only kernels' register path: decode batches up to this size
+# decode batches up to this size replay: the Python a forward runs per step is the same at
+# any size, a share of the step that shrinks as the GEMMs grow; the shared buffers are
+# sized for it (a few MB for a 1B model: logits dominate)
+MAX_TOKENS = 64
 
 
 def why_not(forward) -> str | None:
@@ -73,29 +76,63 @@ def replayable(batch, n: int, logits_to_keep) -> bool:
             and logits_to_keep.numel() == n and int(logits_to_keep[-1]) == n - 1)
 
 
-class DecodeProgram:
-    """One decode step of ``m`` tokens, every call bound to fixed buffers."""
+class Buffers:
+    """The activations of every decode program of one model: rows for up to ``capacity``
+    tokens, each program using the first ``m`` (contiguous views). One set serves all the
+    programs, since steps run one at a time; a program's logits are valid until the next
+    step. ``scratch(shape, dtype)`` hands out the memory a GEMM's own intermediates
+    (W8A8's quantized activations) take: shared too, as the GEMMs run one after another."""
 
-    def __init__(self, forward, m: int, cache):
-        from q.kernels.decoder_ops.cpp_impl import bind_rms_norm, bind_rotary_cache
+    def __init__(self, forward, capacity: int):
+        first = forward.layers[0]
+        d, heads, kv_heads = first.head_dim, first.heads, first.kv_heads
+        self.widths = (heads * d, kv_heads * d, kv_heads * first.value_dim)
+        hidden = forward.embed.weight.shape[1]
+        new = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
+        self.capacity = capacity
+        # two residual streams taking turns (a norm's residual input and its sum output
+        # must not alias), the normed rows, each projection's output
+        self.x = (new(capacity, hidden), new(capacity, hidden))
+        self.h, self.o, self.down = (new(capacity, hidden), new(capacity, hidden),
+                                     new(capacity, hidden))
+        self.qkv = new(capacity, sum(self.widths))
+        self.attn = new(capacity, heads, first.value_dim)
+        self.gate_up = new(capacity, sum(first.gate_up_widths))
+        self.act = new(capacity, first.gate_up_widths[0])
+        self.logits = new(capacity, forward.lm_head.out_features)
+        widest = max(hidden, heads * first.value_dim, first.gate_up_widths[0])
+        self.arena = {torch.int8: torch.zeros(capacity * widest, dtype=torch.int8),
+                      torch.float32: torch.zeros(capacity, dtype=torch.float32)}
+
+    def scratch(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        arena = self.arena.get(dtype)
+        numel = math.prod(shape)
+        if arena is None or numel > arena.numel():
+            raise ValueError(f"a decode program has no scratch for {dtype} {shape}")
+        return arena[:numel].view(shape)
+
+
+class DecodeProgram:
+    """One decode step of ``m`` tokens, every call bound to the first ``m`` rows of the
+    shared :class:`Buffers`."""
+
+    def __init__(self, forward, m: int, cache, buffers: Buffers):
+        from q.kernels.decoder_ops.cpp_impl import (bind_rms_norm, bind_rotary_cache,
+                                                    bind_silu_mul)
         from q.kernels.paged_attention.cpp_impl import bind_paged_decode
 
         self.m, self.threads = m, torch.get_num_threads()
         first = forward.layers[0]
-        d, heads, kv_heads = first.head_dim, first.heads, first.kv_heads
-        widths = (heads * d, kv_heads * d, kv_heads * first.value_dim)
+        d, heads = first.head_dim, first.heads
         self.head_dim, self.embedding = d, forward.embed.weight
-        hidden = self.embedding.shape[1]
-        new = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
-        # the activations: two residual streams taking turns (a norm's residual input and
-        # its sum output must not alias), the normed rows, each projection's output
-        self.x = (new(m, hidden), new(m, hidden))
-        self.h, self.o, self.down = new(m, hidden), new(m, hidden), new(m, hidden)
-        self.qkv, self.attn = new(m, sum(widths)), new(m, heads, first.value_dim)
-        self.gate_up = new(m, sum(first.gate_up_widths))
-        self.act = new(m, first.gate_up_widths[0])
-        self.logits = new(m, forward.lm_head.out_features)
-        q, k, v = self.qkv.split(widths, dim=1)  # views: the kernels read them in place
+        self.scratch = buffers.scratch
+        rows = lambda t: t[:m]  # noqa: E731
+        self.x = tuple(rows(t) for t in buffers.x)
+        self.h, self.o, self.down = rows(buffers.h), rows(buffers.o), rows(buffers.down)
+        self.qkv, self.attn = rows(buffers.qkv), rows(buffers.attn)
+        self.gate_up, self.act = rows(buffers.gate_up), rows(buffers.act)
+        self.logits = rows(buffers.logits)
+        q, k, v = self.qkv.split(buffers.widths, dim=1)  # views: the kernels read them in place
         # what changes per step: set in place, read by every bound call that names it
         self.cos, self.sin = ctypes.c_void_p(), ctypes.c_void_p()
         self.slots, self.tables, self.lengths = (ctypes.c_void_p(), ctypes.c_void_p(),
@@ -124,7 +161,7 @@ class DecodeProgram:
             cur = 1 - cur
             self._gemm(layer.gate_up_layer, self.h, self.gate_up)
             gate, up = self.gate_up.split(layer.gate_up_widths, dim=1)
-            self.calls.append(lambda gate=gate, up=up: torch.mul(F.silu(gate), up, out=self.act))
+            self.calls.append(bind_silu_mul(gate, up, self.act))
             self._gemm(layer.down, self.act, self.down)
         final = forward.norm
         self.calls.append(bind_rms_norm(self.down, final.weight, final.variance_epsilon, self.h,
@@ -133,7 +170,7 @@ class DecodeProgram:
 
     def _gemm(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         bind = getattr(module, "bind", None)
-        call = None if bind is None else bind(x, out)
+        call = None if bind is None else bind(x, out, self.scratch)
         if call is None:  # the module itself; a fresh view each step, so that no layer's
             # cache keyed on its input tensor (W8A8's shared quantization) sees a stale one
             call = lambda: out.copy_(module(x.view(x.shape)))  # noqa: E731
@@ -176,6 +213,7 @@ class DecodePrograms:
     def __init__(self, forward):
         self.forward = forward
         self.programs: dict[int, DecodeProgram] = {}
+        self.buffers: Buffers | None = None  # allocated on the first replayed step
         self.where = None  # (cache, its tensors' addresses, threads) the programs are bound to
         self.logged = False
 
@@ -189,7 +227,9 @@ class DecodePrograms:
             self.programs, self.where = {}, where
         program = self.programs.get(m)
         if program is None:
-            program = self.programs[m] = DecodeProgram(self.forward, m, cache)
+            if self.buffers is None:
+                self.buffers = Buffers(self.forward, MAX_TOKENS)
+            program = self.programs[m] = DecodeProgram(self.forward, m, cache, self.buffers)
             if not self.logged:
                 self.logged = True
                 log.info("decode steps of 1-%d tokens: replayed from bound calls (GEMMs: %s)",

@@ -8,8 +8,9 @@ fixed cost (microseconds) is more than its arithmetic, and they add up to a larg
 step (tests/bench/profile_engine_cpu.py). This forward runs the same layers with
 :mod:`q.kernels.decoder_ops`: per layer one norm, one GEMM for q/k/v, one call that rotates q
 and k and writes the cache, attention (:mod:`.attention`), the output projection, one call
-for the residual add and the second norm, one GEMM for gate/up, SiLU x up (torch's two ops),
-the down projection and the last residual add.
+for the residual add and the second norm, one GEMM for gate/up, SiLU x up (one C++ pass in
+bf16, its SiLU looked up in torch's own; torch's two ops in fp32), the down projection and
+the last residual add.
 
 It reads the model's own modules (the projections, already q's fast Linears; the norms'
 weights; the rotary module, once per step) and gives the logits transformers' forward gives:
@@ -201,7 +202,8 @@ class DecoderForward:
         normed, x = ops.rms_norm(o, *layer.norm_post, residual=x)
         return x, normed
 
-    @staticmethod
-    def _mlp(layer: _Layer, h):
+    def _mlp(self, layer: _Layer, h):
         gate, up = layer.gate_up(h)
-        return layer.down(F.silu(gate) * up)  # torch's two ops beat a C++ SiLU x up
+        if gate.dtype == torch.bfloat16:  # torch's numbers in one pass (a table of its SiLU)
+            return layer.down(self.ops.silu_mul(gate, up))
+        return layer.down(F.silu(gate) * up)

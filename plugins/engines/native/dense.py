@@ -45,8 +45,9 @@ class PackedDenseLinear(nn.Module):
         y = self.fast(x.reshape(-1, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
 
-    def bind(self, x: torch.Tensor, out: torch.Tensor):
-        """``out = self(x)`` for fixed 2-D buffers as a call without arguments, or None."""
+    def bind(self, x: torch.Tensor, out: torch.Tensor, scratch=None):
+        """``out = self(x)`` for fixed 2-D buffers as a call without arguments, or None
+        (``scratch``: unused, no bf16 kernel needs any)."""
         return self.fast.bind(x, out)
 
     def extra_repr(self) -> str:

@@ -274,10 +274,11 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
-    def bind(self, x: torch.Tensor, out: torch.Tensor):
+    def bind(self, x: torch.Tensor, out: torch.Tensor, scratch=None):
         """``out = self(x)`` for fixed 2-D buffers as a call without arguments, straight to
         the kernels (layers without bias on the strip-layout kernels: weight-only, and int8
-        W8A8 with its per-token activation quantization), or None."""
+        W8A8 with its per-token activation quantization into ``scratch(shape, dtype)``
+        where given), or None."""
         if self.bias is not None or self.fast is None:
             return None
         if self.kind != "weight-only" and not (
@@ -285,7 +286,7 @@ class QuantLinear(nn.Module):
                 and self.act_dtype == torch.int8):
             return None
         bind = getattr(self.fast, "bind", None)
-        return None if bind is None else bind(x, out)
+        return None if bind is None else bind(x, out, scratch)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
