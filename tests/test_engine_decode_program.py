@@ -1,8 +1,9 @@
 """Decode steps replayed from bound calls (plugins/engines/native/decode_program.py) against
 the decoder forward they replace, on the same loaded model: every step's logits bit for bit,
 through decode batches that shrink from 12 sequences to 1 as requests finish (past the
-weight-only kernels' register path at 8), sequences that cross cache blocks, a sliding window and q/k/v biases; GEMMs bound straight to their kernels
-(bf16, wint8, wint4, int8 W8A8) or run through their modules (fp8)."""
+weight-only kernels' register path at 8), sequences that cross cache blocks, a sliding
+window and q/k/v biases; GEMMs bound straight to their kernels (bf16, wint8, wint4, int8
+W8A8) or run through their modules (fp8)."""
 
 from __future__ import annotations
 

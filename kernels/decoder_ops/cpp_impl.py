@@ -1,8 +1,8 @@
 """The decoder layer's elementwise ops in C++ (``decoder_ops.cpp``, built on first use by
 :mod:`q.kernels.cpp_build`), one pass each where transformers runs several torch ops:
-bit-exact to :mod:`.reference` for the residual add and the rotary embedding, and for
-RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`), and SiLU x up
-in bf16 (its SiLU a lookup in torch's own SiLU of every bf16 value, :func:`silu_table`). Each function
+bit-exact to :mod:`.reference` for the residual add, the rotary embedding and bf16 SiLU x
+up (its SiLU looked up in torch's own SiLU of every bf16 value, :func:`silu_table`), and
+for RMSNorm where torch's summation order is found (:func:`torch_sum_lanes`). Each function
 takes the layouts the engine has (rows of a fixed stride, the last dimension contiguous)
 and raises ``ValueError`` on others: :func:`unavailable_reason` is asked once per load, and
 the engine keeps transformers' forward where it is not None.
@@ -164,7 +164,7 @@ def silu_table() -> torch.Tensor:
     """fp32 ``[65536]``: torch's bf16 ``F.silu`` of the bf16 number with each bit pattern,
     the table ``q_silu_mul`` looks SiLU up in. torch computes it in fp32 with Sleef's exp
     and rounds to bf16; its vector and scalar loops agree on every bf16 input (checked when
-    this was written, and by tests/test_decoder_ops.py), so the table holds the very numbers
+    this was written, and by tests/test_kernels_decoder_ops.py), so the table holds the very numbers
     ``F.silu`` gives wherever a row's elements fall."""
     import numpy as np
 

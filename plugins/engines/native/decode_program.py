@@ -11,13 +11,13 @@ the memory bus the GEMVs stream from sits idle.
 
 A :class:`DecodeProgram` is built once per token count ``m`` (1 to :data:`MAX_TOKENS`, on
 first use) for a model and its KV cache. It runs on fixed buffers (the first ``m`` rows of
-one set all programs share, :class:`Buffers`) and holds every call of the forward with its arguments converted once: the norms, the rotary
-embedding with the cache write, paged attention (reading q in place from the fused q/k/v
-output and writing bf16 for o_proj), SiLU x up, and each GEMM straight to its kernel where the layer
-can ``bind`` (bf16, weight-only int8/int4 and int8 W8A8 with its activation quantization,
-on the strip kernels; any other layer, fp8 for one, runs its module on the buffer and
-copies the product in). A step copies its token embeddings
-into the first buffer, points the few arguments that change per step (rotary tables, cache
+one set all programs share, :class:`Buffers`) and holds every call of the forward with its
+arguments converted once: the norms, the rotary embedding with the cache write, paged
+attention (reading q in place from the fused q/k/v output and writing bf16 for o_proj),
+SiLU x up, and each GEMM straight to its kernel where the layer can ``bind`` (bf16,
+weight-only int8/int4 and int8 W8A8 with its activation quantization, on the strip
+kernels; any other layer, fp8 for one, runs its module on the buffer and copies the
+product in). A step copies its token embeddings into the first buffer, points the few arguments that change per step (rotary tables, cache
 slots, block tables, their width) at this step's tensors and runs the list.
 
 Same kernels, same order, same roundings as the forward: the residual add the forward
