@@ -99,8 +99,7 @@ struct FixedPoint {
 
 // 16 bf16 values (a multiple of 16 of them per block and per K here) as fp32 bits
 inline __m512i bf16x16_bits(const uint16_t* p) {
-  return _mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return _mm512_castps_si512(q_bf16::widen16(p));
 }
 
 // K and block multiples of 16

@@ -23,10 +23,6 @@
 
 #include "../bf16.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#endif
-
 namespace {
 
 using q_bf16::to_bf16;  // c10::BFloat16's rounding
@@ -187,24 +183,12 @@ void rotary_cache(T* q, int64_t q_stride, int64_t H, T* k, int64_t k_stride, con
 void silu_mul_row(const uint16_t* gate, const uint16_t* up, const float* table, uint16_t* out,
                   int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __m512i round_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1),
-                quiet_nan = _mm512_set1_epi32(0x7FC0);
+#if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) {
     const __m512i bits = _mm512_cvtepu16_epi32(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
     const __m512 silu = _mm512_i32gather_ps(bits, table, 4);
-    const __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + i))),
-        16));
-    const __m512 product = _mm512_mul_ps(silu, u);
-    const __m512i p = _mm512_castps_si512(product);  // q_bf16::to_bf16, 16 lanes at once
-    __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(p, round_bias),
-                         _mm512_and_si512(_mm512_srli_epi32(p, 16), one)), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(product, product, _CMP_UNORD_Q),
-                                    quiet_nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(rounded));
+    q_bf16::store_bf16x16(out + i, _mm512_mul_ps(silu, q_bf16::widen16(up + i)));
   }
 #endif
   for (; i < n; ++i) out[i] = to_bf16(table[gate[i]] * load(up[i]));

@@ -138,11 +138,7 @@ void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_
 // columns: the engine's 64 and Llama-style heads): the two loops above with their
 // accumulators held in registers, 32 positions (scores) and 64 value columns (weighted sum)
 // per pass, so that each widened key or value feeds R heads' multiply-adds from registers.
-// 16 bf16 -> 16 fp32: widen, shift up.
-inline __m512 widen16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+using q_bf16::widen16;  // 16 bf16 -> 16 fp32
 
 template <int R>
 void block_scores_bf16(const float* q, const uint16_t* keys, float* part, int64_t heads,

@@ -17,8 +17,9 @@ attention (reading q in place from the fused q/k/v output and writing bf16 for o
 SiLU x up, and each GEMM straight to its kernel where the layer can ``bind`` (bf16,
 weight-only int8/int4 and int8 W8A8 with its activation quantization, on the strip
 kernels; any other layer, fp8 for one, runs its module on the buffer and copies the
-product in). A step copies its token embeddings into the first buffer, points the few arguments that change per step (rotary tables, cache
-slots, block tables, their width) at this step's tensors and runs the list.
+product in). A step copies its token embeddings into the first buffer, points the few
+arguments that change per step (rotary tables, cache slots, block tables, their width) at
+this step's tensors and runs the list.
 
 Same kernels, same order, same roundings as the forward: the residual add the forward
 does in torch before the next layer's norm runs inside that norm's kernel (its residual
@@ -89,7 +90,6 @@ class Buffers:
         self.widths = (heads * d, kv_heads * d, kv_heads * first.value_dim)
         hidden = forward.embed.weight.shape[1]
         new = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16)  # noqa: E731
-        self.capacity = capacity
         # two residual streams taking turns (a norm's residual input and its sum output
         # must not alias), the normed rows, each projection's output
         self.x = (new(capacity, hidden), new(capacity, hidden))
