@@ -264,16 +264,21 @@ inline void unshuffle(__m512 lo, __m512 hi, float* out) {
 inline __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(p); }
 
 // part[r][t] = q_r . key_t for `rows` query rows of D / 2 bf16 pairs (unscaled) and the bs
-// positions of a block's [D][bs] keys (D even, bs a multiple of 32)
+// positions of a block's [D][bs] keys (D even, bs a multiple of 32); `next`, when given, is
+// the block to ask for while this one is scored (decode, where keys come from memory)
 template <int R>
 void block_scores_dp(const uint32_t* q, const uint16_t* keys, float* part, int64_t rows,
-                     int64_t D, int64_t bs) {
+                     int64_t D, int64_t bs, const uint16_t* next = nullptr) {
   const int64_t pairs = D / 2;
   for (int64_t j0 = 0; j0 < rows; j0 += R) {
     for (int64_t t0 = 0; t0 < bs; t0 += 32) {
       __m512 lo[R], hi[R];
       for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
       for (int64_t i = 0; i < pairs; ++i) {
+        if (next != nullptr && j0 == 0) {  // the next block's same lines, a block ahead
+          __builtin_prefetch(next + 2 * i * bs + t0, 0, 3);
+          __builtin_prefetch(next + (2 * i + 1) * bs + t0, 0, 3);
+        }
         const __m512i a = load32(keys + 2 * i * bs + t0), b = load32(keys + (2 * i + 1) * bs + t0);
         const __m512bh klo = (__m512bh)_mm512_unpacklo_epi16(a, b);
         const __m512bh khi = (__m512bh)_mm512_unpackhi_epi16(a, b);
@@ -290,12 +295,16 @@ void block_scores_dp(const uint32_t* q, const uint16_t* keys, float* part, int64
 
 // acc[r][:] = sum over the positions [first, first + 2 * npairs) of w[r][p] * value[p][:],
 // first even, weights as bf16 pairs (w[r][k]: positions first + 2k, first + 2k + 1), DV a
-// multiple of 64; a position past `last` is read as zeros
+// multiple of 64; a position past `last` is read as zeros. `ahead` > 0 asks for the value
+// rows that many positions on (decode, where they come from memory)
 template <int R>
 void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* table,
                      int64_t first, int64_t npairs, int64_t last, int64_t h, int64_t kvH,
-                     int64_t DV, int64_t bs, int64_t rows, float* acc) {
+                     int64_t DV, int64_t bs, int64_t rows, float* acc, int64_t ahead = 0) {
   const int64_t end = first + 2 * npairs;
+  auto row_of = [&](int64_t p) {
+    return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
+  };
   for (int64_t j0 = 0; j0 < rows; j0 += R) {
     for (int64_t d0 = 0; d0 < DV; d0 += 64) {
       __m512 a[R][4];
@@ -305,6 +314,10 @@ void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* 
         const int64_t lo = std::max(first, blk * bs), hi = std::min(end, (blk + 1) * bs);
         const uint16_t* rows_ = v_cache + (table[blk] * bs * kvH + h) * DV + d0;
         for (int64_t p = lo; p < hi; p += 2) {  // bs is even: p, p + 1 share the block
+          if (ahead > 0 && j0 == 0 && d0 == 0 && p + ahead + 1 <= last) {
+            prefetch(row_of(p + ahead), DV);
+            prefetch(row_of(p + ahead + 1), DV);
+          }
           const uint16_t* x = rows_ + (p - blk * bs) * kvH * DV;
           const bool second = p + 1 <= last;
           const __m512i x0 = load32(x), x1 = load32(x + 32);

@@ -18,7 +18,9 @@
 //                                     as torch's .to() rounds)
 // The H query heads share kvH key/value heads in groups of H / kvH (grouped-query
 // attention); each (sequence, KV head) pair is one unit of work and reads its keys and
-// values once for the whole group. Scores, softmax and the weighted sum run in fp32.
+// values once for the whole group. Scores, softmax and the weighted sum run in fp32 (bf16
+// caches on CPUs with AVX-512 BF16: bf16 products summed in fp32, the softmax weights
+// rounded to bf16 for the weighted sum, as prefill and torch's flash attention do).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,36 +45,67 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
   // every thread: the heads' keys and values interleave in memory, so the lines the first
   // head brings from memory (and their prefetched neighbours) serve the others from cache
   const int64_t chunk = B >= 2 * threads ? kvH : 1;
-  // bf16 caches on AVX-512 take the register-held loops where the shapes allow
+  // bf16 caches on AVX-512 take the register-held loops where the shapes allow; on AVX-512
+  // BF16 prefill's vdpbf16ps pair loops instead (keys and values read as stored, half the
+  // instructions): scores are then exact bf16 products summed in fp32 in another order, and
+  // the softmax weights are rounded to bf16 for the weighted sum, as torch's flash attention
+  // and the prefill kernel round them
   const bool vec = bs % 32 == 0 && DV % 64 == 0;
+  bool pairs = false;
+#if defined(__AVX512BF16__)
+  pairs = std::is_same<T, uint16_t>::value && vec && D % 2 == 0;
+#endif
+  const float post = pairs ? scale : 1.f;  // the pair loops scale scores, not queries
 #pragma omp parallel num_threads(threads)
   {
     // each thread's scratch, sized once for the longest sequence the tables allow
     std::vector<float> qf(padded * D, 0.f), part(padded * bs), scores(padded * nblk * bs),
         acc(padded * DV), peak(group), total(group);
+    std::vector<uint32_t> qpairs(pairs ? padded * D / 2 : 0, 0u),  // padded rows stay 0
+        wpairs(pairs ? padded * nblk * bs / 2 : 0);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t unit = 0; unit < B * kvH; ++unit) {
       const int64_t b = unit / kvH, h = unit % kvH;
       const int64_t len = lengths[b];
       const int64_t first = (window > 0 && len > window) ? len - window : 0;
-      const int64_t n = len - first;
+      // the pair loops start on an even position (one before a window's first, weighted 0)
+      // and take whole pairs (a position past len - 1 is read as zeros)
+      const int64_t from = pairs ? first & ~int64_t{1} : first;
+      const int64_t n = pairs ? (len - from + 1) & ~int64_t{1} : len - from;
       OutT* o = out + (b * H + h * group) * DV;
-      if (n <= 0) {
+      if (len <= first) {
         std::memset(o, 0, sizeof(OutT) * group * DV);
         continue;
       }
       for (int64_t j = 0; j < group; ++j) {
-        load_row(q + b * q_stride + (h * group + j) * D, qf.data() + j * D, D);
-        for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
+        const T* qj = q + b * q_stride + (h * group + j) * D;
+        if (pairs) {
+          std::memcpy(&qpairs[j * D / 2], qj, sizeof(T) * D);
+        } else {
+          load_row(qj, qf.data() + j * D, D);
+          for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
+        }
         peak[j] = -INFINITY;
       }
       const int64_t* table = tables + b * nblk;
-      // every line this unit reads, asked for at once: decode reads the cache from memory
-      // (a step's model and cache outgrow the caches), from blocks only the table locates
-      for (int64_t blk = first / bs; blk * bs < len; ++blk) {
-        prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
-        for (int64_t p = 0; p < bs; ++p)
-          prefetch(v_cache + ((table[blk] * bs + p) * kvH + h) * DV, DV);
+      auto value_row = [&](int64_t p) {
+        return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
+      };
+      // decode reads the cache from memory (a step's model and cache outgrow the caches),
+      // from blocks only the table locates. The pair loops ask for lines a fixed distance
+      // ahead of their use (the next block's keys, the values 32 positions on): asked for
+      // all at once, a unit's 80 KB (SmolLM2 at 320 tokens) stalled the loads behind them,
+      // 0.74-0.86x the time on a 2-core AMD EPYC (a throwaway alternation over
+      // bench_paged_attention.py's 32-sequence cases); so here only the first block's keys
+      // and values. The fp32 loops ask for every line up front.
+      if (pairs) {
+        prefetch(k_cache + (table[first / bs] * kvH + h) * D * bs, D * bs);
+        for (int64_t p = from; p < std::min(len, from + 8); ++p) prefetch(value_row(p), DV);
+      } else {
+        for (int64_t blk = first / bs; blk * bs < len; ++blk) {
+          prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
+          for (int64_t p = 0; p < bs; ++p) prefetch(value_row(blk * bs + p), DV);
+        }
       }
       // scores, a block at a time: the block's keys for this head are [D][bs] (positions
       // innermost), so each query dimension is a broadcast multiply-add over 16 positions
@@ -82,22 +115,34 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
         const T* keys = k_cache + (table[blk] * kvH + h) * D * bs;
         const int64_t lo = std::max(first, blk * bs) - blk * bs;
         const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
-        score_block(rows, vec, qf.data(), keys, part.data(), padded, D, bs);
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same<T, uint16_t>::value)
+          if (pairs) {
+            const T* next =
+                (blk + 1) * bs < len ? k_cache + (table[blk + 1] * kvH + h) * D * bs : nullptr;
+            with_rows(rows, [&](auto r) {
+              block_scores_dp<decltype(r)::value>(qpairs.data(), keys, part.data(), padded, D,
+                                                  bs, next);
+            });
+          }
+#endif
+        if (!pairs) score_block(rows, vec, qf.data(), keys, part.data(), padded, D, bs);
         for (int64_t j = 0; j < group; ++j) {
-          float* sj = scores.data() + j * n + blk * bs - first;
+          float* sj = scores.data() + j * n + blk * bs - from;
           const float* pj = part.data() + j * bs;
           float top = peak[j];
           if (softcap > 0.f) {
             for (int64_t t = lo; t < hi; ++t) {
-              const float s = std::tanh(pj[t] / softcap) * softcap;
+              const float s = std::tanh(pj[t] * post / softcap) * softcap;
               sj[t] = s;
               top = s > top ? s : top;
             }
-          } else {
+          } else {  // (x * 1.f is x: the fp32 loops' scores are unchanged)
 #pragma omp simd reduction(max : top)
             for (int64_t t = lo; t < hi; ++t) {
-              sj[t] = pj[t];
-              top = pj[t] > top ? pj[t] : top;
+              const float s = pj[t] * post;
+              sj[t] = s;
+              top = s > top ? s : top;
             }
           }
           peak[j] = top;
@@ -108,14 +153,30 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
         const float top = peak[j];
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = first - from; t < len - from; ++t) {
           sj[t] = exp_nonpositive(sj[t] - top);
           sum += sj[t];
         }
         total[j] = sum;
+        std::fill(sj, sj + (first - from), 0.f);
+        std::fill(sj + (len - from), sj + n, 0.f);
       }
-      sum_values(rows, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
-                 acc.data());
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same<T, uint16_t>::value)
+        if (pairs) {
+          for (int64_t j = 0; j < group; ++j)
+            to_bf16_pairs(scores.data() + j * n, n, wpairs.data() + j * n / 2);
+          std::fill(wpairs.begin() + group * n / 2, wpairs.begin() + padded * n / 2, 0u);
+          with_rows(rows, [&](auto r) {
+            weighted_sum_dp<decltype(r)::value>(wpairs.data(), v_cache, table, from, n / 2,
+                                                len - 1, h, kvH, DV, bs, padded, acc.data(),
+                                                32);
+          });
+        }
+#endif
+      if (!pairs)
+        sum_values(rows, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
+                   acc.data());
       for (int64_t j = 0; j < group; ++j)
         for (int64_t i = 0; i < DV; ++i) store(o + j * DV + i, acc[j * DV + i] / total[j]);
     }
