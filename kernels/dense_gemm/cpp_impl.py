@@ -53,30 +53,10 @@ def amx_unavailable(n: int, k: int) -> str | None:
     return _amx()[1]
 
 
-def bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None
-             ) -> torch.Tensor | None:
-    """``x @ W^T (+ bias)`` in bf16: ``x [M, K]`` bf16, ``amx_weight`` from
-    :func:`to_amx_bf16_layout`, ``bias [N]`` fp32 or None, all contiguous. None where it
-    cannot run."""
-    lib = _amx()[0]
-    m, k = x.shape
-    n = amx_weight.shape[0] * 16
-    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
-            or not cpp_build.plain(amx_weight, torch.bfloat16, (n // 16, k // 2, 16, 2))
-            or (bias is not None and not cpp_build.plain(bias, torch.float32, numel=n))):
-        return None
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    refused = lib.q_bf16_amx(x.data_ptr(), amx_weight.data_ptr(),
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), m, n,
-                             k, torch.get_num_threads())
-    return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)
-
-
-def bind_bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None,
-                  out: torch.Tensor):
-    """:func:`bf16_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a call
-    without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot
-    run."""
+def _bf16_arguments(x, amx_weight, bias, out) -> tuple | None:
+    """``q_bf16_amx``'s arguments for ``out = x @ W^T (+ bias)``, each tensor checked, or
+    None where the kernel cannot run them (what :func:`bf16_amx` and :func:`bind_bf16_amx`
+    share)."""
     lib = _amx()[0]
     m, k = x.shape
     n = amx_weight.shape[0] * 16
@@ -85,6 +65,25 @@ def bind_bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor 
             or (bias is not None and not cpp_build.plain(bias, torch.float32, numel=n))
             or not cpp_build.plain(out, torch.bfloat16, (m, n)) or amx_unavailable(n, k)):
         return None
-    return cpp_build.bound_call(lib.q_bf16_amx, x.data_ptr(), amx_weight.data_ptr(),
-                                None if bias is None else bias.data_ptr(), out.data_ptr(), m,
-                                n, k, torch.get_num_threads(), name="q_bf16_amx")
+    return (x.data_ptr(), amx_weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), m, n, k, torch.get_num_threads())
+
+
+def bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None
+             ) -> torch.Tensor | None:
+    """``x @ W^T (+ bias)`` in bf16: ``x [M, K]`` bf16, ``amx_weight`` from
+    :func:`to_amx_bf16_layout`, ``bias [N]`` fp32 or None, all contiguous. None where it
+    cannot run."""
+    out = torch.empty(x.shape[0], amx_weight.shape[0] * 16, dtype=torch.bfloat16)
+    args = _bf16_arguments(x, amx_weight, bias, out)
+    return None if args is None or _amx()[0].q_bf16_amx(*args) else out
+
+
+def bind_bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor):
+    """:func:`bf16_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a call
+    without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot
+    run."""
+    args = _bf16_arguments(x, amx_weight, bias, out)
+    return None if args is None else cpp_build.bound_call(_amx()[0].q_bf16_amx, *args,
+                                                          name="q_bf16_amx")

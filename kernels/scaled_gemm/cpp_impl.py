@@ -106,11 +106,16 @@ def amx_unavailable(n: int, k: int) -> str | None:
     return _amx()[1]
 
 
-def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
-                  rowsum: torch.Tensor, out: torch.Tensor):
-    """:func:`int8_amx` from fixed buffers ``xq``/``xs`` into ``out`` ``[M, N]`` (its dtype the
-    output's) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None
-    where it cannot run."""
+def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` int8 -> ``[N / 16, K / 4, 16, 4]``: per 16 channels, four columns' codes of
+    each side by side, the B operand of AMX's int8 tiles (amx_int8.cpp)."""
+    n, k = wq.shape
+    return wq.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def _int8_arguments(xq, xs, amx_w, ws, rowsum, out) -> tuple | None:
+    """``q_int8_amx``'s arguments, each tensor checked, or None where the kernel cannot run
+    them (what :func:`int8_amx` and :func:`bind_int8_amx` share)."""
     lib = _amx()[0]
     dtype = cpp_build.dtype_code(out.dtype)
     m, k = xq.shape
@@ -121,17 +126,8 @@ def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: t
             or not cpp_build.plain(rowsum, torch.int32, numel=n)
             or not cpp_build.plain(out, out.dtype, (m, n)) or amx_unavailable(n, k)):
         return None
-    return cpp_build.bound_call(lib.q_int8_amx, dtype, xq.data_ptr(), xs.data_ptr(),
-                                amx_w.data_ptr(), ws.data_ptr(), rowsum.data_ptr(),
-                                out.data_ptr(), m, n, k, torch.get_num_threads(),
-                                name="q_int8_amx")
-
-
-def to_amx_int8_layout(wq: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` int8 -> ``[N / 16, K / 4, 16, 4]``: per 16 channels, four columns' codes of
-    each side by side, the B operand of AMX's int8 tiles (amx_int8.cpp)."""
-    n, k = wq.shape
-    return wq.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return (dtype, xq.data_ptr(), xs.data_ptr(), amx_w.data_ptr(), ws.data_ptr(),
+            rowsum.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads())
 
 
 def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
@@ -140,17 +136,16 @@ def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.
     AVX-512 registers (``amx_tiles.h``):
     ``amx_w`` from :func:`to_amx_int8_layout`, ``rowsum`` :func:`weight_row_sums` of the
     plain weight. None where it cannot run."""
-    lib = _amx()[0]
-    dtype = cpp_build.dtype_code(out_dtype)
-    m, k = xq.shape
-    n = amx_w.shape[0] * 16
-    if (lib is None or dtype is None or m == 0 or not cpp_build.plain(xq, torch.int8)
-            or not cpp_build.plain(amx_w, torch.int8, (n // 16, k // 4, 16, 4))
-            or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)
-            or not cpp_build.plain(rowsum, torch.int32, numel=n)):
-        return None
-    out = torch.empty(m, n, dtype=out_dtype)
-    refused = lib.q_int8_amx(dtype, xq.data_ptr(), xs.data_ptr(), amx_w.data_ptr(),
-                             ws.data_ptr(), rowsum.data_ptr(), out.data_ptr(), m, n, k,
-                             torch.get_num_threads())
-    return None if refused else out  # the kernel's own shape rule (N % 16, K % 64)
+    out = torch.empty(xq.shape[0], amx_w.shape[0] * 16, dtype=out_dtype)
+    args = _int8_arguments(xq, xs, amx_w, ws, rowsum, out)
+    return None if args is None or _amx()[0].q_int8_amx(*args) else out
+
+
+def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
+                  rowsum: torch.Tensor, out: torch.Tensor):
+    """:func:`int8_amx` from fixed buffers ``xq``/``xs`` into ``out`` ``[M, N]`` (its dtype the
+    output's) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None
+    where it cannot run."""
+    args = _int8_arguments(xq, xs, amx_w, ws, rowsum, out)
+    return None if args is None else cpp_build.bound_call(_amx()[0].q_int8_amx, *args,
+                                                          name="q_int8_amx")

@@ -86,29 +86,9 @@ def to_amx_layout(codes: torch.Tensor) -> torch.Tensor:
     return codes.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor
-                    ) -> torch.Tensor | None:
-    """``(x @ codes^T) * scale`` in bf16 on AMX tiles, any number of tokens: ``x [M, K]``
-    bf16, ``amx_codes`` from :func:`to_amx_layout`, ``scale [N]`` fp32, all contiguous.
-    None where it cannot run."""
-    lib = _amx()[0]
-    m, k = x.shape
-    n = amx_codes.shape[0] * 16
-    if (lib is None or m == 0 or not cpp_build.plain(x, torch.bfloat16)
-            or not cpp_build.plain(amx_codes, torch.int8, (n // 16, k // 2, 16, 2))
-            or not cpp_build.plain(scale, torch.float32, numel=n)):
-        return None
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    refused = lib.q_wo_int8_amx(x.data_ptr(), amx_codes.data_ptr(), scale.data_ptr(),
-                                out.data_ptr(), m, n, k, torch.get_num_threads())
-    return None if refused else out  # the kernel's own shape rule (N % 16, K % 32)
-
-
-def bind_int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor,
-                         out: torch.Tensor):
-    """:func:`int8_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
-    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
-    cannot run."""
+def _int8_arguments(x, amx_codes, scale, out) -> tuple | None:
+    """``q_wo_int8_amx``'s arguments, each tensor checked, or None where the kernel cannot
+    run them (what :func:`int8_weight_amx` and :func:`bind_int8_weight_amx` share)."""
     lib = _amx()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
@@ -117,9 +97,28 @@ def bind_int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.
             or not cpp_build.plain(scale, torch.float32, numel=n)
             or not cpp_build.plain(out, torch.bfloat16, (m, n)) or amx_unavailable(n, k)):
         return None
-    return cpp_build.bound_call(lib.q_wo_int8_amx, x.data_ptr(), amx_codes.data_ptr(),
-                                scale.data_ptr(), out.data_ptr(), m, n, k,
-                                torch.get_num_threads(), name="q_wo_int8_amx")
+    return (x.data_ptr(), amx_codes.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k,
+            torch.get_num_threads())
+
+
+def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor
+                    ) -> torch.Tensor | None:
+    """``(x @ codes^T) * scale`` in bf16 on AMX tiles, any number of tokens: ``x [M, K]``
+    bf16, ``amx_codes`` from :func:`to_amx_layout`, ``scale [N]`` fp32, all contiguous.
+    None where it cannot run."""
+    out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
+    args = _int8_arguments(x, amx_codes, scale, out)
+    return None if args is None or _amx()[0].q_wo_int8_amx(*args) else out
+
+
+def bind_int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor,
+                         out: torch.Tensor):
+    """:func:`int8_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
+    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    cannot run."""
+    args = _int8_arguments(x, amx_codes, scale, out)
+    return None if args is None else cpp_build.bound_call(_amx()[0].q_wo_int8_amx, *args,
+                                                          name="q_wo_int8_amx")
 
 
 def _probe_int4(lib) -> bool:
@@ -177,31 +176,9 @@ def to_amx_int4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return both.reshape(2, n // 16, 16, groups).permute(1, 3, 0, 2).contiguous()
 
 
-def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                    group: int, zero: bool) -> torch.Tensor | None:
-    """``x @ w^T`` in bf16 on AMX tiles for any number of tokens, ``w = (q - 8) * s + z``:
-    ``x [M, K]`` bf16, ``amx_codes`` from :func:`to_amx_int4_layout`, ``amx_scales`` from
-    :func:`to_amx_int4_scales`, ``zero``: whether any z is nonzero. None where it cannot
-    run."""
-    lib = _amx_int4()[0]
-    m, k = x.shape
-    n = amx_codes.shape[0] * 16
-    if (lib is None or m == 0 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
-            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
-            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))):
-        return None
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    refused = lib.q_wo_int4_amx(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(),
-                                out.data_ptr(), m, n, k, group, int(zero),
-                                torch.get_num_threads())
-    return None if refused else out  # the kernel's own shape rule (groups of 32s dividing K)
-
-
-def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                         group: int, zero: bool, out: torch.Tensor):
-    """:func:`int4_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
-    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
-    cannot run."""
+def _int4_arguments(x, amx_codes, amx_scales, group, zero, out) -> tuple | None:
+    """``q_wo_int4_amx``'s arguments, each tensor checked, or None where the kernel cannot
+    run them (what :func:`int4_weight_amx` and :func:`bind_int4_weight_amx` share)."""
     lib = _amx_int4()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
@@ -211,9 +188,29 @@ def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: t
             or not cpp_build.plain(out, torch.bfloat16, (m, n))
             or amx_int4_unavailable(n, k, group)):
         return None
-    return cpp_build.bound_call(lib.q_wo_int4_amx, x.data_ptr(), amx_codes.data_ptr(),
-                                amx_scales.data_ptr(), out.data_ptr(), m, n, k, group,
-                                int(zero), torch.get_num_threads(), name="q_wo_int4_amx")
+    return (x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(), out.data_ptr(), m, n, k,
+            group, int(zero), torch.get_num_threads())
+
+
+def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
+                    group: int, zero: bool) -> torch.Tensor | None:
+    """``x @ w^T`` in bf16 on AMX tiles for any number of tokens, ``w = (q - 8) * s + z``:
+    ``x [M, K]`` bf16, ``amx_codes`` from :func:`to_amx_int4_layout`, ``amx_scales`` from
+    :func:`to_amx_int4_scales`, ``zero``: whether any z is nonzero. None where it cannot
+    run."""
+    out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
+    args = _int4_arguments(x, amx_codes, amx_scales, group, zero, out)
+    return None if args is None or _amx_int4()[0].q_wo_int4_amx(*args) else out
+
+
+def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
+                         group: int, zero: bool, out: torch.Tensor):
+    """:func:`int4_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
+    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    cannot run."""
+    args = _int4_arguments(x, amx_codes, amx_scales, group, zero, out)
+    return None if args is None else cpp_build.bound_call(_amx_int4()[0].q_wo_int4_amx, *args,
+                                                          name="q_wo_int4_amx")
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,
