@@ -29,6 +29,10 @@ vocab 32000). Checkpoints are written by q into ``--work`` and reused.
         --alone-only --alone-rounds 5    # the 1-request quantized-vs-bf16 ratios, interleaved
     python tests/bench/bench_engine_vs_vllm.py --models llama-1b --schemes bf16,wint4-g64 \
         --alone-only --decode-program-ab  # the same, decode replayed or not (decode_program.py)
+    python tests/bench/bench_engine_vs_vllm.py --models smollm2 --vllm-after  # q runs first
+
+vLLM runs first by default (per model: every vLLM setup, then q's checkpoints); q's first
+checkpoint after it has run slow in some runs, so ``--vllm-after`` reverses the order.
 """
 
 from __future__ import annotations
@@ -272,6 +276,9 @@ def main():
                         help="which vLLM setups run (on 2 cores 'all cores' was the faster in "
                              "every row measured; naming only it halves vLLM's time)")
     parser.add_argument("--rss", action="store_true", help="peak RSS per checkpoint")
+    parser.add_argument("--vllm-after", action="store_true",
+                        help="run q's checkpoints first, then vLLM's (default: vLLM first), "
+                             "to see whether the order moves either engine")
     parser.add_argument("--unfused", action="store_true",
                         help="q with one GEMM per projection (no q/k/v, gate/up fusion), to "
                              "measure what fusing does; timing only (not --rss)")
@@ -317,11 +324,18 @@ def main():
             for name, path in ckpts.items():
                 print(f"| {name} | {size_mib(path):.0f} | {peak_rss(path)} |", flush=True)
             continue
-        peers = {} if opts.no_vllm else {
-            setup: vllm_rates(opts.vllm_python, {k: v for k, v in ckpts.items()
-                                                 if k in opts.vllm_schemes.split(",")},
-                              batch, opts.new_tokens, opts.work, env, alone, warmup)
-            for setup, env in VLLM_SETUPS.items() if setup in opts.vllm_setups.split(",")}
+        def run_vllm():
+            return {} if opts.no_vllm else {
+                setup: vllm_rates(opts.vllm_python, {k: v for k, v in ckpts.items()
+                                                     if k in opts.vllm_schemes.split(",")},
+                                  batch, opts.new_tokens, opts.work, env, alone, warmup)
+                for setup, env in VLLM_SETUPS.items() if setup in opts.vllm_setups.split(",")}
+
+        ours = {}  # with --vllm-after, q's rates before vLLM runs; else each as its row prints
+        if opts.vllm_after:
+            ours = {name: q_rates(path, batch, opts.new_tokens, alone, warmup)
+                    for name, path in ckpts.items()}
+        peers = run_vllm()
         n = len(batch) * opts.new_tokens
         print(f"\n{model}: {len(batch)} requests x 256-token prompts, {opts.new_tokens} new "
               "tokens each (generated tok/s, prefill included)\n")
@@ -331,7 +345,7 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
         alone_rates = {}  # checkpoint -> (q 1 req tok/s, its decode tok/s after the first)
         for name, path in ckpts.items():
-            mine = q_rates(path, batch, opts.new_tokens, alone, warmup)
+            mine = ours.get(name) or q_rates(path, batch, opts.new_tokens, alone, warmup)
             decode = (opts.new_tokens - 1) / (mine["one_s"] - mine["first_s"])
             alone_rates[name] = (opts.new_tokens / mine["one_s"], decode)
             theirs, setup = best_vllm(peers, name)
