@@ -95,7 +95,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       // from blocks only the table locates. The pair loops ask for lines a fixed distance
       // ahead of their use (the next block's keys, the values 32 positions on): asked for
       // all at once, a unit's 80 KB (SmolLM2 at 320 tokens) stalled the loads behind them,
-      // 0.74-0.86x the time on a 2-core AMD EPYC (a throwaway alternation over
+      // 0.74-0.89x the time on a 2-core AMD EPYC (a throwaway alternation over
       // bench_paged_attention.py's 32-sequence cases); so here only the first block's keys
       // and values. The fp32 loops ask for every line up front.
       if (pairs) {
