@@ -66,6 +66,44 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+// position p's value row for KV head h, in a sequence's blocks `table` of the
+// [blocks, bs, kvH, DV] value cache
+template <typename T>
+inline const T* value_row(const T* v_cache, const int64_t* table, int64_t p, int64_t bs,
+                          int64_t kvH, int64_t h, int64_t DV) {
+  return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
+}
+
+// s[t] = part[t] * post (Gemma 2's soft-capping: tanh(that / softcap) * softcap) for t in
+// [lo, hi): a block's raw scores, scaled where the query was not
+inline void store_scores(const float* part, float* s, int64_t lo, int64_t hi, float post,
+                         float softcap) {
+  if (softcap > 0.f) {
+    for (int64_t t = lo; t < hi; ++t) s[t] = std::tanh(part[t] * post / softcap) * softcap;
+  } else {  // (x * 1.f is x: loops that scaled the query keep their scores' bits)
+#pragma omp simd
+    for (int64_t t = lo; t < hi; ++t) s[t] = part[t] * post;
+  }
+}
+
+// A row's softmax weights in place, unnormalized: exp(s - max) over the visible [lo, hi),
+// 0 over the rest of [0, n) (positions the pair loops read but the row does not see); the
+// sum of the weights, to divide the weighted sum by
+inline float softmax_weights(float* s, int64_t lo, int64_t hi, int64_t n) {
+  float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+  for (int64_t t = lo; t < hi; ++t) top = s[t] > top ? s[t] : top;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = lo; t < hi; ++t) {
+    s[t] = exp_nonpositive(s[t] - top);
+    sum += s[t];
+  }
+  std::fill(s, s + lo, 0.f);
+  std::fill(s + hi, s + n, 0.f);
+  return sum;
+}
+
 constexpr int64_t LANES = 16;  // positions per accumulator (one AVX-512 register of fp32)
 
 // part[j][t] = q[j] . key[t] for the padded query heads j and the bs positions t of one
@@ -302,9 +340,6 @@ void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* 
                      int64_t first, int64_t npairs, int64_t last, int64_t h, int64_t kvH,
                      int64_t DV, int64_t bs, int64_t rows, float* acc, int64_t ahead = 0) {
   const int64_t end = first + 2 * npairs;
-  auto row_of = [&](int64_t p) {
-    return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
-  };
   for (int64_t j0 = 0; j0 < rows; j0 += R) {
     for (int64_t d0 = 0; d0 < DV; d0 += 64) {
       __m512 a[R][4];
@@ -315,8 +350,8 @@ void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* 
         const uint16_t* rows_ = v_cache + (table[blk] * bs * kvH + h) * DV + d0;
         for (int64_t p = lo; p < hi; p += 2) {  // bs is even: p, p + 1 share the block
           if (ahead > 0 && j0 == 0 && d0 == 0 && p + ahead + 1 <= last) {
-            prefetch(row_of(p + ahead), DV);
-            prefetch(row_of(p + ahead + 1), DV);
+            prefetch(value_row(v_cache, table, p + ahead, bs, kvH, h, DV), DV);
+            prefetch(value_row(v_cache, table, p + ahead + 1, bs, kvH, h, DV), DV);
           }
           const uint16_t* x = rows_ + (p - blk * bs) * kvH * DV;
           const bool second = p + 1 <= last;
@@ -351,6 +386,23 @@ inline void to_bf16_pairs(const float* w, int64_t n, uint32_t* out) {
   for (; i < n; i += 2)
     out[i / 2] = static_cast<uint32_t>(to_bf16(w[i])) |
                  static_cast<uint32_t>(to_bf16(w[i + 1])) << 16;
+}
+
+// acc[r][:] for `rows` rows of n softmax weights each (n even: positions [first, first + n),
+// past `last` read as zeros), R rows at a time: the weights rounded to bf16 pairs in
+// `wpairs` (padded * n / 2; rows from `rows` to `padded` weighted 0), then weighted_sum_dp
+// (`ahead`: as there)
+inline void weighted_sum_pairs(int64_t R, const float* w, int64_t rows, int64_t padded,
+                               int64_t n, uint32_t* wpairs, const uint16_t* v_cache,
+                               const int64_t* table, int64_t first, int64_t last, int64_t h,
+                               int64_t kvH, int64_t DV, int64_t bs, float* acc,
+                               int64_t ahead = 0) {
+  for (int64_t r = 0; r < rows; ++r) to_bf16_pairs(w + r * n, n, wpairs + r * n / 2);
+  std::fill(wpairs + rows * n / 2, wpairs + padded * n / 2, 0u);
+  with_rows(R, [&](auto r) {
+    weighted_sum_dp<decltype(r)::value>(wpairs, v_cache, table, first, n / 2, last, h, kvH,
+                                        DV, bs, padded, acc, ahead);
+  });
 }
 #endif
 

@@ -60,7 +60,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
   {
     // each thread's scratch, sized once for the longest sequence the tables allow
     std::vector<float> qf(padded * D, 0.f), part(padded * bs), scores(padded * nblk * bs),
-        acc(padded * DV), peak(group), total(group);
+        acc(padded * DV), total(group);
     std::vector<uint32_t> qpairs(pairs ? padded * D / 2 : 0, 0u),  // padded rows stay 0
         wpairs(pairs ? padded * nblk * bs / 2 : 0);
 #pragma omp for schedule(dynamic, chunk)
@@ -85,26 +85,24 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
           load_row(qj, qf.data() + j * D, D);
           for (int64_t i = 0; i < D; ++i) qf[j * D + i] *= scale;
         }
-        peak[j] = -INFINITY;
       }
       const int64_t* table = tables + b * nblk;
-      auto value_row = [&](int64_t p) {
-        return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
-      };
       // decode reads the cache from memory (a step's model and cache outgrow the caches),
       // from blocks only the table locates. The pair loops ask for lines a fixed distance
-      // ahead of their use (the next block's keys, the values 32 positions on): asked for
-      // all at once, a unit's 80 KB (SmolLM2 at 320 tokens) stalled the loads behind them,
-      // 0.74-0.89x the time on a 2-core AMD EPYC (a throwaway alternation over
-      // bench_paged_attention.py's 32-sequence cases); so here only the first block's keys
-      // and values. The fp32 loops ask for every line up front.
+      // ahead of their use (the next block's keys, the values 32 positions on), so here only
+      // the first block's keys and values: asked for all at once, a unit's 80 KB (SmolLM2 at
+      // 320 tokens) stalled the loads behind them (slower in a throwaway alternation, not
+      // kept; bench_paged_attention.py times the result). The fp32 loops ask for every line
+      // up front.
       if (pairs) {
         prefetch(k_cache + (table[first / bs] * kvH + h) * D * bs, D * bs);
-        for (int64_t p = from; p < std::min(len, from + 8); ++p) prefetch(value_row(p), DV);
+        for (int64_t p = from; p < std::min(len, from + 8); ++p)
+          prefetch(value_row(v_cache, table, p, bs, kvH, h, DV), DV);
       } else {
         for (int64_t blk = first / bs; blk * bs < len; ++blk) {
           prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
-          for (int64_t p = 0; p < bs; ++p) prefetch(value_row(blk * bs + p), DV);
+          for (int64_t p = 0; p < bs; ++p)
+            prefetch(value_row(v_cache, table, blk * bs + p, bs, kvH, h, DV), DV);
         }
       }
       // scores, a block at a time: the block's keys for this head are [D][bs] (positions
@@ -127,52 +125,17 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
           }
 #endif
         if (!pairs) score_block(rows, vec, qf.data(), keys, part.data(), padded, D, bs);
-        for (int64_t j = 0; j < group; ++j) {
-          float* sj = scores.data() + j * n + blk * bs - from;
-          const float* pj = part.data() + j * bs;
-          float top = peak[j];
-          if (softcap > 0.f) {
-            for (int64_t t = lo; t < hi; ++t) {
-              const float s = std::tanh(pj[t] * post / softcap) * softcap;
-              sj[t] = s;
-              top = s > top ? s : top;
-            }
-          } else {  // (x * 1.f is x: the fp32 loops' scores are unchanged)
-#pragma omp simd reduction(max : top)
-            for (int64_t t = lo; t < hi; ++t) {
-              const float s = pj[t] * post;
-              sj[t] = s;
-              top = s > top ? s : top;
-            }
-          }
-          peak[j] = top;
-        }
+        for (int64_t j = 0; j < group; ++j)
+          store_scores(part.data() + j * bs, scores.data() + j * n + blk * bs - from, lo, hi,
+                       post, softcap);
       }
-      for (int64_t j = 0; j < group; ++j) {
-        float* sj = scores.data() + j * n;
-        const float top = peak[j];
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = first - from; t < len - from; ++t) {
-          sj[t] = exp_nonpositive(sj[t] - top);
-          sum += sj[t];
-        }
-        total[j] = sum;
-        std::fill(sj, sj + (first - from), 0.f);
-        std::fill(sj + (len - from), sj + n, 0.f);
-      }
+      for (int64_t j = 0; j < group; ++j)
+        total[j] = softmax_weights(scores.data() + j * n, first - from, len - from, n);
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same<T, uint16_t>::value)
-        if (pairs) {
-          for (int64_t j = 0; j < group; ++j)
-            to_bf16_pairs(scores.data() + j * n, n, wpairs.data() + j * n / 2);
-          std::fill(wpairs.begin() + group * n / 2, wpairs.begin() + padded * n / 2, 0u);
-          with_rows(rows, [&](auto r) {
-            weighted_sum_dp<decltype(r)::value>(wpairs.data(), v_cache, table, from, n / 2,
-                                                len - 1, h, kvH, DV, bs, padded, acc.data(),
-                                                32);
-          });
-        }
+        if (pairs)
+          weighted_sum_pairs(rows, scores.data(), group, padded, n, wpairs.data(), v_cache,
+                             table, from, len - 1, h, kvH, DV, bs, acc.data(), 32);
 #endif
       if (!pairs)
         sum_values(rows, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,
@@ -280,43 +243,22 @@ void prefill(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
             });
 #endif
         if (!pairs) score_block(R, vec, qf.data(), keys, part.data(), padded, D, bs);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* sr = scores.data() + r * n + blk * bs - first;
-          const float* pr = part.data() + r * bs;
-          if (softcap > 0.f)
-            for (int64_t t = lo; t < hi; ++t) sr[t] = std::tanh(pr[t] * post / softcap) * softcap;
-          else
-            for (int64_t t = lo; t < hi; ++t) sr[t] = pr[t] * post;
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          store_scores(part.data() + r * bs, scores.data() + r * n + blk * bs - first, lo, hi,
+                       post, softcap);
       }
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {  // row r sees the keys [seen_from, pos]
         const int64_t pos = pos0 + r / group;
         const int64_t seen_from = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        float* sr = scores.data() + r * n - first;  // indexed by key position
-        float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t t = seen_from; t <= pos; ++t) top = sr[t] > top ? sr[t] : top;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = seen_from; t <= pos; ++t) {
-          sr[t] = exp_nonpositive(sr[t] - top);
-          sum += sr[t];
-        }
-        total[r] = sum;
-        std::fill(sr + first, sr + seen_from, 0.f);
-        std::fill(sr + pos + 1, sr + first + n, 0.f);
+        total[r] = softmax_weights(scores.data() + r * n, seen_from - first, pos + 1 - first, n);
       }
+      // padded rows weigh nothing (the fp32 loops read their weights too)
       std::fill(scores.begin() + rows * n, scores.begin() + padded * n, 0.f);
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same<T, uint16_t>::value)
-        if (pairs) {
-          for (int64_t r = 0; r < padded; ++r)
-            to_bf16_pairs(scores.data() + r * n, n, wpairs.data() + r * n / 2);
-          with_rows(R, [&](auto r) {
-            weighted_sum_dp<decltype(r)::value>(wpairs.data(), v_cache, table, first, n / 2,
-                                                last, h, kvH, DV, bs, padded, acc.data());
-          });
-        }
+        if (pairs)
+          weighted_sum_pairs(R, scores.data(), rows, padded, n, wpairs.data(), v_cache, table,
+                             first, last, h, kvH, DV, bs, acc.data());
 #endif
       if (!pairs)
         sum_values(R, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,

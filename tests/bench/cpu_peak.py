@@ -1,7 +1,9 @@
-"""The bf16 arithmetic peak of this CPU, to read the GEMM rates of the other benches
-against: a register-only loop of AVX-512 BF16 ``vdpbf16ps`` (``cpu_peak.cpp``, built with
-q's kernel build), 12 independent accumulators per thread, at 1 thread and at torch's
-thread count; GFLOP/s counting a multiply and an add per product.
+"""The bf16 arithmetic peak of this CPU and the rate it streams memory, to read the other
+benches' GEMM and attention rates against: a register-only loop of AVX-512 BF16
+``vdpbf16ps`` (``cpu_peak.cpp``, built with q's kernel build), 12 independent accumulators
+per thread, GFLOP/s counting a multiply and an add per product; and ``torch.sum`` over a
+512 MB bf16 tensor (far larger than the caches), GB/s read. Each at 1 thread and at torch's
+thread count, the best of three.
 
     python tests/bench/cpu_peak.py [--seconds 1]
 """
@@ -44,6 +46,19 @@ def main() -> None:
             best = max(best, flops.value / (time.perf_counter() - start))
         print(f"{threads} thread{'s' if threads > 1 else ''}: {best / 1e9:.0f} GFLOP/s bf16 "
               "(vdpbf16ps)")
+    stream = torch.ones(1 << 28, dtype=torch.bfloat16)  # 512 MB
+    every = torch.get_num_threads()
+    for threads in sorted({1, every}):
+        torch.set_num_threads(threads)
+        stream.sum()
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            stream.sum()
+            seconds.append(time.perf_counter() - start)
+        print(f"{threads} thread{'s' if threads > 1 else ''}: "
+              f"{stream.numel() * 2 / min(seconds) / 1e9:.1f} GB/s read (torch.sum, 512 MB)")
+    torch.set_num_threads(every)
 
 
 if __name__ == "__main__":
