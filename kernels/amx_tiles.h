@@ -278,13 +278,16 @@ inline int request_permission() { return 0; }
 
 // A pass takes up to kVecStrips strips and kVecTokens tokens (R x S accumulators): each row
 // step loads the strips' rows once and each token's pair (quad) once for all of them. On a
-// 2-core AMD EPYC 8 x 1 and 8 x 2 ran level and 6 x 4 and 4 x 4 slower, bf16 and int8, at
-// 8-2048 tokens (tests/bench/ab_vector_passes.py builds the variants with -D and times them)
+// 2-core AMD EPYC 6 x 4 and 4 x 4 ran slower than 8 x 1 (bf16 and int8, 8-2048 tokens), and
+// 8 x 2 faster, bf16 most: 4-9% over a 1.1B model's weights at 8-1024 tokens, 5-15% over
+// SmolLM2's at 8, 256 and 2048 but 3% slower at 32; int8 1-15% faster but 3-11% slower on
+// SmolLM2 at 32-256 (tests/bench/ab_vector_passes.py builds the variants with -D and times
+// them; docs/benchmarks.md)
 #ifndef Q_VEC_TOKENS
 #define Q_VEC_TOKENS 8
 #endif
 #ifndef Q_VEC_STRIPS
-#define Q_VEC_STRIPS 1
+#define Q_VEC_STRIPS 2
 #endif
 constexpr int kVecTokens = Q_VEC_TOKENS;
 constexpr int kVecStrips = Q_VEC_STRIPS;
