@@ -60,13 +60,18 @@ def engine_options(f):
         click.option("--kv-cache-tokens", type=click.IntRange(min=1),
                      help="native engine's KV cache size in tokens [default: 20%% of free "
                           "memory, at most max-batch full contexts]"),
+        click.option("--woq-activations", type=click.Choice(["bf16", "int8"]),
+                     help="native engine, weight-only int8 checkpoints: int8 multiplies "
+                          "prompts (steps of 9+ tokens) as int8 W8A8, activations quantized "
+                          "per token: faster prefill, not exact [default: bf16]"),
         click.option("--verbose", "-v", is_flag=True, help="log loading details"),
     ]
 
     @functools.wraps(f)
-    def gather_native_options(*a, dtype, kv_cache_tokens, **kw):
+    def gather_native_options(*a, dtype, kv_cache_tokens, woq_activations, **kw):
         kw["native_options"] = {k: v for k, v in (("dtype", dtype),
-                                                  ("kv_cache_tokens", kv_cache_tokens))
+                                                  ("kv_cache_tokens", kv_cache_tokens),
+                                                  ("woq_activations", woq_activations))
                                 if v is not None}
         return f(*a, **kw)
 

@@ -68,14 +68,16 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
   });
 }
 
+// strip_of(s, buffer): strip s in the layout above (in place, buffer_bytes 0, or written
+// into the thread's buffer of buffer_bytes)
 #if defined(__AMX_TILE__)
-void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
-          const int32_t*, char* out, int dtype, int64_t M, int64_t N, int64_t K,
-          int threads) {
+template <class StripOf>
+void gemm(const int8_t* x, const float* xs, StripOf strip_of, int64_t buffer_bytes,
+          const float* ws, const int32_t*, char* out, int dtype, int64_t M, int64_t N,
+          int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   q_amx::tile_loop(
-      reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, 0, threads,
-      [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
+      reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, buffer_bytes, threads, strip_of,
       Q_AMX_DOTS(_tile_dpbssd),
       [&](const char* sums, int64_t m, int64_t s) {
         store16(_mm512_load_si512(sums), xs[m], ws + s * 16, out + (m * N + s * 16) * esize,
@@ -83,17 +85,18 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
       });
 }
 #else
-void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws,
-          const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N, int64_t K,
-          int threads) {
+template <class StripOf>
+void gemm(const int8_t* x, const float* xs, StripOf strip_of, int64_t buffer_bytes,
+          const float* ws, const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N,
+          int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   std::vector<uint8_t> xu(M * K);  // x + 128, once per call
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
   // each token's 4 codes + 128 (unsigned) against the strip's signed codes: exact int32
   // sums, 128 * rowsum too many (taken out at the store); no overflow for K < 65793
   q_amx::vector_loop(
-      reinterpret_cast<const char*>(xu.data()), K, M, N / 16, K / 4, 0, threads,
-      [&](int64_t s, char*) { return reinterpret_cast<const char*>(codes + s * K * 16); },
+      reinterpret_cast<const char*>(xu.data()), K, M, N / 16, K / 4, buffer_bytes, threads,
+      strip_of,
       [](__m512i acc, __m512i x4, __m512i row) { return _mm512_dpbusd_epi32(acc, x4, row); },
       [&](const char* sums, int64_t m, int64_t s) {
         const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + s * 16), 7);
@@ -102,6 +105,13 @@ void gemm(const int8_t* x, const float* xs, const int8_t* codes, const float* ws
       });
 }
 #endif
+
+// strips read where they lie (the layout above)
+inline auto in_place(const int8_t* codes, int64_t K) {
+  return [codes, K](int64_t s, char*) {
+    return reinterpret_cast<const char*>(codes + s * K * 16);
+  };
+}
 
 }  // namespace
 
@@ -118,6 +128,34 @@ extern "C" int q_int8_amx(int out_dtype, const int8_t* x, const float* xs, const
   if (!q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
         few_tokens<decltype(m)::value>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads);
       }))
-    gemm(x, xs, codes, ws, rowsum, o, out_dtype, M, N, K, threads);
+    gemm(x, xs, in_place(codes, K), 0, ws, rowsum, o, out_dtype, M, N, K, threads);
+  return 0;
+}
+
+// The same product with the weight in weight_only_gemm/amx_gemm.cpp's pair layout ([N / 16]
+// [K / 2][16][2]: weight-only int8 codes, per-channel scales ws) for 5+ tokens: each strip
+// is regrouped into the quad layout above in the core's cache (two pair rows are one quad
+// row: channel c's two pairs side by side, one vpermw per 64 bytes) and multiplied there.
+// The weight-only int8 layers' int8 prefill (q.kernels.weight_only_gemm), so that the
+// weight is not held twice. N % 16 == 0, K % 64 == 0, M >= 5.
+extern "C" int q_int8_amx_pairs(int out_dtype, const int8_t* x, const float* xs,
+                                const int8_t* pairs, const float* ws, const int32_t* rowsum,
+                                void* out, int64_t M, int64_t N, int64_t K, int threads) {
+  if (N % 16 || K % 64 || M < 5 || (out_dtype != 0 && out_dtype != 1)) return 1;
+  // result word 2c + h is word c of pair row 2r + h (16-bit words: a channel's code pair)
+  alignas(64) int16_t order[32];
+  for (int c = 0; c < 16; ++c) order[2 * c] = c, order[2 * c + 1] = 16 + c;
+  const __m512i regroup = _mm512_load_si512(order);
+  gemm(x, xs,
+       [&](int64_t s, char* buffer) {
+         const char* src = reinterpret_cast<const char*>(pairs + s * K * 16);
+         for (int64_t r = 0; r < K / 4; ++r) {
+           if ((r & 7) == 0) _mm_prefetch(src + r * 64 + 1024, _MM_HINT_T0);
+           const __m512i rows = _mm512_loadu_si512(src + r * 64);
+           _mm512_store_si512(buffer + r * 64, _mm512_permutexvar_epi16(regroup, rows));
+         }
+         return static_cast<const char*>(buffer);
+       },
+       K * 16, ws, rowsum, static_cast<char*>(out), out_dtype, M, N, K, threads);
   return 0;
 }

@@ -96,7 +96,7 @@ def _probe(lib) -> bool:
 @functools.cache
 def _amx():
     return cpp_build.bind_amx(AMX_SOURCE, AMX_FLAGS, "q_amx_int8_init", _probe,
-                              q_int8_amx="i pppppp lll i")
+                              q_int8_amx="i pppppp lll i", q_int8_amx_pairs="i pppppp lll i")
 
 
 def amx_unavailable(n: int, k: int) -> str | None:
@@ -149,3 +149,26 @@ def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: t
     args = _int8_arguments(xq, xs, amx_w, ws, rowsum, out)
     return None if args is None else cpp_build.bound_call(_amx()[0].q_int8_amx, *args,
                                                           name="q_int8_amx")
+
+
+def int8_amx_pairs(xq: torch.Tensor, xs: torch.Tensor, pairs: torch.Tensor, ws: torch.Tensor,
+                   rowsum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`int8_amx`'s result (the same bits) for 5+ tokens with the weight in the
+    weight-only int8 kernel's pair layout ``[N / 16, K / 2, 16, 2]``
+    (:func:`q.kernels.weight_only_gemm.cpp_impl.to_amx_layout`), regrouped a strip at a time
+    in cache: how weight-only int8 layers run int8 prefill without a second copy of their
+    weight. None where it cannot run."""
+    lib = _amx()[0]
+    dtype = cpp_build.dtype_code(out_dtype)
+    m, k = xq.shape
+    n = pairs.shape[0] * 16
+    if (lib is None or dtype is None or m < 5 or not cpp_build.plain(xq, torch.int8)
+            or not cpp_build.plain(pairs, torch.int8, (n // 16, k // 2, 16, 2))
+            or not _fp32_vector(xs, m) or not _fp32_vector(ws, n)
+            or not cpp_build.plain(rowsum, torch.int32, numel=n) or amx_unavailable(n, k)):
+        return None
+    out = torch.empty(m, n, dtype=out_dtype)
+    failed = lib.q_int8_amx_pairs(dtype, xq.data_ptr(), xs.data_ptr(), pairs.data_ptr(),
+                                  ws.data_ptr(), rowsum.data_ptr(), out.data_ptr(), m, n, k,
+                                  torch.get_num_threads())
+    return None if failed else out

@@ -30,6 +30,14 @@ the weight stays 1 byte (int8) or half a byte (int4) per value in memory.
 
 Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says why and the
 caller keeps the reference.
+
+``int8_activations=True`` (the engine's ``woq_activations="int8"``, IPEX's "lowp mode
+INT8"): int8 per-channel weights on the AMX-layout kernel multiply steps of
+``INT8_ACTIVATIONS_FROM`` tokens or more as int8 W8A8 (activations quantized per token,
+``scaled_gemm``'s int8 kernel reading this layout, VNNI / AMX-INT8: twice bf16's products
+per instruction), the prefill that is compute-bound in bf16. Fewer tokens keep the exact
+register path, which is bound by memory. Numbers then carry int8 activation rounding (half
+a step of max|x| / 127 per value); docs/engine.md has the measured accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +47,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..act_quant import quantize_activation_cpu
 from ..configs import cpu_choice
+from ..scaled_gemm.cpp_impl import amx_unavailable as int8_amx_unavailable
+from ..scaled_gemm.cpp_impl import int8_amx_pairs, weight_row_sums
 from .cpp_impl import (amx_int4_unavailable, amx_unavailable, bind_int4_weight_amx,
                        bind_int8_weight_amx, dequantize_int4pack,
                        dequantize_int8, from_amx_int4_layout, gemv_unavailable,
@@ -51,6 +62,8 @@ INT4_GROUPS = (32, 64, 128, 256)
 # other K gives wrong sums or a segfault (K=72, 136 measured), so such weights never use it
 INT8PACK_K_MULTIPLE = 16
 KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
+# tokens per call from which int8_activations applies: 1-8 take the exact register path
+INT8_ACTIVATIONS_FROM = 9
 
 
 def _int4_group(k: int, group_size: int) -> int | None:
@@ -112,31 +125,49 @@ def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return _unpack(packed, n, k, block)
 
 
+def _int8_activations_unavailable(per_channel: bool, dtype: torch.dtype, n: int,
+                                  k: int) -> str | None:
+    """Why int8 activations cannot run an int8 weight here (None: they can)."""
+    if not per_channel:
+        return "the int8 kernel takes per-channel scales without zero points"
+    if dtype != torch.bfloat16:
+        return f"the compute dtype is {str(dtype).removeprefix('torch.')}, not bfloat16"
+    return amx_unavailable(n, k) or int8_amx_unavailable(n, k)
+
+
 class WeightOnlyTorch:
     """``y = x @ ((w - zero) * scale)^T`` for ``x [M, K]`` in ``dtype`` (bf16)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int,
                  zero: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
-                 amx: bool = True):
+                 amx: bool = True, int8_activations: bool = False):
         """``amx=False`` keeps torch's kernels where the AMX ones would run (benches and
-        tests compare the two)."""
+        tests compare the two). ``int8_activations``: see the module docstring; a weight
+        it cannot apply to raises ValueError saying why."""
         n, k = codes.shape
         reason = unsupported(bits, n, k, group_size)
         if reason:
             raise ValueError(reason)
         self.bits, self.dtype, self.shape = bits, dtype, (n, k)
+        self.row_sums = None  # set where int8_activations applies
         if bits == 8:
             self.codes = codes.contiguous()
             self.group_size = min(group_size, k)
             self.scale = scale.to(dtype)  # [N, groups]
             self.zero = None if zero is None else zero.to(dtype)
             per_channel = self.group_size == k and zero is None
+            if int8_activations:
+                reason = _int8_activations_unavailable(per_channel, dtype, n, k)
+                if reason:
+                    raise ValueError(f"int8 activations: {reason}")
             if amx and per_channel and dtype == torch.bfloat16 and amx_unavailable(n, k) is None:
                 # AMX tiles: one kernel for every M, and the only copy of the weight
                 self.kernels = ("amx",)
                 self.amx_codes = to_amx_layout(codes)
                 self.codes = None
                 self.scale_fp32 = scale.float().reshape(n).contiguous()
+                if int8_activations:
+                    self.row_sums = weight_row_sums(codes)
                 return
             packable = per_channel and k % INT8PACK_K_MULTIPLE == 0
             self.kernels = KERNELS[8] if packable else ("dequantize",)
@@ -144,6 +175,9 @@ class WeightOnlyTorch:
                 self.kernels = ("gemv", *self.kernels)
                 self.scale_fp32 = scale.float().reshape(n).contiguous()
             return
+        if int8_activations:
+            raise ValueError("int8 activations: int4 weights have no int8 kernel here (int8 "
+                             "per-channel weights only)")
         self.group = _int4_group(k, group_size)
         groups = k // self.group
         s = scale.float().expand(n, groups) if scale.shape[1] == 1 else scale.float()
@@ -223,6 +257,11 @@ class WeightOnlyTorch:
         if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
             return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
                                    self.has_zero)
+        if kernel == "amx" and self.row_sums is not None \
+                and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+            xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
+            return int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
+                                  self.dtype)
         if kernel == "amx":
             return int8_weight_amx(x.contiguous(), self.amx_codes, self.scale_fp32)
         if kernel == "gemv":
@@ -254,6 +293,8 @@ class WeightOnlyTorch:
         ``scratch`` is unused (these kernels take bf16 as it comes)."""
         if self.kernels != ("amx",):
             return None
+        if self.row_sums is not None and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+            return None  # quantizes its activations per call (run)
         if self.bits == 4:
             return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group,
                                         self.has_zero, out)

@@ -54,7 +54,11 @@ SCHEMES = {  # name -> (scheme, args); None: the unquantized model itself
     "wint4-g64": ("wint4", {"group_size": 64}),
     "wint8": ("wint8", {}),
     "fp8-dynamic": ("fp8-dynamic", {}),
+    "wint8-int8acts": ("wint8", {}),
 }
+# names that load another name's checkpoint with engine options: wint8's files, prompts
+# multiplied as int8 W8A8 (the native engine's woq_activations="int8", docs/engine.md)
+LOADED_AS = {"wint8-int8acts": ("wint8", {"woq_activations": "int8"})}
 
 
 def llama_1b(path: Path) -> Path:
@@ -85,7 +89,7 @@ def checkpoints(model_dir: Path, work: Path, names) -> dict[str, Path]:
             out[name] = model_dir
             continue
         scheme, args = SCHEMES[name]
-        dest = work / f"{model_dir.name}-{name}"
+        dest = work / f"{model_dir.name}-{LOADED_AS.get(name, (name,))[0]}"
         if not (dest / "config.json").exists():
             q.quantize(model_dir, scheme, dest, args=args, progress=False)
         out[name] = dest
@@ -101,11 +105,16 @@ def prompts(vocab: int, n: int = 32, length: int = 256) -> list[list[int]]:
     return [[t % vocab for t in ids[i * length:(i + 1) * length]] for i in range(n)]
 
 
+def load_options(name: str) -> dict:
+    """The engine options checkpoint ``name`` loads with (LOADED_AS)."""
+    return LOADED_AS.get(name, (name, {}))[1]
+
+
 def q_rates(path: Path, batch: list[list[int]], new_tokens: int, alone: list[int],
-            warmup: list[int]) -> dict:
+            warmup: list[int], options: dict | None = None) -> dict:
     import q
 
-    session = q.load_engine(path)
+    session = q.load_engine(path, **(options or {}))
     session.generate([warmup], max_tokens=4, ignore_eos=True)
     t0 = time.perf_counter()
     outs = session.generate(batch, max_tokens=new_tokens, ignore_eos=True)
@@ -147,9 +156,11 @@ def alone_interleaved(ckpts: dict[str, Path], prompt: list[int], warmup: list[in
 
     import q
 
-    sessions = {name: q.load_engine(path, kv_cache_tokens=4096) for name, path in ckpts.items()}
+    sessions = {name: q.load_engine(path, kv_cache_tokens=4096, **load_options(name))
+                for name, path in ckpts.items()}
     for name, path in list(ckpts.items()) if program_ab else []:
-        session = sessions[name + FORWARD] = q.load_engine(path, kv_cache_tokens=4096)
+        session = sessions[name + FORWARD] = q.load_engine(path, kv_cache_tokens=4096,
+                                                           **load_options(name))
         session.runner.forward.programs = None
     for session in sessions.values():
         session.generate([warmup], max_tokens=4, ignore_eos=True)
@@ -333,7 +344,8 @@ def main():
 
         ours = {}  # with --vllm-after, q's rates before vLLM runs; else each as its row prints
         if opts.vllm_after:
-            ours = {name: q_rates(path, batch, opts.new_tokens, alone, warmup)
+            ours = {name: q_rates(path, batch, opts.new_tokens, alone, warmup,
+                                         load_options(name))
                     for name, path in ckpts.items()}
         peers = run_vllm()
         n = len(batch) * opts.new_tokens

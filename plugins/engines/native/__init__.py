@@ -113,12 +113,15 @@ class NativeEngine(Engine):
     def load(self, path, *, scheme=None, args=None, ignore=(), ragged="skip", device=None,
              impl="auto", dtype="auto", max_batch: int = 32, max_step_tokens: int = 2048,
              kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None,
-             **options):
+             woq_activations: str = "bf16", **options):
         """Options: ``dtype`` (compute dtype: auto, bfloat16, float32), ``max_batch``
         (requests running at once), ``max_step_tokens`` (tokens per forward pass: prompt
         chunks plus one per decoding request), ``kv_cache_tokens`` or ``kv_cache_memory``
         (the KV cache's size in tokens, or as a fraction of the memory free at load;
-        default 0.2, never more than ``max_batch`` full contexts)."""
+        default 0.2, never more than ``max_batch`` full contexts), ``woq_activations``
+        (``bf16``, or ``int8``: weight-only int8 layers multiply steps of 9+ tokens, i.e.
+        prompts and large batches, as int8 W8A8 with activations quantized per token;
+        faster prefill, not exact; docs/engine.md)."""
         from q.modeling import load_tokenizer
 
         from .attention import attention_kernels
@@ -130,11 +133,13 @@ class NativeEngine(Engine):
         if options:
             raise q.errors.OptionError(
                 f"the native engine does not take {', '.join(sorted(options))}")
+        if woq_activations not in ("bf16", "int8"):
+            raise q.errors.OptionError(f"woq_activations={woq_activations!r}: bf16 or int8")
         dev = pick_device(device)
         start = time.perf_counter()
         model, source, report = load_model(path, device=dev, scheme=scheme, args=args,
                                            ignore=ignore, ragged=ragged, impl=impl,
-                                           dtype=dtype)
+                                           dtype=dtype, woq_activations=woq_activations)
         release_freed_memory()
         tokenizer = load_tokenizer(source.path)
         context = int(source.config.get("max_position_embeddings") or 2048)

@@ -192,7 +192,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qt: QuantizedTensor, acts: dict | None, bias: torch.Tensor | None,
                  device: torch.device, impl: str = "auto", name: str = "",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, woq_activations: str = "bf16"):
+        """``woq_activations="int8"``: a weight-only int8 layer multiplies steps of 9+
+        tokens as int8 W8A8 (activations quantized per token; WeightOnlyTorch); a
+        weight-only layer that cannot raises IncompatibleError naming it."""
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.impl = impl
@@ -214,7 +217,21 @@ class QuantLinear(nn.Module):
                                       "activations are not a W8A8 layout q can run")
         self.backend, why = choose_backend(self.kind, qt, device, impl, dtype, name)
         self.impl = "auto" if self.backend == "torch" else self.backend
-        self.fast = self._build_torch(qt, dtype) if self.backend == "torch" else None
+        int8_acts = woq_activations == "int8" and self.kind == "weight-only"
+        if int8_acts and self.backend != "torch":
+            raise IncompatibleError(f"{name}: woq_activations int8 runs on torch's CPU "
+                                    f"kernels only; this layer runs the {self.backend} path "
+                                    f"({why})")
+        try:
+            self.fast = self._build_torch(qt, dtype, int8_acts) \
+                if self.backend == "torch" else None
+        except ValueError as e:  # what int8 activations cannot run
+            if not int8_acts:
+                raise
+            raise IncompatibleError(f"{name}: woq_activations int8 cannot run this layer: "
+                                    f"{e}; leave it at bf16") from None
+        if getattr(self.fast, "row_sums", None) is not None:
+            why += "; int8 activations from 9 tokens"
         if self.fast is None:
             self._keep_reference_layout(qt, device)
         kernels = getattr(self.fast, "kernels", None)
@@ -228,7 +245,7 @@ class QuantLinear(nn.Module):
             log.info("%s (first: %s)", path, name)
         self.path = path
 
-    def _build_torch(self, qt: QuantizedTensor, dtype: torch.dtype):
+    def _build_torch(self, qt: QuantizedTensor, dtype: torch.dtype, int8_acts: bool = False):
         if self.kind == "scaled" and qt.qdata.dtype == torch.int8:
             return Int8Scaled(qt.qdata, qt.scale.reshape(-1, 1), dtype)
         if self.kind in ("scaled", "block"):
@@ -241,7 +258,7 @@ class QuantLinear(nn.Module):
         if zero is not None and qt.granularity == "channel":
             zero = zero.reshape(-1, 1)
         return WeightOnlyTorch(qt.qdata, qt.scale.reshape(qt.shape[0], -1), group, qt.bits,
-                               zero, dtype)
+                               zero, dtype, int8_activations=int8_acts)
 
     def _keep_reference_layout(self, qt: QuantizedTensor, device: torch.device) -> None:
         """Codes, scales and zero points as the reference / Triton ops take them."""

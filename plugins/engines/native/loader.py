@@ -155,7 +155,7 @@ class LoadReport:
 
 
 def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, report,
-                  progress=None) -> set:
+                  progress=None, woq_activations: str = "bf16") -> set:
     """Replace each MoE experts module by a FusedExperts; its entries leave ``quantized``.
     Returns the checkpoint tensors it consumed."""
     from .moe import build_experts, expert_modules, plan_experts
@@ -164,6 +164,10 @@ def _load_experts(model, source, quantized: dict, acts, device, impl, dtype, rep
     if not modules:
         return set()
     plans = plan_experts(source.path, modules, source.tensors, quantized)  # checks first
+    if woq_activations == "int8" and acts is None and plans:
+        raise IncompatibleError(f"{plans[0].module}: woq_activations int8 cannot run MoE "
+                                "experts (fused_moe multiplies weight-only experts in "
+                                "bf16); leave it at bf16 for this model")
     consumed = set()
 
     def read(module_name):
@@ -192,7 +196,7 @@ def fusable_groups(modules, device: torch.device, impl: str) -> dict[str, tuple]
 
 
 def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype,
-                 report) -> None:
+                 report, woq_activations: str = "bf16") -> None:
     """One QuantLinear for the stacked projections where their layouts stack and torch's
     kernels run the result; else one per projection, as unfused."""
     names = [f"{parent}.{c}" for c in children]
@@ -211,12 +215,14 @@ def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype
             [torch.zeros(t.shape[0], dtype=dtype) if b is None else b
              for t, b in zip(qts, biases)])
         layer = QuantLinear(stacked, acts, bias, device, impl,
-                            name=f"{parent}.{'+'.join(children)}", dtype=dtype)
+                            name=f"{parent}.{'+'.join(children)}", dtype=dtype,
+                            woq_activations=woq_activations)
         if layer.backend != "torch":
             layer = None
     if layer is None:
         for name, qt, bias in zip(names, qts, biases):
-            single = QuantLinear(qt, acts, bias, device, impl, name=name, dtype=dtype)
+            single = QuantLinear(qt, acts, bias, device, impl, name=name, dtype=dtype,
+                                 woq_activations=woq_activations)
             _set_submodule(model, name, single)
             report.quantized[name] = single
         return
@@ -229,8 +235,10 @@ def _build_fused(model, parent, children, parts: dict, acts, device, impl, dtype
 
 def load_model(path, *, device: torch.device, scheme: str | None = None,
                args: dict | None = None, ignore=(), ragged: str = "skip", impl: str = "auto",
-               dtype: str = "auto", progress=None):
-    """(model, tokenizer-free config dict, LoadReport) for a checkpoint or an online recipe."""
+               dtype: str = "auto", progress=None, woq_activations: str = "bf16"):
+    """(model, tokenizer-free config dict, LoadReport) for a checkpoint or an online recipe.
+    ``woq_activations``: ``bf16`` or ``int8`` (weight-only int8 layers' steps of 9+ tokens
+    as int8 W8A8, see QuantLinear)."""
     source = ModelSource(path)
     fmt, reader = detect_format(source)
     report = LoadReport()
@@ -263,7 +271,7 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
     consumed = set()
     start_path_log()
     consumed |= _load_experts(model, source, quantized, acts, device, impl, dtype, report,
-                              progress)
+                              progress, woq_activations)
     items = list(quantized.items())
     fusing = fusable_groups(quantized, device, impl)
     pending: dict[tuple, dict] = {}  # (parent, children) -> {module: (qt, bias)} so far
@@ -280,9 +288,10 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
             parts[module] = (qt, bias)
             if len(parts) == len(children):  # pop: the codes must not outlive the build
                 _build_fused(model, parent, children, pending.pop((parent, children)), acts,
-                             device, impl, dtype, report)
+                             device, impl, dtype, report, woq_activations)
             continue
-        layer = QuantLinear(qt, acts, bias, device, impl, name=module, dtype=dtype)
+        layer = QuantLinear(qt, acts, bias, device, impl, name=module, dtype=dtype,
+                            woq_activations=woq_activations)
         _set_submodule(model, module, layer)
         report.quantized[module] = layer
     for name in source.names():

@@ -1,0 +1,58 @@
+"""The native engine's ``woq_activations`` option: weight-only int8 layers multiply steps of
+9+ tokens as int8 W8A8 when asked (faster prefill, not exact), and everything that cannot is
+refused by name.
+
+The accuracy against fp32 on real text is ``test_engine_dtype.py``'s (the
+``wint8-int8-activations`` case); here: the path is taken and logged, prompts come out near
+the exact path's logits, decode stays exact, and bad requests fail before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import q
+import torch
+from q.errors import IncompatibleError, OptionError
+
+
+def test_int8_activations_run_prompts_as_w8a8_and_keep_decode_exact(tiny_llama, tmp_path,
+                                                                     caplog):
+    from q.plugins.engines.native.layers import QuantLinear
+
+    ckpt = q.quantize(tiny_llama(), "wint8", tmp_path / "wint8", progress=False).output
+    exact = q.load_engine(ckpt)
+    with caplog.at_level(logging.INFO, logger="q.engine"):
+        fast = q.load_engine(ckpt, woq_activations="int8")
+    if exact.report.dtype != torch.bfloat16:
+        pytest.skip("no bf16 compute on this CPU: the option needs it")
+    assert "int8 activations from 9 tokens" in caplog.text
+    layers = [m for m in fast.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.fast.row_sums is not None for m in layers)
+    assert all(m.fast.row_sums is None for m in exact.model.modules()
+               if isinstance(m, QuantLinear))
+    prompt = list(range(5, 45))  # 40 tokens: one step of 40 rows, the int8 path
+    a, b = exact.prompt_logits(prompt).float(), fast.prompt_logits(prompt).float()
+    assert not torch.equal(a, b)  # another path ran
+    err = float((a - b).norm() / a.norm())
+    assert err < 0.05, err  # int8 activation rounding; a wrong layout or scale is ~1
+    # 1-8 token steps keep the exact path: a short prompt's logits are the same bits
+    short = prompt[:6]
+    assert torch.equal(exact.prompt_logits(short), fast.prompt_logits(short))
+    out = fast.generate([prompt], max_tokens=4, ignore_eos=True)[0]
+    assert len(out.token_ids) == 4
+
+
+def test_int8_activations_refuse_what_they_cannot_run(tiny_llama, tmp_path):
+    with pytest.raises(OptionError, match="woq_activations='int4': bf16 or int8"):
+        q.load_engine(tiny_llama(), woq_activations="int4")
+    ckpt = q.quantize(tiny_llama(), "wint4", tmp_path / "wint4", args={"group_size": 64},
+                      progress=False).output
+    with pytest.raises(IncompatibleError, match=r"model\.layers\.0\..*int4 weights"):
+        q.load_engine(ckpt, woq_activations="int8")
+    with pytest.raises(IncompatibleError, match="runs on torch's CPU kernels only"):
+        q.load_engine(tiny_llama(), scheme="wint8", impl="reference", woq_activations="int8")
+    # W8A8 and unquantized layers have nothing to switch: the option leaves them as they are
+    session = q.load_engine(tiny_llama(), scheme="w8a8-int8", woq_activations="int8")
+    assert len(session.generate([[5, 6, 7]], max_tokens=2, ignore_eos=True)[0].token_ids) == 2

@@ -1,0 +1,113 @@
+"""Weight-only int8 layers with int8 activations (the engine's ``woq_activations="int8"``):
+the int8 W8A8 kernel reading the weight-only kernel's pair layout, and WeightOnlyTorch's
+switch between it (9+ tokens) and the exact path (1-8).
+
+The pair-layout kernel regroups each strip into the W8A8 kernel's quad layout in cache: its
+sums are the same exact integers, so its output must be the very bits of ``int8_amx`` on the
+quad layout (itself bit-exact to ``_int_mm`` + the torch scaling). The layer then computes
+``scaled_gemm`` of the per-token int8 activations: bit-exact to that reference on the same
+codes, and within int8 activation rounding of the weight-only reference.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.scaled_gemm import cpp_impl as w8a8
+from q.kernels.scaled_gemm.reference import scaled_gemm
+from q.kernels.weight_only_gemm import cpp_impl as wo_cpp
+from q.kernels.weight_only_gemm import torch_impl as wo
+from q.kernels.weight_only_gemm.reference import weight_only_gemm
+
+
+def gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def available(n, k):
+    reason = w8a8.amx_unavailable(n, k) or wo_cpp.amx_unavailable(n, k)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_the_pair_layout_kernel_gives_the_quad_layout_kernels_bits():
+    available(16, 64)
+    # 5-16 tokens: one tile / pass; 17-31: a second tile overlapping the first; 33+: more
+    # passes over the regrouped strip; 129+: more chunks. Odd strip counts (48: 3 strips)
+    for n, k in [(16, 64), (48, 192), (512, 2048)]:
+        g = gen("pairs", n, k)
+        wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.rand(n, generator=g)
+        sums, quads, pairs = w8a8.weight_row_sums(wq), w8a8.to_amx_int8_layout(wq), \
+            wo_cpp.to_amx_layout(wq)
+        for m in (5, 9, 17, 31, 33, 130):
+            xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+            xs = torch.rand(m, generator=g)
+            for dtype in (torch.bfloat16, torch.float32):
+                want = (xq.int() @ wq.int().t()).float().mul_(xs[:, None]).mul_(ws).to(dtype)
+                got = w8a8.int8_amx_pairs(xq, xs, pairs, ws, sums, dtype)
+                assert torch.equal(got, want), (n, k, m, dtype)
+                assert torch.equal(got, w8a8.int8_amx(xq, xs, quads, ws, sums, dtype))
+    wq = torch.ones(16, 64, dtype=torch.int8)
+    pairs, sums = wo_cpp.to_amx_layout(wq), w8a8.weight_row_sums(wq)
+    x = torch.ones(5, 64, dtype=torch.int8)
+    assert w8a8.int8_amx_pairs(x[:4], torch.ones(4), pairs, torch.ones(16), sums,
+                               torch.bfloat16) is None  # 1-4 tokens: the register path's
+    assert w8a8.int8_amx_pairs(x, torch.ones(5), w8a8.to_amx_int8_layout(wq), torch.ones(16),
+                               sums, torch.bfloat16) is None  # the quad layout
+    assert w8a8.int8_amx_pairs(x, torch.ones(5), pairs, torch.ones(16), sums.long(),
+                               torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("n,k", [(512, 256), (48, 192)])
+def test_a_layer_with_int8_activations_is_w8a8_from_9_tokens_and_exact_below(n, k):
+    available(n, k)
+    g = gen("layer", n, k)
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, 1, generator=g) / 50 + 1e-3).bfloat16().float()
+    exact = wo.WeightOnlyTorch(codes, scale, k, 8)
+    fast = wo.WeightOnlyTorch(codes, scale, k, 8, int8_activations=True)
+    assert fast.kernels == ("amx",) and fast.row_sums is not None
+    for m in (1, 4, 8, 9, 17, 70, 300):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        got = fast(x)
+        if m < wo.INT8_ACTIVATIONS_FROM:
+            assert torch.equal(got, exact(x)), m  # the register path, untouched
+            continue
+        xq, xs = quantize_activation(x, None, torch.int8)
+        # W8A8 on the reference's activation codes: exact integer sums, then (sum * xs) *
+        # scale rounded once (the bits of _int_mm + torch's scaling), which is the W8A8
+        # reference up to its fp32 summation order
+        sums = (xq.int() @ codes.int().t()).float()
+        assert torch.equal(got, sums.mul_(xs).mul_(scale.reshape(1, n)).bfloat16()), m
+        want = scaled_gemm(xq, xs, codes, scale, torch.float32)
+        assert float((got.float() - want).norm() / want.norm()) < 4e-3, m
+        # and near the exact weight-only product: int8 activations (half a step of
+        # max|x| / 127 per value) give ~1% here; a wrong layout or scale gives ~100%
+        ref = weight_only_gemm(x.float(), codes, scale, k, 8)
+        err = float((got.float() - ref).norm() / ref.norm())
+        assert err < 0.02, (m, err)
+        assert fast.bind(x, torch.empty(m, n, dtype=torch.bfloat16)) is None  # per call
+
+
+def test_int8_activations_refuse_the_weights_they_cannot_run():
+    n, k = 32, 128
+    available(n, k)
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    with pytest.raises(ValueError, match="per-channel scales without zero points"):
+        wo.WeightOnlyTorch(codes, torch.rand(n, 2), 64, 8, int8_activations=True)
+    with pytest.raises(ValueError, match="per-channel scales without zero points"):
+        wo.WeightOnlyTorch(codes, torch.rand(n, 1), k, 8, torch.ones(n, 1),
+                           int8_activations=True)
+    with pytest.raises(ValueError, match="compute dtype is float32"):
+        wo.WeightOnlyTorch(codes, torch.rand(n, 1), k, 8, dtype=torch.float32,
+                           int8_activations=True)
+    with pytest.raises(ValueError, match="K % 64"):
+        wo.WeightOnlyTorch(codes[:, :96].contiguous(), torch.rand(n, 1), 96, 8,
+                           int8_activations=True)
+    with pytest.raises(ValueError, match="int4 weights"):
+        wo.WeightOnlyTorch(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, 2),
+                           64, 4, int8_activations=True)
