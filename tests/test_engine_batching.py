@@ -248,8 +248,8 @@ def test_cli_engine_options_reach_the_engine(tiny_llama, caplog):
     other = CliRunner().invoke(_build(), args + ["--engine", "vllm", "--dtype", "float32"])
     assert other.exit_code != 0
     assert "--dtype: options of the native engine, not of --engine vllm" in str(other.exception)
-    # --woq-activations reaches the loader: a weight-only int4 model is refused by layer name
-    int4 = CliRunner().invoke(_build(), args + ["--scheme", "wint4", "--arg", "group_size=64",
-                                                "--woq-activations", "int8"])
-    assert int4.exit_code != 0
-    assert "woq_activations int8 cannot run this layer" in str(int4.exception)
+    # --woq-activations reaches the loader: int8 weight groups are refused by layer name
+    grouped = CliRunner().invoke(_build(), args + ["--scheme", "wint8", "--arg",
+                                                   "group_size=64", "--woq-activations", "int8"])
+    assert grouped.exit_code != 0
+    assert "woq_activations int8 cannot run this layer" in str(grouped.exception)

@@ -26,11 +26,14 @@ pytestmark = pytest.mark.slow
 CASES = [("bf16", None, None, 0.93), ("wint8", "wint8", None, 0.93),
          ("wint4-g64", "wint4", {"group_size": 64}, 0.92),
          ("w8a8-int8", "w8a8-int8", None, 0.85), ("fp8-dynamic", "fp8-dynamic", None, 0.85),
-         ("wint8-int8-activations", "wint8", None, 0.85)]
+         ("wint8-int8-activations", "wint8", None, 0.85),
+         ("wint4-g64-int8-activations", "wint4", {"group_size": 64}, 0.85)]
 # engine options per case: the prompt (512 tokens, one step) as int8 W8A8 (docs/engine.md);
 # measured 0.891 agreement and +2.6% perplexity (per-token int8 activations, no smoothing)
-OPTIONS = {"wint8-int8-activations": {"woq_activations": "int8"}}
-MAX_LOG_PPL_CHANGE = {"wint8-int8-activations": 0.05}  # others: 0.03
+OPTIONS = {"wint8-int8-activations": {"woq_activations": "int8"},
+           "wint4-g64-int8-activations": {"woq_activations": "int8"}}
+MAX_LOG_PPL_CHANGE = {"wint8-int8-activations": 0.05,  # others: 0.03
+                      "wint4-g64-int8-activations": 0.05}
 
 
 @pytest.fixture(scope="module")

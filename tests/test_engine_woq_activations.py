@@ -1,9 +1,9 @@
-"""The native engine's ``woq_activations`` option: weight-only int8 layers multiply steps of
-9+ tokens as int8 W8A8 when asked (faster prefill, not exact), and everything that cannot is
-refused by name.
+"""The native engine's ``woq_activations`` option: weight-only layers (int8 per channel, int4
+groups) multiply steps of 9+ tokens with int8 activations when asked (faster prefill, not
+exact), and everything that cannot is refused by name.
 
 The accuracy against fp32 on real text is ``test_engine_dtype.py``'s (the
-``wint8-int8-activations`` case); here: the path is taken and logged, prompts come out near
+``*-int8-activations`` cases); here: the path is taken and logged, prompts come out near
 the exact path's logits, decode stays exact, and bad requests fail before any work.
 """
 
@@ -17,11 +17,16 @@ import torch
 from q.errors import IncompatibleError, OptionError
 
 
-def test_int8_activations_run_prompts_as_w8a8_and_keep_decode_exact(tiny_llama, tmp_path,
-                                                                     caplog):
+@pytest.mark.parametrize("scheme,args", [("wint8", None), ("wint4", {"group_size": 64})])
+def test_int8_activations_run_prompts_in_int8_and_keep_decode_exact(tiny_llama, tmp_path,
+                                                                    caplog, scheme, args):
+    from q.kernels.weight_only_gemm.cpp_impl import int4_int8_unavailable
     from q.plugins.engines.native.layers import QuantLinear
 
-    ckpt = q.quantize(tiny_llama(), "wint8", tmp_path / "wint8", progress=False).output
+    if scheme == "wint4" and int4_int8_unavailable(256, 256, 64):
+        pytest.skip(int4_int8_unavailable(256, 256, 64))
+    ckpt = q.quantize(tiny_llama(), scheme, tmp_path / scheme, args=args,
+                      progress=False).output
     exact = q.load_engine(ckpt)
     with caplog.at_level(logging.INFO, logger="q.engine"):
         fast = q.load_engine(ckpt, woq_activations="int8")
@@ -29,9 +34,9 @@ def test_int8_activations_run_prompts_as_w8a8_and_keep_decode_exact(tiny_llama, 
         pytest.skip("no bf16 compute on this CPU: the option needs it")
     assert "int8 activations from 9 tokens" in caplog.text
     layers = [m for m in fast.model.modules() if isinstance(m, QuantLinear)]
-    assert layers and all(m.fast.row_sums is not None for m in layers)
-    assert all(m.fast.row_sums is None for m in exact.model.modules()
-               if isinstance(m, QuantLinear))
+    assert layers and all(m.fast.int8_activations for m in layers)
+    assert not any(m.fast.int8_activations for m in exact.model.modules()
+                   if isinstance(m, QuantLinear))
     prompt = list(range(5, 45))  # 40 tokens: one step of 40 rows, the int8 path
     a, b = exact.prompt_logits(prompt).float(), fast.prompt_logits(prompt).float()
     assert not torch.equal(a, b)  # another path ran
@@ -47,9 +52,9 @@ def test_int8_activations_run_prompts_as_w8a8_and_keep_decode_exact(tiny_llama, 
 def test_int8_activations_refuse_what_they_cannot_run(tiny_llama, tmp_path):
     with pytest.raises(OptionError, match="woq_activations='int4': bf16 or int8"):
         q.load_engine(tiny_llama(), woq_activations="int4")
-    ckpt = q.quantize(tiny_llama(), "wint4", tmp_path / "wint4", args={"group_size": 64},
+    ckpt = q.quantize(tiny_llama(), "wint8", tmp_path / "wint8-g64", args={"group_size": 64},
                       progress=False).output
-    with pytest.raises(IncompatibleError, match=r"model\.layers\.0\..*int4 weights"):
+    with pytest.raises(IncompatibleError, match=r"model\.layers\.0\..*per-channel scales"):
         q.load_engine(ckpt, woq_activations="int8")
     with pytest.raises(IncompatibleError, match="runs on torch's CPU kernels only"):
         q.load_engine(tiny_llama(), scheme="wint8", impl="reference", woq_activations="int8")

@@ -15,7 +15,9 @@ import zlib
 
 import pytest
 import torch
+from q.kernels import cpp_build
 from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm import cpp_impl as w8a8
 from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.weight_only_gemm import cpp_impl as wo_cpp
@@ -108,6 +110,53 @@ def test_int8_activations_refuse_the_weights_they_cannot_run():
     with pytest.raises(ValueError, match="K % 64"):
         wo.WeightOnlyTorch(codes[:, :96].contiguous(), torch.rand(n, 1), 96, 8,
                            int8_activations=True)
-    with pytest.raises(ValueError, match="int4 weights"):
-        wo.WeightOnlyTorch(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, 2),
-                           64, 4, int8_activations=True)
+    int4 = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    with pytest.raises(ValueError, match="compute dtype is float32"):
+        wo.WeightOnlyTorch(int4, torch.rand(n, 2), 64, 4, dtype=torch.float32,
+                           int8_activations=True)
+    if cpp_build.amx_tiles():
+        with pytest.raises(ValueError, match="AMX tiles, which have no int8-activation path"):
+            wo.WeightOnlyTorch(int4, torch.rand(n, 2), 64, 4, int8_activations=True)
+
+
+def int4_case(n, k, group, asym):
+    g = gen("int4", n, k, group, asym)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    groups = k // group
+    s = (torch.rand(n, groups, generator=g) / 50 + 1e-3).bfloat16().float()
+    z = (torch.randint(-3, 4, (n, groups), generator=g).float() * s).bfloat16().float() \
+        if asym else None
+    return codes, s, z
+
+
+@pytest.mark.parametrize("n,k,group,asym", [(16, 64, 32, False), (48, 192, 64, True),
+                                            (512, 2048, 64, False), (256, 512, 128, True)])
+def test_int4_with_int8_activations_sums_exactly_per_group(n, k, group, asym):
+    if wo_cpp.int4_int8_unavailable(n, k, group):
+        pytest.skip(wo_cpp.int4_int8_unavailable(n, k, group))
+    codes, s, z = int4_case(n, k, group, asym)
+    zero = torch.zeros_like(s) if z is None else z
+    layer = wo.WeightOnlyTorch(codes, s, group, 4, None if z is None else -z / s,
+                               int8_activations=True)
+    exact = wo.WeightOnlyTorch(codes, s, group, 4, None if z is None else -z / s)
+    assert layer.int8_activations and layer.kernels == ("amx",)
+    groups = k // group
+    w = (codes.float().view(n, groups, group) * s[..., None] + zero[..., None]).view(n, k)
+    for m in (1, 8, 9, 17, 40, 130, 300):
+        x = torch.randn(m, k, generator=gen("x4", m, k)).bfloat16()
+        got = layer(x)
+        if m < wo.INT8_ACTIVATIONS_FROM:
+            assert torch.equal(got, exact(x)), m
+            continue
+        xq, xs = quantize_activation(x, group, torch.int8)  # per token and weight group
+        # per group the exact integer sum of (q - 8) * xq times the weight's and the
+        # activations' scales, summed in fp32, plus z * sum(x): within fp32 ordering and the
+        # one bf16 rounding of the output
+        d = (xq.int().view(m, 1, groups, group) * codes.int().view(1, n, groups, group))
+        want = (d.sum(-1).float() * s * xs[:, None]).sum(-1) \
+            + x.float().view(m, groups, group).sum(-1) @ zero.t()
+        assert float((got.float() - want).norm() / want.norm()) < 4e-3, m
+        ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), s, group, 4,
+                               None if z is None else -z / s)
+        assert float((got.float() - ref).norm() / ref.norm()) < 0.02, m
+        assert float((ref - x.float() @ w.t()).norm() / ref.norm()) < 1e-5

@@ -28,7 +28,9 @@
     (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
 #error "this CPU has no AVX-512 BF16 and VNNI (or the compiler does not target them)"
 #endif
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../amx_tiles.h"
@@ -154,11 +156,167 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
   });
 }
 
+#if !defined(__AMX_TILE__)
+// ---- int8 activations (the engine's woq_activations="int8"), on CPUs without tiles ----
+//
+// 9+ tokens as int4 x int8: the activations are quantized per token and group of the
+// weight's (amax / 127, round half to even, as q.kernels.act_quant's reference does with
+// group_size = group), each strip is widened to bytes q = code + 8 (0..15), four per channel
+// and 32-bit lane, and the codes meet them in vpdpbusd (q unsigned, activations signed: 64
+// products per instruction, twice vdpbf16ps's). Per group the exact int32 sum starts at -8
+// * (the token's code sum over the group), so it ends at D = sum (q - 8) xq, and the token's
+// 16 channel sums get s * a * D (a the group's activation scale: per group, as llama.cpp's
+// q8 blocks, not per token, which costs one product per group and keeps outliers in their
+// group), plus z * sum(x) where the weight has zeros (sum(x) of the bf16 activations, as the
+// exact path takes it).
+//
+// A block's 32 bytes widened to 16-bit words w (vpmovzxbw) give, per 32-bit lane c, channel
+// c's bytes b (k = 4t low nibble, 4t + 2 high) and b' (4t + 1, 4t + 3); (w | w << 4) &
+// 0x0F0F puts the nibbles in the lane as k = 4t, 4t + 2, 4t + 1, 4t + 3, and the tokens'
+// codes are stored in that order.
+constexpr int kInt8Tokens = 8;  // tokens per pass over a widened strip
+
+void widen_strip_u8(const uint8_t* src, uint8_t* dst, int64_t K) {
+  const __m512i nibbles = _mm512_set1_epi16(0x0F0F);
+  for (int64_t t = 0; t < K / 4; ++t) {
+    if ((t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + t * 32 + 1024),
+                                   _MM_HINT_T0);
+    const __m512i w = _mm512_cvtepu8_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t * 32)));
+    // (w | w << 4) & 0x0F0F: 0xA8 = (A | B) & C (A = 0xF0, B = 0xCC, C = 0xAA)
+    const __m512i q = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), nibbles, 0xA8);
+    _mm512_store_si512(dst + t * 64, q);
+  }
+}
+
+// The activations of M tokens, quantized per token and group (reordered per quad as above)
+struct GroupCodes {
+  std::vector<int8_t> x;       // [M][K]
+  std::vector<float> scale;    // [M][groups]: a = max(amax, 1e-10) / 127
+  std::vector<int32_t> sum;    // [M][groups]: the group's sum of codes
+  std::vector<float> xsum;     // [M][groups]: the group's sum of x (zeros only)
+};
+
+GroupCodes quantize_groups(const uint16_t* x, int64_t M, int64_t K, int64_t group,
+                           bool zero, int threads) {
+  const int64_t groups = K / group;
+  GroupCodes a{std::vector<int8_t>(M * K), std::vector<float>(M * groups),
+               std::vector<int32_t>(M * groups), std::vector<float>(zero ? M * groups : 0)};
+  const __m512 lim = _mm512_set1_ps(127.f);
+  // within each 4 bytes: k = 4t, 4t + 2, 4t + 1, 4t + 3
+  const __m128i order = _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= (1 << 16))
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* xg = x + m * K + g * group;
+      __m512 top = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group; k += 16) {
+        const __m512 v = load_bf16x16(xg + k);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        total = _mm512_add_ps(total, v);
+      }
+      const float scale = std::max(_mm512_reduce_max_ps(top), 1e-10f) / 127.f;
+      const __m512 sv = _mm512_set1_ps(scale);
+      int32_t sum = 0;
+      int8_t* out = a.x.data() + m * K + g * group;
+      for (int64_t k = 0; k < group; k += 16) {  // IEEE division, nearest even, clamped
+        const __m512 v = _mm512_div_ps(load_bf16x16(xg + k), sv);
+        const __m512i q = _mm512_cvtps_epi32(
+            _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT |
+                                                                    _MM_FROUND_NO_EXC),
+                                        lim),
+                          _mm512_sub_ps(_mm512_setzero_ps(), lim)));
+        sum += _mm512_reduce_add_epi32(q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                         _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q), order));
+      }
+      a.scale[m * groups + g] = scale;
+      a.sum[m * groups + g] = sum;
+      if (zero) a.xsum[m * groups + g] = _mm512_reduce_add_ps(total);
+    }
+  }
+  return a;
+}
+
+// R tokens' group codes against one widened strip: out rows get sum_g s_g a_g D_g (+ z_g
+// sum_g(x)), rounded to bf16
+template <int R>
+void int8_pass(const GroupCodes& a, int64_t m0, const uint8_t* strip, const uint16_t* sz,
+               uint16_t* out, int64_t N, int64_t K, int64_t group, bool zero) {
+  const int64_t groups = K / group, rows = group / 4;
+  const int8_t* xq = a.x.data() + m0 * K;
+  __m512 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[R];
+    for (int m = 0; m < R; ++m) acc[m] = _mm512_set1_epi32(-8 * a.sum[(m0 + m) * groups + g]);
+    for (int64_t r = g * rows; r < (g + 1) * rows; ++r) {
+      const __m512i w = _mm512_load_si512(strip + r * 64);
+      for (int m = 0; m < R; ++m) {
+        int32_t quad;
+        std::memcpy(&quad, xq + m * K + 4 * r, sizeof quad);
+        acc[m] = _mm512_dpbusd_epi32(acc[m], w, _mm512_set1_epi32(quad));
+      }
+    }
+    const __m512 s = load_bf16x16(sz + g * 32);
+    for (int m = 0; m < R; ++m)
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]),
+                                 _mm512_mul_ps(s, _mm512_set1_ps(a.scale[(m0 + m) * groups + g])),
+                                 total[m]);
+    if (zero) {
+      const __m512 z = load_bf16x16(sz + g * 32 + 16);
+      for (int m = 0; m < R; ++m)
+        total[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(a.xsum[(m0 + m) * groups + g]), total[m]);
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * N),
+                        (__m256i)_mm512_cvtneps_pbh(total[m]));
+}
+#endif
+
 }  // namespace
 
 // 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_int4_init() { return q_amx::request_permission(); }
 
+// x [M, K] bf16; codes, sz, zero as for q_wo_int4_amx; out [M, N] bf16. 2 (and nothing
+// done) on CPUs with AMX tiles, where this path is not built; 1 for shapes it does not take
+// (M < 9 included).
+extern "C" int q_wo_int4_int8(const uint16_t* x, const uint8_t* codes, const uint16_t* sz,
+                              uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t group,
+                              int zero, int threads) {
+#if defined(__AMX_TILE__)
+  return 2;
+#else
+  if (N % 16 || group % 32 || group < 32 || K % group || M < 9) return 1;
+  const int64_t groups = K / group, strips = N / 16;
+  const GroupCodes a = quantize_groups(x, M, K, group, zero != 0, threads);  // once per call
+  const int nt = strips > 1 ? threads : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<uint8_t> buffer(K * 16 + 64);
+    uint8_t* strip = reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+    const int64_t chunk = q_amx::vector_chunk(K);
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+      const int64_t c1 = std::min(M, c0 + chunk);
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < strips; ++s) {
+        widen_strip_u8(codes + s * K * 8, strip, K);
+        for (int64_t m0 = c0; m0 < c1; m0 += kInt8Tokens) {
+          const int64_t n = std::min<int64_t>(kInt8Tokens, c1 - m0);
+          q_amx::for_count<kInt8Tokens>(n, [&](auto r) {
+            int8_pass<decltype(r)::value>(a, m0, strip, sz + s * groups * 32,
+                                          out + m0 * N + s * 16, N, K, group, zero != 0);
+          });
+        }
+      }
+    }
+  }
+  return 0;
+#endif
+}
 // x [M, K] bf16; codes, sz in the layout above (zero: whether any z is nonzero); out [M, N]
 // bf16.
 extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint16_t* sz,

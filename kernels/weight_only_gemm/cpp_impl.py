@@ -137,7 +137,7 @@ def _probe_int4(lib) -> bool:
 @functools.cache
 def _amx_int4() -> tuple[object | None, str | None]:
     return cpp_build.bind_amx(AMX_INT4_SOURCE, AMX_FLAGS, "q_amx_int4_init", _probe_int4,
-                              q_wo_int4_amx="pppp llll ii")
+                              q_wo_int4_amx="pppp llll ii", q_wo_int4_int8="pppp llll ii")
 
 
 def amx_int4_unavailable(n: int, k: int, group: int) -> str | None:
@@ -201,6 +201,36 @@ def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.
     out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
     args = _int4_arguments(x, amx_codes, amx_scales, group, zero, out)
     return None if args is None or _amx_int4()[0].q_wo_int4_amx(*args) else out
+
+
+def int4_int8_unavailable(n: int, k: int, group: int) -> str | None:
+    """Why :func:`int4_weight_int8` cannot run an ``[n, k]`` weight in groups of ``group``
+    here (None: it can)."""
+    if cpp_build.amx_tiles():
+        return "this CPU's int4 kernel runs on AMX tiles, which have no int8-activation path"
+    return amx_int4_unavailable(n, k, group)
+
+
+def int4_weight_int8(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
+                     group: int, zero: bool) -> torch.Tensor | None:
+    """:func:`int4_weight_amx` for 9+ tokens with int8 activations (the engine's
+    ``woq_activations="int8"``): ``x`` quantized per token and group of ``group`` (the
+    act_quant reference's codes and scales), multiplied by the int4 codes in exact integer
+    sums per group, on CPUs without AMX tiles (``q_wo_int4_int8`` in amx_int4.cpp). None
+    where it cannot run."""
+    lib = _amx_int4()[0]
+    m, k = x.shape
+    n = amx_codes.shape[0] * 16
+    if (lib is None or m < 9 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
+            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
+            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))
+            or int4_int8_unavailable(n, k, group)):
+        return None
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    failed = lib.q_wo_int4_int8(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(),
+                                out.data_ptr(), m, n, k, group, int(zero),
+                                torch.get_num_threads())
+    return None if failed else out
 
 
 def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,

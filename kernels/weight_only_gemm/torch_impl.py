@@ -32,10 +32,13 @@ Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says
 caller keeps the reference.
 
 ``int8_activations=True`` (the engine's ``woq_activations="int8"``, IPEX's "lowp mode
-INT8"): int8 per-channel weights on the AMX-layout kernel multiply steps of
-``INT8_ACTIVATIONS_FROM`` tokens or more as int8 W8A8 (activations quantized per token,
-``scaled_gemm``'s int8 kernel reading this layout, VNNI / AMX-INT8: twice bf16's products
-per instruction), the prefill that is compute-bound in bf16. Fewer tokens keep the exact
+INT8"): steps of ``INT8_ACTIVATIONS_FROM`` tokens or more quantize their activations per
+token to int8 and multiply in int8 (VNNI / AMX-INT8: twice bf16's products per
+instruction), the prefill that is compute-bound in bf16. int8 per-channel weights run as
+int8 W8A8 (``scaled_gemm``'s int8 kernel reading this layout, one activation scale per
+token); int4 groups as int4 x int8 with one activation scale per token and weight group, the
+group's scales and zeros applied per group (``amx_int4.cpp``'s ``q_wo_int4_int8``, CPUs
+without AMX tiles). Fewer tokens keep the exact
 register path, which is bound by memory. Numbers then carry int8 activation rounding (half
 a step of max|x| / 127 per value); docs/engine.md has the measured accuracy.
 """
@@ -54,7 +57,8 @@ from ..scaled_gemm.cpp_impl import int8_amx_pairs, weight_row_sums
 from .cpp_impl import (amx_int4_unavailable, amx_unavailable, bind_int4_weight_amx,
                        bind_int8_weight_amx, dequantize_int4pack,
                        dequantize_int8, from_amx_int4_layout, gemv_unavailable,
-                       int4_weight_amx, int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
+                       int4_int8_unavailable, int4_weight_amx, int4_weight_int8,
+                       int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
                        to_amx_int4_scales, to_amx_layout)
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -149,7 +153,8 @@ class WeightOnlyTorch:
         if reason:
             raise ValueError(reason)
         self.bits, self.dtype, self.shape = bits, dtype, (n, k)
-        self.row_sums = None  # set where int8_activations applies
+        self.row_sums = None  # int8 weights where int8_activations applies: their row sums
+        self.int4_int8 = False  # int4 weights where int8_activations applies
         if bits == 8:
             self.codes = codes.contiguous()
             self.group_size = min(group_size, k)
@@ -175,14 +180,16 @@ class WeightOnlyTorch:
                 self.kernels = ("gemv", *self.kernels)
                 self.scale_fp32 = scale.float().reshape(n).contiguous()
             return
-        if int8_activations:
-            raise ValueError("int8 activations: int4 weights have no int8 kernel here (int8 "
-                             "per-channel weights only)")
         self.group = _int4_group(k, group_size)
         groups = k // self.group
         s = scale.float().expand(n, groups) if scale.shape[1] == 1 else scale.float()
         z = torch.zeros_like(s) if zero is None else \
             -(zero.float().expand(n, groups) if zero.shape[1] == 1 else zero.float()) * s
+        if int8_activations:
+            reason = (f"the compute dtype is {str(dtype).removeprefix('torch.')}, not bfloat16"
+                      if dtype != torch.bfloat16 else int4_int8_unavailable(n, k, self.group))
+            if reason:
+                raise ValueError(f"int8 activations: {reason}")
         if amx and dtype == torch.bfloat16 and amx_int4_unavailable(n, k, self.group) is None:
             # AMX tiles: one kernel for every M, the weight kept in its layout only
             self.kernels = ("amx",)
@@ -190,11 +197,17 @@ class WeightOnlyTorch:
             self.amx_scales = to_amx_int4_scales(s, z)
             self.has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
             self.packed = self.scales_and_zeros = None
+            self.int4_int8 = int8_activations
             return
         self.packed = _pack_int4(codes.to(torch.int32) + 8)
         self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
         block = int4pack_block_n()
         self.kernels = KERNELS[4] if block and n % block == 0 else ("int4pack",)
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether steps of INT8_ACTIVATIONS_FROM+ tokens quantize their activations."""
+        return self.row_sums is not None or self.int4_int8
 
     def plain_codes(self) -> torch.Tensor:
         """int8 codes ``[N, K]`` (a copy where the weight is kept in the AMX layout)."""
@@ -254,6 +267,10 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
+        if kernel == "amx" and self.bits == 4 and self.int4_int8 \
+                and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+            return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
+                                    self.group, self.has_zero)
         if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
             return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
                                    self.has_zero)
@@ -293,7 +310,7 @@ class WeightOnlyTorch:
         ``scratch`` is unused (these kernels take bf16 as it comes)."""
         if self.kernels != ("amx",):
             return None
-        if self.row_sums is not None and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+        if self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
             return None  # quantizes its activations per call (run)
         if self.bits == 4:
             return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group,

@@ -55,10 +55,12 @@ SCHEMES = {  # name -> (scheme, args); None: the unquantized model itself
     "wint8": ("wint8", {}),
     "fp8-dynamic": ("fp8-dynamic", {}),
     "wint8-int8acts": ("wint8", {}),
+    "wint4-g64-int8acts": ("wint4", {"group_size": 64}),
 }
-# names that load another name's checkpoint with engine options: wint8's files, prompts
-# multiplied as int8 W8A8 (the native engine's woq_activations="int8", docs/engine.md)
-LOADED_AS = {"wint8-int8acts": ("wint8", {"woq_activations": "int8"})}
+# names that load another name's checkpoint with engine options: prompts multiplied with
+# int8 activations (the native engine's woq_activations="int8", docs/engine.md)
+LOADED_AS = {"wint8-int8acts": ("wint8", {"woq_activations": "int8"}),
+             "wint4-g64-int8acts": ("wint4-g64", {"woq_activations": "int8"})}
 
 
 def llama_1b(path: Path) -> Path:

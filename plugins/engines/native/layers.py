@@ -230,7 +230,7 @@ class QuantLinear(nn.Module):
                 raise
             raise IncompatibleError(f"{name}: woq_activations int8 cannot run this layer: "
                                     f"{e}; leave it at bf16") from None
-        if getattr(self.fast, "row_sums", None) is not None:
+        if getattr(self.fast, "int8_activations", False):
             why += "; int8 activations from 9 tokens"
         if self.fast is None:
             self._keep_reference_layout(qt, device)
