@@ -23,7 +23,9 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
 - weight-only int4 g64: ``amx`` (``weight_only_gemm/amx_int4.cpp``, on CPUs with AMX-BF16)
   and ``dequantize`` (unpacked to bf16 for the call) against ``_weight_int4pack_mm_for_cpu``;
 - bf16: ``amx`` (``dense_gemm/amx_bf16.cpp``, on CPUs with AMX-BF16) against the
-  oneDNN-prepacked Linear.
+  oneDNN-prepacked Linear;
+- from 9 tokens, the weight-only layers with the engine's ``woq_activations="int8"``
+  (``..., int8 activations``) against the same layers' exact ``amx`` path.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ SHAPES = {  # (N, K) of one layer's projections, q/k/v and gate/up fused as the 
 }
 
 
+def _int8_layer(codes, scale, group, bits):
+    try:
+        return WeightOnlyTorch(codes, scale, group, bits, int8_activations=True)
+    except ValueError:
+        return None
+
+
 def build(layer: list[tuple[int, int]], layers: int, amx: bool):
     g = torch.Generator().manual_seed(0)
     weights = []
@@ -60,10 +69,14 @@ def build(layer: list[tuple[int, int]], layers: int, amx: bool):
         int4_scale = torch.rand(n, k // 64, generator=g) / 100 + 1e-3
         int4 = WeightOnlyTorch(int4_codes, int4_scale, 64, 4, amx=False)
         int4_amx = WeightOnlyTorch(int4_codes, int4_scale, 64, 4) if amx else None
+        # the engine's woq_activations="int8" (9+ tokens); None where it cannot run here
+        int4_int8 = _int8_layer(int4_codes, int4_scale, 64, 4) if amx else None
+        int8_int8 = _int8_layer(codes, scale[:, None], k, 8) if amx else None
         weights.append({"codes": codes, "scale": scale, "rowsum": weight_row_sums(codes),
                         "qlinear": torch.ops.onednn.qlinear_prepack(codes, None),
                         "zeros": torch.zeros(n, dtype=torch.long),
                         "scale_bf16": scale.bfloat16(), "int4": int4, "int4_amx": int4_amx,
+                        "int4_int8": int4_int8, "int8_int8": int8_int8,
                         "amx": to_amx_layout(codes) if amx else None,
                         "amx_int8": to_amx_int8_layout(codes) if amx else None,
                         "bf16": PackedLinear((codes.float() * scale[:, None]).bfloat16(), amx=False),
@@ -118,11 +131,19 @@ def main() -> None:
             "wint4 g64 dequantize": lambda w: w["int4"].run(xb[w["codes"].shape[1]],
                                                              "dequantize"),
             "wint4 g64 amx": lambda w: w["int4_amx"].run(xb[w["codes"].shape[1]], "amx"),
+            "wint8 amx, int8 activations": lambda w: w["int8_int8"].run(
+                xb[w["codes"].shape[1]], "amx"),
+            "wint4 g64 amx, int8 activations": lambda w: w["int4_int8"].run(
+                xb[w["codes"].shape[1]], "amx"),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
             "bf16 amx": lambda w: bf16_amx(xb[w["codes"].shape[1]], w["amx_bf16"], None),
         }
         if amx_reason is not None:
             del runs["wint8 amx"], runs["W8A8 amx"], runs["wint4 g64 amx"], runs["bf16 amx"]
+        if m < 9 or any(w["int4_int8"] is None for w in weights):  # int8 only from 9 tokens
+            runs.pop("wint4 g64 amx, int8 activations", None)
+        if m < 9 or any(w["int8_int8"] is None for w in weights):
+            runs.pop("wint8 amx, int8 activations", None)
         if args.kernels:
             runs = {name: run for name, run in runs.items()
                     if name.startswith(tuple(args.kernels.split(",")))}
@@ -147,6 +168,8 @@ def main() -> None:
                   "wint8 amx": "wint8 _weight_int8pack_mm",
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm",
                   "wint4 g64 amx": "wint4 g64 _weight_int4pack_mm",
+                  "wint8 amx, int8 activations": "wint8 amx",
+                  "wint4 g64 amx, int8 activations": "wint4 g64 amx",
                   "bf16 amx": "bf16 prepacked"}
         for name, t in med.items():
             nbytes = gweights * {"wint4": 0.5, "bf16 ": 2}.get(name[:5], 1)
