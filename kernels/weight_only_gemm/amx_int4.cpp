@@ -217,7 +217,7 @@ GroupCodes quantize_groups(const uint16_t* x, int64_t M, int64_t K, int64_t grou
       }
       const float scale = std::max(_mm512_reduce_max_ps(top), 1e-10f) / 127.f;
       const __m512 sv = _mm512_set1_ps(scale);
-      int32_t sum = 0;
+      __m512i sums = _mm512_setzero_si512();
       int8_t* out = a.x.data() + m * K + g * group;
       for (int64_t k = 0; k < group; k += 16) {  // IEEE division, nearest even, clamped
         const __m512 v = _mm512_div_ps(load_bf16x16(xg + k), sv);
@@ -226,12 +226,12 @@ GroupCodes quantize_groups(const uint16_t* x, int64_t M, int64_t K, int64_t grou
                                                                     _MM_FROUND_NO_EXC),
                                         lim),
                           _mm512_sub_ps(_mm512_setzero_ps(), lim)));
-        sum += _mm512_reduce_add_epi32(q);
+        sums = _mm512_add_epi32(sums, q);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
                          _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q), order));
       }
       a.scale[m * groups + g] = scale;
-      a.sum[m * groups + g] = sum;
+      a.sum[m * groups + g] = _mm512_reduce_add_epi32(sums);
       if (zero) a.xsum[m * groups + g] = _mm512_reduce_add_ps(total);
     }
   }
