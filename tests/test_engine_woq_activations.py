@@ -49,7 +49,7 @@ def test_int8_activations_run_prompts_in_int8_and_keep_decode_exact(tiny_llama, 
     assert len(out.token_ids) == 4
 
 
-def test_int8_activations_refuse_what_they_cannot_run(tiny_llama, tmp_path):
+def test_int8_activations_refuse_what_they_cannot_run(tiny_llama, tmp_path, caplog):
     with pytest.raises(OptionError, match="woq_activations='int4': bf16 or int8"):
         q.load_engine(tiny_llama(), woq_activations="int4")
     ckpt = q.quantize(tiny_llama(), "wint8", tmp_path / "wint8-g64", args={"group_size": 64},
@@ -59,5 +59,7 @@ def test_int8_activations_refuse_what_they_cannot_run(tiny_llama, tmp_path):
     with pytest.raises(IncompatibleError, match="runs on torch's CPU kernels only"):
         q.load_engine(tiny_llama(), scheme="wint8", impl="reference", woq_activations="int8")
     # W8A8 and unquantized layers have nothing to switch: the option leaves them as they are
-    session = q.load_engine(tiny_llama(), scheme="w8a8-int8", woq_activations="int8")
+    with caplog.at_level(logging.WARNING, logger="q.engine"):
+        session = q.load_engine(tiny_llama(), scheme="w8a8-int8", woq_activations="int8")
+    assert "no weight-only layer, so nothing changes" in caplog.text
     assert len(session.generate([[5, 6, 7]], max_tokens=2, ignore_eos=True)[0].token_ids) == 2

@@ -316,4 +316,9 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
     model.to(device)
     report.packed, fused = pack_dense_linears(model, device, dtype, impl)
     report.fused += fused
+    if woq_activations == "int8" and not any(
+            getattr(getattr(m, "fast", None), "int8_activations", False)
+            for m in report.quantized.values()):
+        log.warning("woq_activations int8: this model has no weight-only layer, so nothing "
+                    "changes (W8A8 and unquantized layers keep their own paths)")
     return model, source, report
