@@ -347,7 +347,7 @@ def main():
         ours = {}  # with --vllm-after, q's rates before vLLM runs; else each as its row prints
         if opts.vllm_after:
             ours = {name: q_rates(path, batch, opts.new_tokens, alone, warmup,
-                                         load_options(name))
+                                  load_options(name))
                     for name, path in ckpts.items()}
         peers = run_vllm()
         n = len(batch) * opts.new_tokens
@@ -359,7 +359,8 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opts.rss else ""))
         alone_rates = {}  # checkpoint -> (q 1 req tok/s, its decode tok/s after the first)
         for name, path in ckpts.items():
-            mine = ours.get(name) or q_rates(path, batch, opts.new_tokens, alone, warmup)
+            mine = ours.get(name) or q_rates(path, batch, opts.new_tokens, alone, warmup,
+                                             load_options(name))
             decode = (opts.new_tokens - 1) / (mine["one_s"] - mine["first_s"])
             alone_rates[name] = (opts.new_tokens / mine["one_s"], decode)
             theirs, setup = best_vllm(peers, name)
