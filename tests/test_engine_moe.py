@@ -189,6 +189,17 @@ def test_bf16_cpu_kernels_on_moe(tiny_moe, tmp_path, scheme_id, caplog):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
 
 
+def test_int8_activations_refuse_weight_only_experts(tiny_moe, tmp_path):
+    """woq_activations int8 has no fused_moe path: a weight-only MoE model is refused by
+    module name before anything runs."""
+    scheme, args = SCHEMES["wint8"]
+    out = q.quantize(tiny_moe("qwen3_moe"), scheme, tmp_path / "out", args=args,
+                     progress=False).output
+    with pytest.raises(IncompatibleError, match=r"model\.layers\.0\.mlp.*cannot run MoE "
+                                                r"experts"):
+        q.load_engine(out, woq_activations="int8")
+
+
 def test_unknown_moe_architecture_is_named(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -32,15 +32,15 @@ Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says
 caller keeps the reference.
 
 ``int8_activations=True`` (the engine's ``woq_activations="int8"``, IPEX's "lowp mode
-INT8"): steps of ``INT8_ACTIVATIONS_FROM`` tokens or more quantize their activations per
-token to int8 and multiply in int8 (VNNI / AMX-INT8: twice bf16's products per
-instruction), the prefill that is compute-bound in bf16. int8 per-channel weights run as
-int8 W8A8 (``scaled_gemm``'s int8 kernel reading this layout, one activation scale per
-token); int4 groups as int4 x int8 with one activation scale per token and weight group, the
-group's scales and zeros applied per group (``amx_int4.cpp``'s ``q_wo_int4_int8``, CPUs
-without AMX tiles). Fewer tokens keep the exact
-register path, which is bound by memory. Numbers then carry int8 activation rounding (half
-a step of max|x| / 127 per value); docs/engine.md has the measured accuracy.
+INT8"): steps of ``INT8_ACTIVATIONS_FROM`` tokens or more quantize their activations to int8
+and multiply in int8 (VNNI / AMX-INT8: twice bf16's products per instruction), the prefill
+that is compute-bound in bf16. int8 per-channel weights run as int8 W8A8 (``scaled_gemm``'s
+int8 kernel reading this layout, one activation scale per token); int4 groups as int4 x
+int8 with one activation scale per token and weight group, the group's scales and zeros
+applied per group (``amx_int4.cpp``'s ``q_wo_int4_int8``, CPUs without AMX tiles). Fewer
+tokens keep the exact register path, which is bound by memory. Numbers then carry int8
+activation rounding (half a step of max|x| / 127 per value); docs/engine.md has the
+measured accuracy.
 """
 
 from __future__ import annotations
