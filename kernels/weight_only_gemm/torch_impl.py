@@ -129,13 +129,16 @@ def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return _unpack(packed, n, k, block)
 
 
-def _int8_activations_unavailable(per_channel: bool, dtype: torch.dtype, n: int,
-                                  k: int) -> str | None:
-    """Why int8 activations cannot run an int8 weight here (None: they can)."""
-    if not per_channel:
-        return "the int8 kernel takes per-channel scales without zero points"
+def _int8_activations_unavailable(bits: int, per_channel: bool, dtype: torch.dtype, n: int,
+                                  k: int, group: int | None) -> str | None:
+    """Why int8 activations cannot run this weight here (None: they can): int8 per channel
+    on the W8A8 kernel, int4 groups on ``q_wo_int4_int8``, both with bf16 compute."""
     if dtype != torch.bfloat16:
         return f"the compute dtype is {str(dtype).removeprefix('torch.')}, not bfloat16"
+    if bits == 4:
+        return int4_int8_unavailable(n, k, group)
+    if not per_channel:
+        return "the int8 kernel takes per-channel scales without zero points"
     return amx_unavailable(n, k) or int8_amx_unavailable(n, k)
 
 
@@ -153,8 +156,9 @@ class WeightOnlyTorch:
         if reason:
             raise ValueError(reason)
         self.bits, self.dtype, self.shape = bits, dtype, (n, k)
-        self.row_sums = None  # int8 weights where int8_activations applies: their row sums
-        self.int4_int8 = False  # int4 weights where int8_activations applies
+        # set only where the check below passed: then the AMX-layout kernel runs every M
+        self.int8_activations = int8_activations
+        self.row_sums = None  # int8 weights with int8 activations: their row sums (W8A8)
         if bits == 8:
             self.codes = codes.contiguous()
             self.group_size = min(group_size, k)
@@ -162,7 +166,7 @@ class WeightOnlyTorch:
             self.zero = None if zero is None else zero.to(dtype)
             per_channel = self.group_size == k and zero is None
             if int8_activations:
-                reason = _int8_activations_unavailable(per_channel, dtype, n, k)
+                reason = _int8_activations_unavailable(8, per_channel, dtype, n, k, None)
                 if reason:
                     raise ValueError(f"int8 activations: {reason}")
             if amx and per_channel and dtype == torch.bfloat16 and amx_unavailable(n, k) is None:
@@ -186,8 +190,7 @@ class WeightOnlyTorch:
         z = torch.zeros_like(s) if zero is None else \
             -(zero.float().expand(n, groups) if zero.shape[1] == 1 else zero.float()) * s
         if int8_activations:
-            reason = (f"the compute dtype is {str(dtype).removeprefix('torch.')}, not bfloat16"
-                      if dtype != torch.bfloat16 else int4_int8_unavailable(n, k, self.group))
+            reason = _int8_activations_unavailable(4, True, dtype, n, k, self.group)
             if reason:
                 raise ValueError(f"int8 activations: {reason}")
         if amx and dtype == torch.bfloat16 and amx_int4_unavailable(n, k, self.group) is None:
@@ -197,17 +200,11 @@ class WeightOnlyTorch:
             self.amx_scales = to_amx_int4_scales(s, z)
             self.has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
             self.packed = self.scales_and_zeros = None
-            self.int4_int8 = int8_activations
             return
         self.packed = _pack_int4(codes.to(torch.int32) + 8)
         self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
         block = int4pack_block_n()
         self.kernels = KERNELS[4] if block and n % block == 0 else ("int4pack",)
-
-    @property
-    def int8_activations(self) -> bool:
-        """Whether steps of INT8_ACTIVATIONS_FROM+ tokens quantize their activations."""
-        return self.row_sums is not None or self.int4_int8
 
     def plain_codes(self) -> torch.Tensor:
         """int8 codes ``[N, K]`` (a copy where the weight is kept in the AMX layout)."""
@@ -267,18 +264,16 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
-        if kernel == "amx" and self.bits == 4 and self.int4_int8 \
-                and x.shape[0] >= INT8_ACTIVATIONS_FROM:
-            return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
-                                    self.group, self.has_zero)
-        if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
-            return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
-                                   self.has_zero)
-        if kernel == "amx" and self.row_sums is not None \
-                and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+        if kernel == "amx" and self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+            if self.bits == 4:
+                return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
+                                        self.group, self.has_zero)
             xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
             return int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
                                   self.dtype)
+        if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
+            return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
+                                   self.has_zero)
         if kernel == "amx":
             return int8_weight_amx(x.contiguous(), self.amx_codes, self.scale_fp32)
         if kernel == "gemv":

@@ -30,6 +30,8 @@ vocab 32000). Checkpoints are written by q into ``--work`` and reused.
     python tests/bench/bench_engine_vs_vllm.py --models llama-1b --schemes bf16,wint4-g64 \
         --alone-only --decode-program-ab  # the same, decode replayed or not (decode_program.py)
     python tests/bench/bench_engine_vs_vllm.py --models smollm2 --vllm-after  # q runs first
+    python tests/bench/bench_engine_vs_vllm.py --models llama-1b --no-vllm \
+        --schemes wint8,wint8-int8acts,wint4-g64,wint4-g64-int8acts  # woq_activations int8
 
 vLLM runs first by default (per model: every vLLM setup, then q's checkpoints); q's first
 checkpoint after it has run slow in some runs, so ``--vllm-after`` reverses the order.
@@ -54,11 +56,9 @@ SCHEMES = {  # name -> (scheme, args); None: the unquantized model itself
     "wint4-g64": ("wint4", {"group_size": 64}),
     "wint8": ("wint8", {}),
     "fp8-dynamic": ("fp8-dynamic", {}),
-    "wint8-int8acts": ("wint8", {}),
-    "wint4-g64-int8acts": ("wint4", {"group_size": 64}),
 }
-# names that load another name's checkpoint with engine options: prompts multiplied with
-# int8 activations (the native engine's woq_activations="int8", docs/engine.md)
+# more names for --schemes (not run by default): another name's checkpoint loaded with
+# engine options, prompts multiplied with int8 activations (woq_activations, docs/engine.md)
 LOADED_AS = {"wint8-int8acts": ("wint8", {"woq_activations": "int8"}),
              "wint4-g64-int8acts": ("wint4-g64", {"woq_activations": "int8"})}
 
@@ -87,11 +87,12 @@ def checkpoints(model_dir: Path, work: Path, names) -> dict[str, Path]:
 
     out = {}
     for name in names:
-        if SCHEMES[name] is None:
+        base = LOADED_AS.get(name, (name,))[0]
+        if SCHEMES[base] is None:
             out[name] = model_dir
             continue
-        scheme, args = SCHEMES[name]
-        dest = work / f"{model_dir.name}-{LOADED_AS.get(name, (name,))[0]}"
+        scheme, args = SCHEMES[base]
+        dest = work / f"{model_dir.name}-{base}"
         if not (dest / "config.json").exists():
             q.quantize(model_dir, scheme, dest, args=args, progress=False)
         out[name] = dest
