@@ -170,10 +170,13 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
     reason = cpp_impl.amx_int4_unavailable(16, 32, 32)
     if reason is not None:
         pytest.skip(reason)
-    for n, k, group in [(16, 32, 32), (48, 256, 64), (256, 2048, 128), (32, 512, 256)]:
-        codes, scale, zero = int_weight(n, k, 4, group, True)
+    for n, k, group, asym in [(16, 32, 32, True), (48, 256, 64, True), (256, 2048, 128, True),
+                              (32, 512, 256, True), (48, 256, 64, False), (32, 512, 32, False)]:
+        codes, scale, zero = int_weight(n, k, 4, group, asym)
         impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
-        assert impl.kernels == ("amx",) and impl.has_zero
+        # without zeros the scales alone are kept (and streamed)
+        assert impl.kernels == ("amx",) and impl.has_zero == asym
+        assert impl.amx_scales.shape == (n // 16, k // group, 2 if asym else 1, 16)
         for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 33, 130):
             x = acts(m, k, n, group)
             ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
@@ -189,17 +192,26 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
     scale = 2.0 ** torch.randint(-3, 2, (n, k // group), generator=g).float()
     zero = torch.randint(-2, 3, (n, k // group), generator=g).float()
     impl = wo.WeightOnlyTorch(codes, scale, group, 4, zero)
+    symmetric = wo.WeightOnlyTorch(codes, scale, group, 4)
+    assert impl.has_zero and not symmetric.has_zero
     for m in (1, 3, 4, 5, 8, 9, 40):
         x = torch.randint(-3, 4, (m, k), generator=g).to(torch.bfloat16)
         ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
         assert torch.equal(impl.run(x, "amx"), ref.bfloat16()), m
-    assert impl.has_zero and not wo.WeightOnlyTorch(codes, scale, group, 4).has_zero
+        ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4)
+        assert torch.equal(symmetric.run(x, "amx"), ref.bfloat16()), m
+    assert torch.equal(symmetric.dequantized(), symmetric.dequantized_torch())
+    assert torch.equal(symmetric.dequantized(),
+                       ((codes.float() * scale.repeat_interleave(group, 1)).bfloat16()))
     assert "groups of 48" in cpp_impl.amx_int4_unavailable(64, 96, 48)
     assert "N % 16" in cpp_impl.amx_int4_unavailable(40, 64, 32)
     x = acts(2, k)
-    assert cpp_impl.int4_weight_amx(x.float(), impl.amx_codes, impl.amx_scales, group,
-                                    True) is None  # fp32 activations
-    assert cpp_impl.int4_weight_amx(x, impl.amx_codes, impl.amx_scales, 128, True) is None
+    assert cpp_impl.int4_weight_amx(x.float(), impl.amx_codes, impl.amx_scales,
+                                    group) is None  # fp32 activations
+    assert cpp_impl.int4_weight_amx(x, impl.amx_codes, impl.amx_scales, 128) is None
+    # scales of another layout than to_amx_int4_scales's: refused, not misread
+    assert cpp_impl.int4_weight_amx(x, impl.amx_codes, impl.amx_scales[:, :, :1].repeat(
+        1, 1, 3, 1), group) is None
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -249,11 +261,13 @@ def test_int4_amx_layout_round_trips_bit_exactly():
 
     codes = torch.randint(-8, 8, (48, 96), generator=gen("amx4", 48, 96), dtype=torch.int8)
     amx = cpp_impl.to_amx_int4_layout(codes)
-    assert amx.shape == (3, 24, 32) and amx.dtype == torch.uint8
+    assert amx.shape == (3, 12, 64) and amx.dtype == torch.uint8
     assert torch.equal(cpp_impl.from_amx_int4_layout(amx).to(torch.int16) - 8,
                        codes.to(torch.int16))
-    # byte 3 of block 0 of strip 0: channel 1's q at k = 1 (low) and k = 3 (high)
-    assert amx[0, 0, 3].item() == (codes[1, 1] + 8).item() | ((codes[1, 3] + 8).item() << 4)
+    # byte 4c + j of block t: channel c's q at k = 8t + j (low) and 8t + 4 + j (high)
+    assert amx[0, 0, 7].item() == (codes[1, 3] + 8).item() | ((codes[1, 7] + 8).item() << 4)
+    assert amx[2, 5, 62].item() == \
+        (codes[47, 42] + 8).item() | ((codes[47, 46] + 8).item() << 4)
 
 
 @pytest.mark.parametrize("n,k,group,asym", [
@@ -531,5 +545,5 @@ def test_the_amx_wrappers_refuse_what_their_kernels_refuse():
                            scaled.to_amx_int8_layout(w), torch.ones(16),
                            scaled.weight_row_sums(w), torch.float32) is None
     codes = wo_cpp.to_amx_int4_layout(torch.zeros(16, 48, dtype=torch.int8))
-    scales = wo_cpp.to_amx_int4_scales(torch.ones(16, 3), torch.zeros(16, 3))
-    assert wo_cpp.int4_weight_amx(x, codes, scales, 16, False) is None  # groups of 16
+    scales = wo_cpp.to_amx_int4_scales(torch.ones(16, 3), None)
+    assert wo_cpp.int4_weight_amx(x, codes, scales, 16) is None  # groups of 16

@@ -7,20 +7,22 @@
 // the whole weight for a call writes and reads back a bf16 copy of it
 // (tests/bench/bench_decode_gemms_cpu.py).
 //
-// Layout (made once at load by cpp_impl.to_amx_int4_layout): codes [N / 16][K / 4][32]
-// bytes holding q = code + 8 (0..15). Byte i of block t of a 16-channel strip holds channel
-// i / 2's q at k = 4t + i % 2 in its low nibble and at k = 4t + 2 + i % 2 in its high one:
-// a block's low nibbles widened to 16 bits are the strip's B-operand row for the pair
-// (4t, 4t + 1) of tdpbf16ps, its high nibbles the row for (4t + 2, 4t + 3).
+// Layout (made once at load by cpp_impl.to_amx_int4_layout): codes [N / 16][K / 8][64]
+// bytes holding q = code + 8 (0..15). In block t of a 16-channel strip, byte 4c + j holds
+// channel c's q at k = 8t + j in its low nibble and at k = 8t + 4 + j in its high one: a
+// block's low (high) nibbles are one 32-bit lane of four consecutive k per channel, what
+// vpdpbusd multiplies, and their 16-bit halves are tdpbf16ps's B-operand rows for the
+// pairs (8t, 8t + 1) and (8t + 2, 8t + 3) ((8t + 4, 8t + 5) and (8t + 6, 8t + 7)).
 // sz [N / 16][K / group][2][16] bf16: per strip and group, the 16 channels' scales, then
 // their zeros; w = (q - 8) * s + z (torch's int4pack convention, z = -zero_point * s).
+// Without zeros (`zero` false) [N / 16][K / group][1][16]: the scales alone.
 //
 // From 9 tokens on, each strip is widened to bf16 weights in the core's cache with the
 // roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
 // again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass (on CPUs
 // without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
-// Up to 8 tokens, no tiles and no dequantization: the nibbles widened to int16 meet the
-// activations as 16-bit fixed-point integers (amx_tiles.h's to_fixed_point) in vpdpwssd,
+// Up to 8 tokens, no tiles and no dequantization: the nibbles meet the activations as
+// 16-bit fixed-point integers (amx_tiles.h's to_fixed_point), split in bytes, in vpdpbusd,
 // summed exactly per group, and the group adds s * sum((q - 8) x) + z * sum(x) to the result
 // (the roundings differ from the tile path's, both within bf16 rounding of the reference).
 // N % 16 == 0, group % 32 == 0, K % group == 0.
@@ -41,6 +43,9 @@ inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// bf16 values of sz per strip and group: 16 scales, and 16 zeros where there are any
+inline int64_t sz_stride(bool zero) { return zero ? 32 : 16; }
+
 // 16 values (q in int32 lanes) -> (q - 8) * s, rounded to bf16, + z (as fp32; the caller
 // rounds it to bf16 once more). q * s - 8 s in one FMA is exact: q * s and 8 s hold at most
 // 12 significant bits, and so does their difference, (q - 8) * s.
@@ -50,81 +55,116 @@ inline __m512 dequant16(__m512i q, __m512 s, __m512 minus_8s, __m512 z, bool zer
   return w;
 }
 
+// nibbles (0..15) of a block's 64 bytes: the low ones, then the high ones
+inline __m512i low_nibbles(__m512i v) { return _mm512_and_si512(v, _mm512_set1_epi8(0xF)); }
+inline __m512i high_nibbles(__m512i v) {
+  return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0xF));
+}
+
 // one strip -> K / 2 rows of 32 bf16 weights: the B tiles of tdpbf16ps, 1024 bytes per K step
 void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t K,
                  int64_t group, bool zero) {
   // element i of a row is channel i / 2's: the first 16 elements are channels 0-7
   const __m512i first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  const __m512i low = _mm512_set1_epi32(0xF);
-  const int64_t blocks = group / 4;
+  const int64_t blocks = group / 8;
   for (int64_t g = 0; g < K / group; ++g) {
-    const __m512 s = load_bf16x16(sz + g * 32), z = load_bf16x16(sz + g * 32 + 16);
+    const __m512 s = load_bf16x16(sz + g * sz_stride(zero));
+    const __m512 z = zero ? load_bf16x16(sz + g * 32 + 16) : _mm512_setzero_ps();
     const __m512 s0 = _mm512_permutexvar_ps(first, s), s1 = _mm512_permutexvar_ps(second, s);
     const __m512 z0 = _mm512_permutexvar_ps(first, z), z1 = _mm512_permutexvar_ps(second, z);
     const __m512 eight = _mm512_set1_ps(-8.0f);
     const __m512 m0 = _mm512_mul_ps(eight, s0), m1 = _mm512_mul_ps(eight, s1);
     for (int64_t t = g * blocks; t < (g + 1) * blocks; ++t) {
-      const uint8_t* b = src + t * 32;
-      if ((t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
-      const __m128i* bytes = reinterpret_cast<const __m128i*>(b);
-      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes));
-      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes + 1));
-      const __m512 a0 = dequant16(_mm512_and_si512(v0, low), s0, m0, z0, zero);
-      const __m512 a1 = dequant16(_mm512_and_si512(v1, low), s1, m1, z1, zero);
-      const __m512 c0 = dequant16(_mm512_srli_epi32(v0, 4), s0, m0, z0, zero);
-      const __m512 c1 = dequant16(_mm512_srli_epi32(v1, 4), s1, m1, z1, zero);
-      _mm512_store_si512(dst + t * 64, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
-      _mm512_store_si512(dst + t * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(c1, c0));
+      const uint8_t* b = src + t * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(b + 1024), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(b);
+      const __m512i quads[2] = {low_nibbles(v), high_nibbles(v)};
+      for (int h = 0; h < 4; ++h) {  // rows 4t + h: k = 8t + 2h, 8t + 2h + 1
+        // each channel's pair: the low or high 16 bits of its lane, 16 channels = 32 bytes
+        const __m512i lanes = quads[h / 2];
+        const __m256i pair = _mm512_cvtepi32_epi16(h % 2 ? _mm512_srli_epi32(lanes, 16) : lanes);
+        const __m512 a0 = dequant16(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(pair)), s0, m0,
+                                    z0, zero);
+        const __m512 a1 = dequant16(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(pair, 1)),
+                                    s1, m1, z1, zero);
+        _mm512_store_si512(dst + (4 * t + h) * 32, (__m512i)_mm512_cvtne2ps_pbh(a1, a0));
+      }
     }
   }
 }
 
-// Up to 8 tokens on one strip, no tiles and no bf16: a block's 32 bytes widened to 16 bits
-// and masked (low nibbles) or shifted (high ones) are the int16 pairs of q for (4t, 4t + 1)
-// and (4t + 2, 4t + 3), which meet each token's activation pairs as 16-bit integers
-// (amx_tiles.h's to_fixed_point, one unit per group) in vpdpwssd. Per group, the exact
-// int32 sum D = sum (q - 8) X = sum q X - 8 sum X becomes fp32 once, and the group adds
-// s * unit * D + z * sum(x) to the result. Integer sums have no order, so a token's numbers
-// do not depend on the batch. U blocks per iteration, two accumulators each per token.
-// Against the fp32-FMA loop this path replaced (nibble OR 0x4300 as bf16 128 + q, widened),
-// over a 1.1B step's weights on a 2-core AMD EPYC: the same at 1 token, 1.4x at 4, 1.3-1.8x
-// at 5-8 (tests/bench/bench_decode_gemms_cpu.py, docs/benchmarks.md).
+// Up to 8 tokens on one strip, no tiles and no bf16. A token's 16-bit fixed-point
+// activations X (amx_tiles.h's to_fixed_point, one unit per group) split into bytes, X =
+// 256 hi + lo (hi signed, lo unsigned), and a block's low (high) nibbles q, unsigned and
+// below 128, are valid as either operand of vpdpbusd: sum q hi with q as the unsigned one,
+// sum q lo with lo as the unsigned one, 64 products per instruction. Per group the exact
+// int32 sum D = 256 sum q hi + sum q lo - 8 sum X = sum (q - 8) X becomes fp32 once, and the
+// group adds s * unit * D + z * sum(x) to the result. Integer sums have no order, so a
+// token's numbers do not depend on the batch. The same D as the vpdpwssd loop this replaced
+// (the nibbles widened to int16: 10 vector instructions per 64 bytes of codes against 6),
+// so the same bits.
 constexpr int kFewTokens = 8;  // tokens the register path takes
 
+// X split in bytes: hi = X >> 8 (-128..127), lo = X & 255
+struct ByteSplit {
+  std::vector<int8_t> hi;
+  std::vector<uint8_t> lo;
+};
+
+inline ByteSplit split_bytes(const q_amx::FixedPoint& a) {
+  ByteSplit b{std::vector<int8_t>(a.x.size()), std::vector<uint8_t>(a.x.size())};
+  for (size_t i = 0; i < a.x.size(); ++i) {
+    b.hi[i] = static_cast<int8_t>(a.x[i] >> 8);
+    b.lo[i] = static_cast<uint8_t>(a.x[i] & 0xFF);
+  }
+  return b;
+}
+
+inline __m512i quad_at(const void* p) {  // 4 bytes, broadcast to every lane
+  int32_t quad;
+  std::memcpy(&quad, p, sizeof quad);
+  return _mm512_set1_epi32(quad);
+}
+
 template <int M>
-void few_tokens_strip(const q_amx::FixedPoint& a, const float* xsum, const uint8_t* src,
-                      const uint16_t* sz, uint16_t* out, int64_t N, int64_t K, int64_t group,
-                      bool zero) {
-  constexpr int U = M <= 4 ? 2 : 1;  // 2 * U * M accumulators: 16 at most
-  const __m512i low = _mm512_set1_epi16(0xF);
-  const int64_t groups = K / group, blocks = group / 4;
+void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const float* xsum,
+                      const uint8_t* src, const uint16_t* sz, uint16_t* out, int64_t N,
+                      int64_t K, int64_t group, bool zero) {
+  // per token, sums of q hi and of q lo, for the low and the high nibbles apart when one
+  // token leaves the instructions' latency exposed: 4 * M or 2 * M accumulators
+  constexpr int A = M <= 2 ? 4 : 2;
+  const int64_t groups = K / group, blocks = group / 8;
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i acc[M][2 * U];
+    __m512i acc[M][A];
     for (int m = 0; m < M; ++m)
-      for (int i = 0; i < 2 * U; ++i) acc[m][i] = _mm512_setzero_si512();
-    for (int64_t t = g * blocks; t < (g + 1) * blocks; t += U) {
-      for (int h = 0; h < U; h += 2)
-        _mm_prefetch(reinterpret_cast<const char*>(src + (t + h) * 32 + 4096), _MM_HINT_T0);
-      for (int h = 0; h < U; ++h) {
-        const __m512i w = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (t + h) * 32)));
-        const __m512i q01 = _mm512_and_si512(w, low);   // k = 4t, 4t + 1
-        const __m512i q23 = _mm512_srli_epi16(w, 4);    // k = 4t + 2, 4t + 3
-        for (int m = 0; m < M; ++m) {
-          const int16_t* xk = a.x.data() + m * K + 4 * (t + h);
-          acc[m][2 * h] = _mm512_dpwssd_epi32(acc[m][2 * h], q01, q_amx::pair_at(xk));
-          acc[m][2 * h + 1] = _mm512_dpwssd_epi32(acc[m][2 * h + 1], q23,
-                                                  q_amx::pair_at(xk + 2));
+      for (int i = 0; i < A; ++i) acc[m][i] = _mm512_setzero_si512();
+    for (int64_t t = g * blocks; t < (g + 1) * blocks; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + t * 64 + 4096), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(src + t * 64);
+      const __m512i q[2] = {low_nibbles(v), high_nibbles(v)};  // k = 8t + 0..3, 8t + 4..7
+      for (int m = 0; m < M; ++m) {
+        const int64_t k = m * K + 8 * t;
+        for (int h = 0; h < 2; ++h) {
+          __m512i& hi = acc[m][A == 4 ? 2 * h : 0];
+          __m512i& lo = acc[m][A == 4 ? 2 * h + 1 : 1];
+          hi = _mm512_dpbusd_epi32(hi, q[h], quad_at(x.hi.data() + k + 4 * h));
+          lo = _mm512_dpbusd_epi32(lo, quad_at(x.lo.data() + k + 4 * h), q[h]);
         }
       }
     }
-    const __m512 s = load_bf16x16(sz + g * 32);
+    const __m512 s = load_bf16x16(sz + g * sz_stride(zero));
     for (int m = 0; m < M; ++m) {
-      __m512i d = _mm512_set1_epi32(-8 * a.sum[m * groups + g]);
-      for (int i = 0; i < 2 * U; ++i) d = _mm512_add_epi32(d, acc[m][i]);
+      __m512i hi = acc[m][0], lo = acc[m][1];
+      if (A == 4) {
+        hi = _mm512_add_epi32(hi, acc[m][2]);
+        lo = _mm512_add_epi32(lo, acc[m][3]);
+      }
+      const __m512i d = _mm512_add_epi32(
+          _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo),
+          _mm512_set1_epi32(-8 * a.sum[m * groups + g]));
       const __m512 dx = _mm512_mul_ps(_mm512_cvtepi32_ps(d),
                                       _mm512_set1_ps(a.unit[m * groups + g]));
       total[m] = _mm512_fmadd_ps(s, dx, total[m]);
@@ -150,9 +190,10 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
     xsum[i] = _mm512_reduce_add_ps(sum);
   }
   const q_amx::FixedPoint a = q_amx::to_fixed_point(x, M, K, group);  // once per call
+  const ByteSplit bytes = split_bytes(a);
   q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    few_tokens_strip<M>(a, xsum.data(), codes + s * K * 8, sz + s * groups * 32, out + s * 16,
-                        N, K, group, zero);
+    few_tokens_strip<M>(a, bytes, xsum.data(), codes + s * K * 8,
+                        sz + s * groups * sz_stride(zero), out + s * 16, N, K, group, zero);
   });
 }
 
@@ -170,26 +211,20 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
 // group), plus z * sum(x) where the weight has zeros (sum(x) of the bf16 activations, as the
 // exact path takes it).
 //
-// A block's 32 bytes widened to 16-bit words w (vpmovzxbw) give, per 32-bit lane c, channel
-// c's bytes b (k = 4t low nibble, 4t + 2 high) and b' (4t + 1, 4t + 3); (w | w << 4) &
-// 0x0F0F puts the nibbles in the lane as k = 4t, 4t + 2, 4t + 1, 4t + 3, and the tokens'
-// codes are stored in that order.
+// A block's low nibbles are the strip's row for k = 8t..8t + 3, its high ones the row for
+// 8t + 4..8t + 7, in the order of the tokens' codes.
 constexpr int kInt8Tokens = 8;  // tokens per pass over a widened strip
 
 void widen_strip_u8(const uint8_t* src, uint8_t* dst, int64_t K) {
-  const __m512i nibbles = _mm512_set1_epi16(0x0F0F);
-  for (int64_t t = 0; t < K / 4; ++t) {
-    if ((t & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(src + t * 32 + 1024),
-                                   _MM_HINT_T0);
-    const __m512i w = _mm512_cvtepu8_epi16(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t * 32)));
-    // (w | w << 4) & 0x0F0F: 0xA8 = (A | B) & C (A = 0xF0, B = 0xCC, C = 0xAA)
-    const __m512i q = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), nibbles, 0xA8);
-    _mm512_store_si512(dst + t * 64, q);
+  for (int64_t t = 0; t < K / 8; ++t) {
+    _mm_prefetch(reinterpret_cast<const char*>(src + t * 64 + 1024), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(src + t * 64);
+    _mm512_store_si512(dst + t * 128, low_nibbles(v));
+    _mm512_store_si512(dst + t * 128 + 64, high_nibbles(v));
   }
 }
 
-// The activations of M tokens, quantized per token and group (reordered per quad as above)
+// The activations of M tokens, quantized per token and group
 struct GroupCodes {
   std::vector<int8_t> x;       // [M][K]
   std::vector<float> scale;    // [M][groups]: a = max(amax, 1e-10) / 127
@@ -203,8 +238,6 @@ GroupCodes quantize_groups(const uint16_t* x, int64_t M, int64_t K, int64_t grou
   GroupCodes a{std::vector<int8_t>(M * K), std::vector<float>(M * groups),
                std::vector<int32_t>(M * groups), std::vector<float>(zero ? M * groups : 0)};
   const __m512 lim = _mm512_set1_ps(127.f);
-  // within each 4 bytes: k = 4t, 4t + 2, 4t + 1, 4t + 3
-  const __m128i order = _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -227,8 +260,7 @@ GroupCodes quantize_groups(const uint16_t* x, int64_t M, int64_t K, int64_t grou
                                         lim),
                           _mm512_sub_ps(_mm512_setzero_ps(), lim)));
         sums = _mm512_add_epi32(sums, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
-                         _mm_shuffle_epi8(_mm512_cvtepi32_epi8(q), order));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(q));
       }
       a.scale[m * groups + g] = scale;
       a.sum[m * groups + g] = _mm512_reduce_add_epi32(sums);
@@ -258,7 +290,7 @@ void int8_pass(const GroupCodes& a, int64_t m0, const uint8_t* strip, const uint
         acc[m] = _mm512_dpbusd_epi32(acc[m], w, _mm512_set1_epi32(quad));
       }
     }
-    const __m512 s = load_bf16x16(sz + g * 32);
+    const __m512 s = load_bf16x16(sz + g * sz_stride(zero));
     for (int m = 0; m < R; ++m)
       total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]),
                                  _mm512_mul_ps(s, _mm512_set1_ps(a.scale[(m0 + m) * groups + g])),
@@ -307,7 +339,7 @@ extern "C" int q_wo_int4_int8(const uint16_t* x, const uint8_t* codes, const uin
         for (int64_t m0 = c0; m0 < c1; m0 += kInt8Tokens) {
           const int64_t n = std::min<int64_t>(kInt8Tokens, c1 - m0);
           q_amx::for_count<kInt8Tokens>(n, [&](auto r) {
-            int8_pass<decltype(r)::value>(a, m0, strip, sz + s * groups * 32,
+            int8_pass<decltype(r)::value>(a, m0, strip, sz + s * groups * sz_stride(zero),
                                           out + m0 * N + s * 16, N, K, group, zero != 0);
           });
         }
@@ -332,8 +364,8 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
   q_amx::bf16_gemm(
       x, M, K, N / 16, K * 32, threads,
       [&](int64_t s, char* buffer) {
-        widen_strip(codes + s * K * 8, sz + s * groups * 32, reinterpret_cast<uint16_t*>(buffer),
-                    K, group, zero != 0);
+        widen_strip(codes + s * K * 8, sz + s * groups * sz_stride(zero),
+                    reinterpret_cast<uint16_t*>(buffer), K, group, zero != 0);
         return static_cast<const char*>(buffer);
       },
       [&](const char* sums, int64_t m, int64_t s) {

@@ -150,56 +150,65 @@ def amx_int4_unavailable(n: int, k: int, group: int) -> str | None:
 
 
 def to_amx_int4_layout(codes: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` int4 codes (int8, -8..7) -> ``[N / 16, K / 4, 32]`` bytes of ``q = code +
-    8``: byte i of block t holds channel i // 2's q at k = 4t + i % 2 (low nibble) and at
-    k = 4t + 2 + i % 2 (high nibble) (amx_int4.cpp)."""
+    """``[N, K]`` int4 codes (int8, -8..7) -> ``[N / 16, K / 8, 64]`` bytes of ``q = code +
+    8``: byte 4c + j of block t holds channel c's q at k = 8t + j (low nibble) and at
+    k = 8t + 4 + j (high nibble) (amx_int4.cpp)."""
     n, k = codes.shape
-    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n // 16, 16, k // 4, 2, 2)
-    low, high = (q[:, :, :, h].permute(0, 2, 1, 3).reshape(n // 16, k // 4, 32)
+    q = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)
+    low, high = (q[:, :, :, h].permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
                  for h in (0, 1))
     return (low | (high << 4)).contiguous()
 
 
 def from_amx_int4_layout(amx_codes: torch.Tensor) -> torch.Tensor:
     """:func:`to_amx_int4_layout` undone: ``[N, K]`` unsigned ``q`` (uint8, 0..15)."""
-    strips, quads, _ = amx_codes.shape
-    halves = torch.stack([amx_codes & 0xF, amx_codes >> 4], dim=2)  # [s, t, h, 32]
-    q = halves.reshape(strips, quads, 2, 16, 2).permute(0, 3, 1, 2, 4)  # [s, c, t, h, p]
-    return q.reshape(strips * 16, quads * 4)
+    strips, blocks, _ = amx_codes.shape
+    halves = torch.stack([amx_codes & 0xF, amx_codes >> 4], dim=2)  # [s, t, h, 64]
+    q = halves.reshape(strips, blocks, 2, 16, 4).permute(0, 3, 1, 2, 4)  # [s, c, t, h, j]
+    return q.reshape(strips * 16, blocks * 8)
 
 
-def to_amx_int4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def to_amx_int4_scales(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """bf16 ``[N / 16, groups, 2, 16]`` from ``scale`` and ``zero`` ``[N, groups]`` (w =
-    (q - 8) * scale + zero): per strip and group, its 16 scales then its 16 zeros."""
+    (q - 8) * scale + zero): per strip and group, its 16 scales then its 16 zeros. Without
+    zeros (None) ``[N / 16, groups, 1, 16]``: the scales alone, which a decode step then
+    streams at half the bytes (a sixteenth of a byte per weight in groups of 64, against
+    half a byte of codes)."""
     n, groups = scale.shape
-    both = torch.stack([scale, zero]).to(torch.bfloat16)  # [2, N, groups]
-    return both.reshape(2, n // 16, 16, groups).permute(1, 3, 0, 2).contiguous()
+    parts = torch.stack([scale] if zero is None else [scale, zero]).to(torch.bfloat16)
+    return parts.reshape(len(parts), n // 16, 16, groups).permute(1, 3, 0, 2).contiguous()
 
 
-def _int4_arguments(x, amx_codes, amx_scales, group, zero, out) -> tuple | None:
+def _scale_parts(amx_scales: torch.Tensor) -> int:
+    """2 where :func:`to_amx_int4_scales` kept zeros beside the scales, else 1."""
+    return amx_scales.shape[2] if amx_scales.dim() == 4 else 0
+
+
+def _int4_arguments(x, amx_codes, amx_scales, group, out) -> tuple | None:
     """``q_wo_int4_amx``'s arguments, each tensor checked, or None where the kernel cannot
     run them (what :func:`int4_weight_amx` and :func:`bind_int4_weight_amx` share)."""
     lib = _amx_int4()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
     if (lib is None or m == 0 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
-            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
-            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))
+            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 8, 64))
+            or _scale_parts(amx_scales) not in (1, 2)
+            or not cpp_build.plain(amx_scales, torch.bfloat16,
+                                   (n // 16, k // group, _scale_parts(amx_scales), 16))
             or not cpp_build.plain(out, torch.bfloat16, (m, n))
             or amx_int4_unavailable(n, k, group)):
         return None
     return (x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(), out.data_ptr(), m, n, k,
-            group, int(zero), torch.get_num_threads())
+            group, int(_scale_parts(amx_scales) == 2), torch.get_num_threads())
 
 
 def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                    group: int, zero: bool) -> torch.Tensor | None:
+                    group: int) -> torch.Tensor | None:
     """``x @ w^T`` in bf16 on AMX tiles for any number of tokens, ``w = (q - 8) * s + z``:
     ``x [M, K]`` bf16, ``amx_codes`` from :func:`to_amx_int4_layout`, ``amx_scales`` from
-    :func:`to_amx_int4_scales`, ``zero``: whether any z is nonzero. None where it cannot
-    run."""
+    :func:`to_amx_int4_scales` (with zeros or without). None where it cannot run."""
     out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
-    args = _int4_arguments(x, amx_codes, amx_scales, group, zero, out)
+    args = _int4_arguments(x, amx_codes, amx_scales, group, out)
     return None if args is None or _amx_int4()[0].q_wo_int4_amx(*args) else out
 
 
@@ -212,33 +221,26 @@ def int4_int8_unavailable(n: int, k: int, group: int) -> str | None:
 
 
 def int4_weight_int8(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                     group: int, zero: bool) -> torch.Tensor | None:
+                     group: int) -> torch.Tensor | None:
     """:func:`int4_weight_amx` for 9+ tokens with int8 activations (the engine's
     ``woq_activations="int8"``): ``x`` quantized per token and group of ``group`` (the
     act_quant reference's codes and scales), multiplied by the int4 codes in exact integer
     sums per group, on CPUs without AMX tiles (``q_wo_int4_int8`` in amx_int4.cpp). None
     where it cannot run."""
-    lib = _amx_int4()[0]
-    m, k = x.shape
-    n = amx_codes.shape[0] * 16
-    if (lib is None or m < 9 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
-            or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 4, 32))
-            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, 2, 16))
-            or int4_int8_unavailable(n, k, group)):
+    out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
+    args = _int4_arguments(x, amx_codes, amx_scales, group, out)
+    if (args is None or x.shape[0] < 9
+            or int4_int8_unavailable(amx_codes.shape[0] * 16, x.shape[1], group)):
         return None
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    failed = lib.q_wo_int4_int8(x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(),
-                                out.data_ptr(), m, n, k, group, int(zero),
-                                torch.get_num_threads())
-    return None if failed else out
+    return None if _amx_int4()[0].q_wo_int4_int8(*args) else out
 
 
 def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                         group: int, zero: bool, out: torch.Tensor):
+                         group: int, out: torch.Tensor):
     """:func:`int4_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
     call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
     cannot run."""
-    args = _int4_arguments(x, amx_codes, amx_scales, group, zero, out)
+    args = _int4_arguments(x, amx_codes, amx_scales, group, out)
     return None if args is None else cpp_build.bound_call(_amx_int4()[0].q_wo_int4_amx, *args,
                                                           name="q_wo_int4_amx")
 

@@ -197,8 +197,8 @@ class WeightOnlyTorch:
             # AMX tiles: one kernel for every M, the weight kept in its layout only
             self.kernels = ("amx",)
             self.amx_codes = to_amx_int4_layout(codes)
-            self.amx_scales = to_amx_int4_scales(s, z)
             self.has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
+            self.amx_scales = to_amx_int4_scales(s, z if self.has_zero else None)
             self.packed = self.scales_and_zeros = None
             return
         self.packed = _pack_int4(codes.to(torch.int32) + 8)
@@ -234,8 +234,9 @@ class WeightOnlyTorch:
         n, k = self.shape
         if self.bits == 4 and self.packed is None:  # the AMX layout [N/16, groups, 2, 16]
             q = from_amx_int4_layout(self.amx_codes)
-            s, z = self.amx_scales.permute(2, 0, 3, 1).reshape(2, n, k // self.group)
-            return self._int4(q, s, z)
+            parts = self.amx_scales.shape[2]  # scales, then zeros where there are any
+            sz = self.amx_scales.permute(2, 0, 3, 1).reshape(parts, n, k // self.group)
+            return self._int4(q, sz[0], sz[1] if parts == 2 else torch.zeros_like(sz[0]))
         if self.bits == 4:
             sz = self.scales_and_zeros  # [K/g, N, 2]
             return self._int4(unpack_int4pack(self.packed, n, k), sz[..., 0].t(), sz[..., 1].t())
@@ -267,13 +268,12 @@ class WeightOnlyTorch:
         if kernel == "amx" and self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
             if self.bits == 4:
                 return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
-                                        self.group, self.has_zero)
+                                        self.group)
             xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
             return int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
                                   self.dtype)
         if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
-            return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group,
-                                   self.has_zero)
+            return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group)
         if kernel == "amx":
             return int8_weight_amx(x.contiguous(), self.amx_codes, self.scale_fp32)
         if kernel == "gemv":
@@ -308,6 +308,5 @@ class WeightOnlyTorch:
         if self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
             return None  # quantizes its activations per call (run)
         if self.bits == 4:
-            return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group,
-                                        self.has_zero, out)
+            return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group, out)
         return bind_int8_weight_amx(x, self.amx_codes, self.scale_fp32, out)
