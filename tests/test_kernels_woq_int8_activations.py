@@ -129,6 +129,22 @@ def int4_case(n, k, group, asym):
     return codes, s, z
 
 
+@pytest.mark.parametrize("m,k,group", [(9, 64, 32), (40, 192, 64), (130, 2048, 64),
+                                       (300, 512, 128)])
+def test_int4_path_quantizes_activations_as_the_reference_bit_for_bit(m, k, group):
+    if wo_cpp.int4_int8_unavailable(16, k, group):
+        pytest.skip(wo_cpp.int4_int8_unavailable(16, k, group))
+    x = (torch.randn(m, k, generator=gen("codes", m, k)) * 3).bfloat16()
+    x[1] = 0  # an all-zero token: amax floored, codes 0
+    x[2, :group] = torch.arange(group) * 0.5 - group / 4  # halves: ties round to even
+    x[3, 7] = 1e4  # an outlier: the rest of its group rounds to few codes
+    x[4, group:2 * group] = -x[4, group:2 * group].abs()  # the largest |x| negative
+    got = wo_cpp.int8_group_codes(x, group)
+    want = quantize_activation(x, group, torch.int8)
+    assert got is not None
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("n,k,group,asym", [(16, 64, 32, False), (48, 192, 64, True),
                                             (512, 2048, 64, False), (256, 512, 128, True)])
 def test_int4_with_int8_activations_sums_exactly_per_group(n, k, group, asym):

@@ -349,6 +349,23 @@ extern "C" int q_wo_int4_int8(const uint16_t* x, const uint8_t* codes, const uin
   return 0;
 #endif
 }
+// The activation codes and scales q_wo_int4_int8 multiplies (quantize_groups), for tests to
+// compare with q.kernels.act_quant's reference bit for bit: x [M, K] bf16; codes [M, K] int8,
+// scales [M, K / group] fp32. 2 on CPUs with AMX tiles (not built), 1 for shapes it does not
+// take.
+extern "C" int q_int4_int8_codes(const uint16_t* x, int8_t* codes, float* scales, int64_t M,
+                                 int64_t K, int64_t group, int threads) {
+#if defined(__AMX_TILE__)
+  return 2;
+#else
+  if (group % 32 || group < 32 || K % group || M < 1) return 1;
+  const GroupCodes a = quantize_groups(x, M, K, group, false, threads);
+  std::copy(a.x.begin(), a.x.end(), codes);
+  std::copy(a.scale.begin(), a.scale.end(), scales);
+  return 0;
+#endif
+}
+
 // x [M, K] bf16; codes, sz in the layout above (zero: whether any z is nonzero); out [M, N]
 // bf16.
 extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint16_t* sz,

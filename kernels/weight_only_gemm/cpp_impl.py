@@ -137,7 +137,8 @@ def _probe_int4(lib) -> bool:
 @functools.cache
 def _amx_int4() -> tuple[object | None, str | None]:
     return cpp_build.bind_amx(AMX_INT4_SOURCE, AMX_FLAGS, "q_amx_int4_init", _probe_int4,
-                              q_wo_int4_amx="pppp llll ii", q_wo_int4_int8="pppp llll ii")
+                              q_wo_int4_amx="pppp llll ii", q_wo_int4_int8="pppp llll ii",
+                              q_int4_int8_codes="ppp lll i")
 
 
 def amx_int4_unavailable(n: int, k: int, group: int) -> str | None:
@@ -233,6 +234,21 @@ def int4_weight_int8(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch
             or int4_int8_unavailable(amx_codes.shape[0] * 16, x.shape[1], group)):
         return None
     return None if _amx_int4()[0].q_wo_int4_int8(*args) else out
+
+
+def int8_group_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The activation codes ``[M, K]`` int8 and scales ``[M, K / group]`` fp32 that
+    :func:`int4_weight_int8` multiplies (per token and group, act_quant's spec), or None
+    where that path is not built: for tests to hold them to the reference bit for bit."""
+    lib = _amx_int4()[0]
+    m, k = x.shape
+    if lib is None or cpp_build.amx_tiles() or not cpp_build.plain(x, torch.bfloat16):
+        return None
+    codes = torch.empty(m, k, dtype=torch.int8)
+    scales = torch.empty(m, k // group, dtype=torch.float32)
+    failed = lib.q_int4_int8_codes(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), m, k,
+                                   group, torch.get_num_threads())
+    return None if failed else (codes, scales)
 
 
 def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
