@@ -83,14 +83,14 @@ void for_strips(int64_t N, int64_t K, int threads, F f) {
   for (int64_t s = 0; s < strips; ++s) f(s);
 }
 
-// The weight-only kernels' register paths (1-8 tokens) take the activations as 16-bit
-// integers, so that the codes, widened to int16 only, meet them in vpdpwssd (32 products per
-// instruction, summed exactly in int32) instead of being converted to fp32 for FMAs, which
-// bounded those loops by the conversions, not by memory. Per token and block of `block`
-// values: X = x * 2^(14 - E), E the exponent of the block's largest |x|, so |X| < 2^15.
-// That is exact for every x within 2^7 of the block's largest (bf16 holds 8 significant
-// bits); a smaller x is rounded to the nearest multiple of 2^(E - 14), off by at most 2^-15
-// of the block's largest |x|. A block with an inf or NaN gets a NaN unit, so its sums are NaN.
+// The weight-only kernels' register paths (up to 48 / 32 tokens, 8 per pass) take the activations
+// as 16-bit integers, so that the codes, widened to int16 only, meet them in vpdpwssd (32 products
+// per instruction, summed exactly in int32) instead of being converted to fp32 for FMAs, which
+// bounded those loops by the conversions, not by memory. Per token and block of `block` values: X =
+// x * 2^(14 - E), E the exponent of the block's largest |x|, so |X| < 2^15. That is exact for every
+// x within 2^7 of the block's largest (bf16 holds 8 significant bits); a smaller x is rounded to
+// the nearest multiple of 2^(E - 14), off by at most 2^-15 of the block's largest |x|. A block with
+// an inf or NaN gets a NaN unit, so its sums are NaN.
 struct FixedPoint {
   std::vector<int16_t> x;    // [M][K]
   std::vector<float> unit;   // [M][K / block]: 2^(E - 14), what one step of X is worth

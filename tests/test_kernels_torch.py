@@ -97,19 +97,20 @@ def test_int8_weight_amx_matches_the_reference_for_any_number_of_tokens():
     reason = cpp_impl.amx_unavailable(16, 32)
     if reason is not None:
         pytest.skip(reason)
-    # 1-8 tokens: registers; 9-16: one tile; 17-31: a second tile overlapping the first;
-    # 33+: more passes over the widened strip; 129+: more chunks of tokens
+    # 1-48 tokens: registers (8 per pass); 49+: tiles (or vdpbf16ps) over the widened strip
+    # (32 tokens per pass, a second tile overlapping the first on ragged ends); 129+: more
+    # chunks of tokens
+    last = cpp_impl.REGISTER_TOKENS[8]
     for n, k in [(16, 32), (48, 96), (256, 2048)]:
         codes, scale, _ = int_weight(n, k, 8, k, False)
         amx = cpp_impl.to_amx_layout(codes)
-        for m in (1, 2, 4, 5, 8, 9, 16, 17, 31, 32, 33, 70, 130, 300):
+        for m in (1, 2, 4, 5, 8, 9, 16, 17, 31, 32, 33, 48, 49, 70, 81, 130, 300):
             x = acts(m, k, n)
             ref = weight_only_gemm(x.float(), codes, scale, k, 8)
             got = cpp_impl.int8_weight_amx(x, amx, scale.float().reshape(n))
             assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
             # each token's row is its own: the same bits in a smaller batch on the same path
-            # (1-8 tokens take the register path, more the tiles)
-            tail = x[-(1 if m <= 8 else 9):].contiguous()
+            tail = x[-(1 if m <= last else last + 1):].contiguous()
             alone = cpp_impl.int8_weight_amx(tail, amx, scale.float().reshape(n))
             assert torch.equal(got[-tail.shape[0]:], alone), (n, k, m)
     assert "N % 16" in cpp_impl.amx_unavailable(200, 64)
@@ -177,12 +178,14 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
         # without zeros the scales alone are kept (and streamed)
         assert impl.kernels == ("amx",) and impl.has_zero == asym
         assert impl.amx_scales.shape == (n // 16, k // group, 2 if asym else 1, 16)
-        for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 33, 130):
+        for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33, 47, 130):
             x = acts(m, k, n, group)
             ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
             got = impl.run(x, "amx")
             assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
-            tail = x[-(1 if m <= 8 else 9):].contiguous()  # each token's row is its own
+            # each token's row is its own: 1-32 tokens on registers, more on widened strips
+            last = cpp_impl.REGISTER_TOKENS[4]
+            tail = x[-(1 if m <= last else last + 1):].contiguous()
             assert torch.equal(got[-tail.shape[0]:], impl.run(tail, "amx")), (n, k, m)
     # exact arithmetic (small integer activations, power-of-two scales, integer zeros): both
     # paths sum exactly and round once, so any misplaced nibble or scale would show

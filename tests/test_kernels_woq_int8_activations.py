@@ -65,7 +65,7 @@ def test_the_pair_layout_kernel_gives_the_quad_layout_kernels_bits():
 
 
 @pytest.mark.parametrize("n,k", [(512, 256), (48, 192)])
-def test_a_layer_with_int8_activations_is_w8a8_from_9_tokens_and_exact_below(n, k):
+def test_a_layer_with_int8_activations_is_w8a8_from_17_tokens_and_exact_below(n, k):
     available(n, k)
     g = gen("layer", n, k)
     codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -73,10 +73,11 @@ def test_a_layer_with_int8_activations_is_w8a8_from_9_tokens_and_exact_below(n, 
     exact = wo.WeightOnlyTorch(codes, scale, k, 8)
     fast = wo.WeightOnlyTorch(codes, scale, k, 8, int8_activations=True)
     assert fast.kernels == ("amx",) and fast.row_sums is not None
-    for m in (1, 4, 8, 9, 17, 70, 300):
+    assert wo.INT8_ACTIVATIONS_FROM[8] == 17
+    for m in (1, 4, 8, 9, 16, 17, 70, 300):
         x = torch.randn(m, k, generator=g).bfloat16()
         got = fast(x)
-        if m < wo.INT8_ACTIVATIONS_FROM:
+        if m < wo.INT8_ACTIVATIONS_FROM[8]:
             assert torch.equal(got, exact(x)), m  # the register path, untouched
             continue
         xq, xs = quantize_activation(x, None, torch.int8)
@@ -161,7 +162,7 @@ def test_int4_with_int8_activations_sums_exactly_per_group(n, k, group, asym):
     for m in (1, 8, 9, 17, 40, 130, 300):
         x = torch.randn(m, k, generator=gen("x4", m, k)).bfloat16()
         got = layer(x)
-        if m < wo.INT8_ACTIVATIONS_FROM:
+        if m < wo.INT8_ACTIVATIONS_FROM[4]:
             assert torch.equal(got, exact(x)), m
             continue
         xq, xs = quantize_activation(x, group, torch.int8)  # per token and weight group

@@ -12,13 +12,13 @@
 // the 16 channels in turn: widened to bf16 it is exactly the B operand AMX's tdpbf16ps
 // reads (a 16 x 64-byte tile covers K = 32). Scales [N] fp32 (one per channel).
 //
-// Up to 8 tokens the same layout is read without tiles (few_tokens: the codes widened to
-// int16 against 16-bit fixed-point activations in vpdpwssd); from 9 on, tdpbf16ps, 32
-// tokens per pass over a strip widened once (on CPUs without tiles, vdpbf16ps 8 tokens per
-// pass: amx_tiles.h's bf16_gemm).
+// Up to kRegisterTokens (48) tokens the same layout is read without tiles (register_path:
+// the codes widened to int16 against 16-bit fixed-point activations in vpdpwssd, 8 tokens
+// per pass over each strip); from 49 on, tdpbf16ps, 32 tokens per pass over a strip widened
+// once (on CPUs without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
 //
-// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: from 9 tokens, bf16 products (the
-// codes are exact in bf16) summed in fp32; up to 8, exact integer sums per block of the
+// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: from 49 tokens, bf16 products (the
+// codes are exact in bf16) summed in fp32; up to 48, exact integer sums per block of the
 // activations in fixed point (see few_tokens_strip); then one product by the scale, rounded
 // to bf16. N % 16 == 0, K % 32 == 0. The process must have been granted AMX state
 // (q_amx_init) once.
@@ -52,22 +52,32 @@ inline void widen_strip(const int8_t* src, uint16_t* dst, int64_t K) {
   }
 }
 
-// Up to 8 tokens: no tiles and no bf16. Each 32-code row of a strip (16 channels x the pair
-// k = 2r, 2r + 1) widens to int16 in one instruction and meets each token's activation pair
-// as 16-bit integers (amx_tiles.h's to_fixed_point) in vpdpwssd: the channel's two products,
-// summed exactly in int32 over a block of kBlock values, then to fp32 once per block times
-// the block's unit. Integer sums have no order, so a token's numbers do not depend on the
-// batch. The weight is read once. U rows per iteration, one accumulator each, so that a
-// single token has U independent chains of vpdpwssd. Against the fp32-FMA loop this path
-// replaced (codes widened to fp32), over a 1.1B step's weights on a 2-core AMD EPYC: the
-// same at 1 token (both stream at the memory's pace), 1.4x at 4, 1.7-1.8x at 5-8 where the
-// vdpbf16ps loop ran (tests/bench/bench_decode_gemms_cpu.py, docs/benchmarks.md).
+// Up to 8 tokens of a strip: no tiles and no bf16. Each 32-code row of a strip (16 channels x the
+// pair k = 2r, 2r + 1) widens to int16 in one instruction and meets each token's activation pair as
+// 16-bit integers (amx_tiles.h's to_fixed_point) in vpdpwssd: the channel's two products, summed
+// exactly in int32 over a block of kBlock values, then to fp32 once per block times the block's
+// unit. Integer sums have no order, so a token's numbers do not depend on the batch. The weight is
+// read once. U rows per iteration, one accumulator each, so that a single token has U independent
+// chains of vpdpwssd. Against the fp32-FMA loop this path replaced (codes widened to fp32), over a
+// 1.1B step's weights on a 2-core AMD EPYC: the same at 1 token (both stream at the memory's pace),
+// 1.4x at 4, 1.7-1.8x at 5-8 where the vdpbf16ps loop ran (tests/bench/bench_decode_gemms_cpu.py,
+// docs/benchmarks.md).
 constexpr int64_t kBlock = 128;  // |sum| <= 128 * 128 * 2^15 = 2^29 per lane: fits int32
-constexpr int kFewTokens = 8;    // tokens the register path takes
+constexpr int kFewTokens = 8;    // tokens per pass of the register path
+// Tokens the register path takes (cpp_impl.REGISTER_TOKENS[8]): each pass after a strip's
+// first reads it from the core's cache, and its conversions cost less than widening the
+// strip to bf16 for the tile or vdpbf16ps loop. Over a 1.1B step's weights on a 2-core AMD
+// EPYC, wint8 over bf16, this path against the widened one: 0.86-0.94 against 1.26-1.29 at
+// 16 tokens, 1.03 against 1.10-1.13 at 32, 1.05-1.09 against 1.08-1.16 at 48, even at 64,
+// behind from 96 (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
+#ifndef Q_WO_REGISTER_TOKENS
+#define Q_WO_REGISTER_TOKENS 48
+#endif
+constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
 
 template <int M>
-void few_tokens_strip(const q_amx::FixedPoint& a, const int8_t* src, const float* scale,
-                      uint16_t* out, int64_t N, int64_t K) {
+void few_tokens_strip(const q_amx::FixedPoint& a, int64_t m0, const int8_t* src,
+                      const float* scale, uint16_t* out, int64_t N, int64_t K) {
   constexpr int U = M == 1 ? 4 : M <= 4 ? 2 : 1;  // U * M accumulators: 8 at most
   const int64_t blocks = (K + kBlock - 1) / kBlock;
   __m512 total[M];
@@ -86,14 +96,14 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const int8_t* src, const float
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (r + u) * 32)));
         for (int m = 0; m < M; ++m)
           acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], w,
-                                          q_amx::pair_at(a.x.data() + m * K + 2 * (r + u)));
+                                          q_amx::pair_at(a.x.data() + (m0 + m) * K + 2 * (r + u)));
       }
     }
     for (int m = 0; m < M; ++m) {
       __m512i d = acc[m][0];
       for (int u = 1; u < U; ++u) d = _mm512_add_epi32(d, acc[m][u]);
-      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.unit[m * blocks + b]),
-                                 total[m]);
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                 _mm512_set1_ps(a.unit[(m0 + m) * blocks + b]), total[m]);
     }
   }
   const __m512 sc = _mm512_loadu_ps(scale);
@@ -103,12 +113,18 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const int8_t* src, const float
   }
 }
 
-template <int M>
-void few_tokens(const uint16_t* xb, const int8_t* codes, const float* scale, uint16_t* out,
-                int64_t N, int64_t K, int threads) {
+// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn, so that
+// the strip comes from memory once and from the core's cache for the other passes
+void register_path(const uint16_t* xb, const int8_t* codes, const float* scale, uint16_t* out,
+                   int64_t M, int64_t N, int64_t K, int threads) {
   const q_amx::FixedPoint a = q_amx::to_fixed_point(xb, M, K, kBlock);  // once per call
   q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    few_tokens_strip<M>(a, codes + s * K * 16, scale + s * 16, out + s * 16, N, K);
+    for (int64_t m0 = 0; m0 < M; m0 += kFewTokens) {
+      q_amx::for_count<kFewTokens>(std::min<int64_t>(kFewTokens, M - m0), [&](auto r) {
+        few_tokens_strip<decltype(r)::value>(a, m0, codes + s * K * 16, scale + s * 16,
+                                             out + m0 * N + s * 16, N, K);
+      });
+    }
   });
 }
 
@@ -121,10 +137,10 @@ extern "C" int q_amx_init() { return q_amx::request_permission(); }
 extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float* scale,
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int threads) {
   if (N % 16 || K % 32 || M < 1) return 1;
-  if (q_amx::few_tokens<kFewTokens>(M, [&](auto m) {  // the register path (no AMX state needed)
-        few_tokens<decltype(m)::value>(x, codes, scale, out, N, K, threads);
-      }))
+  if (M <= kRegisterTokens) {  // no AMX state needed
+    register_path(x, codes, scale, out, M, N, K, threads);
     return 0;
+  }
   q_amx::bf16_gemm(
       x, M, K, N / 16, K * 32, threads,
       [&](int64_t s, char* buffer) {

@@ -17,14 +17,15 @@
 // their zeros; w = (q - 8) * s + z (torch's int4pack convention, z = -zero_point * s).
 // Without zeros (`zero` false) [N / 16][K / group][1][16]: the scales alone.
 //
-// From 9 tokens on, each strip is widened to bf16 weights in the core's cache with the
+// From 33 tokens on, each strip is widened to bf16 weights in the core's cache with the
 // roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
 // again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass (on CPUs
 // without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
-// Up to 8 tokens, no tiles and no dequantization: the nibbles meet the activations as
-// 16-bit fixed-point integers (amx_tiles.h's to_fixed_point), split in bytes, in vpdpbusd,
-// summed exactly per group, and the group adds s * sum((q - 8) x) + z * sum(x) to the result
-// (the roundings differ from the tile path's, both within bf16 rounding of the reference).
+// Up to kRegisterTokens (32), no tiles and no dequantization: the nibbles meet the
+// activations as 16-bit fixed-point integers (amx_tiles.h's to_fixed_point), split in
+// bytes, in vpdpbusd, 8 tokens per pass over each strip, summed exactly per group, and the
+// group adds s * sum((q - 8) x) + z * sum(x) to the result (the roundings differ from the
+// tile path's, both within bf16 rounding of the reference).
 // N % 16 == 0, group % 32 == 0, K % group == 0.
 #if !defined(__AVX512BF16__) || !defined(__AVX512VNNI__) || \
     (defined(__AMX_TILE__) && !defined(__AMX_BF16__))
@@ -94,7 +95,7 @@ void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t 
   }
 }
 
-// Up to 8 tokens on one strip, no tiles and no bf16. A token's 16-bit fixed-point
+// Up to 8 tokens of one strip, no tiles and no bf16. A token's 16-bit fixed-point
 // activations X (amx_tiles.h's to_fixed_point, one unit per group) split into bytes, X =
 // 256 hi + lo (hi signed, lo unsigned), and a block's low (high) nibbles q, unsigned and
 // below 128, are valid as either operand of vpdpbusd: sum q hi with q as the unsigned one,
@@ -104,7 +105,16 @@ void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t 
 // token's numbers do not depend on the batch. The same D as the vpdpwssd loop this replaced
 // (the nibbles widened to int16: 10 vector instructions per 64 bytes of codes against 6),
 // so the same bits.
-constexpr int kFewTokens = 8;  // tokens the register path takes
+constexpr int kFewTokens = 8;  // tokens per pass of the register path
+// Tokens the register path takes (cpp_impl.REGISTER_TOKENS[4]), as amx_gemm.cpp's: over a
+// 1.1B step's weights on a 2-core AMD EPYC, wint4 g64 over bf16, this path against the
+// widened one: 0.71-0.74 against 1.15-1.26 at 9 tokens, 0.96-0.97 against 1.12-1.23 at 16,
+// even at 32 (1.09-1.12 against 1.08-1.13), behind from 48
+// (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
+#ifndef Q_WO_REGISTER_TOKENS
+#define Q_WO_REGISTER_TOKENS 32
+#endif
+constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
 
 // X split in bytes: hi = X >> 8 (-128..127), lo = X & 255
 struct ByteSplit {
@@ -129,8 +139,8 @@ inline __m512i quad_at(const void* p) {  // 4 bytes, broadcast to every lane
 
 template <int M>
 void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const float* xsum,
-                      const uint8_t* src, const uint16_t* sz, uint16_t* out, int64_t N,
-                      int64_t K, int64_t group, bool zero) {
+                      int64_t m0, const uint8_t* src, const uint16_t* sz, uint16_t* out,
+                      int64_t N, int64_t K, int64_t group, bool zero) {
   // per token, sums of q hi and of q lo, for the low and the high nibbles apart when one
   // token leaves the instructions' latency exposed: 4 * M or 2 * M accumulators
   constexpr int A = M <= 2 ? 4 : 2;
@@ -146,7 +156,7 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const floa
       const __m512i v = _mm512_loadu_si512(src + t * 64);
       const __m512i q[2] = {low_nibbles(v), high_nibbles(v)};  // k = 8t + 0..3, 8t + 4..7
       for (int m = 0; m < M; ++m) {
-        const int64_t k = m * K + 8 * t;
+        const int64_t k = (m0 + m) * K + 8 * t;
         for (int h = 0; h < 2; ++h) {
           __m512i& hi = acc[m][A == 4 ? 2 * h : 0];
           __m512i& lo = acc[m][A == 4 ? 2 * h + 1 : 1];
@@ -164,13 +174,13 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const floa
       }
       const __m512i d = _mm512_add_epi32(
           _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo),
-          _mm512_set1_epi32(-8 * a.sum[m * groups + g]));
+          _mm512_set1_epi32(-8 * a.sum[(m0 + m) * groups + g]));
       const __m512 dx = _mm512_mul_ps(_mm512_cvtepi32_ps(d),
-                                      _mm512_set1_ps(a.unit[m * groups + g]));
+                                      _mm512_set1_ps(a.unit[(m0 + m) * groups + g]));
       total[m] = _mm512_fmadd_ps(s, dx, total[m]);
       if (zero)
         total[m] = _mm512_fmadd_ps(load_bf16x16(sz + g * 32 + 16),
-                                   _mm512_set1_ps(xsum[m * groups + g]), total[m]);
+                                   _mm512_set1_ps(xsum[(m0 + m) * groups + g]), total[m]);
     }
   }
   for (int m = 0; m < M; ++m)
@@ -178,9 +188,10 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const floa
                         (__m256i)_mm512_cvtneps_pbh(total[m]));
 }
 
-template <int M>
-void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uint16_t* out,
-                int64_t N, int64_t K, int64_t group, bool zero, int threads) {
+// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn, so that
+// the strip comes from memory once and from the core's cache for the other passes
+void register_path(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uint16_t* out,
+                   int64_t M, int64_t N, int64_t K, int64_t group, bool zero, int threads) {
   const int64_t groups = K / group;
   std::vector<float> xsum(M * groups);  // each token's sum over each group, for the zeros
   for (int64_t i = 0; zero && i < M * groups; ++i) {
@@ -192,8 +203,13 @@ void few_tokens(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uin
   const q_amx::FixedPoint a = q_amx::to_fixed_point(x, M, K, group);  // once per call
   const ByteSplit bytes = split_bytes(a);
   q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    few_tokens_strip<M>(a, bytes, xsum.data(), codes + s * K * 8,
-                        sz + s * groups * sz_stride(zero), out + s * 16, N, K, group, zero);
+    for (int64_t m0 = 0; m0 < M; m0 += kFewTokens) {
+      q_amx::for_count<kFewTokens>(std::min<int64_t>(kFewTokens, M - m0), [&](auto r) {
+        few_tokens_strip<decltype(r)::value>(a, bytes, xsum.data(), m0, codes + s * K * 8,
+                                             sz + s * groups * sz_stride(zero),
+                                             out + m0 * N + s * 16, N, K, group, zero);
+      });
+    }
   });
 }
 
@@ -372,11 +388,10 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
                              uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t group,
                              int zero, int threads) {
   if (N % 16 || group % 32 || group < 32 || K % group || M < 1) return 1;
-  if (q_amx::few_tokens<kFewTokens>(M, [&](auto m) {  // the register path (no AMX state needed)
-        few_tokens<decltype(m)::value>(x, codes, sz, out, N, K, group, zero != 0,
-                                        threads);
-      }))
+  if (M <= kRegisterTokens) {  // no AMX state needed
+    register_path(x, codes, sz, out, M, N, K, group, zero != 0, threads);
     return 0;
+  }
   const int64_t groups = K / group;
   q_amx::bf16_gemm(
       x, M, K, N / 16, K * 32, threads,

@@ -19,6 +19,10 @@ AMX_SOURCE = Path(__file__).with_name("amx_gemm.cpp")
 AMX_INT4_SOURCE = Path(__file__).with_name("amx_int4.cpp")
 AMX_FLAGS = {"avx512_bf16", "avx512_vnni"}  # and AMX-BF16 tiles where the CPU has them
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
+# per bits, the most tokens the strip kernels multiply on their register path (exact integer
+# sums over 16-bit fixed-point activations, a token's bits independent of the batch) before
+# widening strips to bf16: kRegisterTokens of amx_gemm.cpp (8) and amx_int4.cpp (4)
+REGISTER_TOKENS = {8: 48, 4: 32}
 
 
 @functools.cache

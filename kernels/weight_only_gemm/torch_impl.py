@@ -32,7 +32,7 @@ Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says
 caller keeps the reference.
 
 ``int8_activations=True`` (the engine's ``woq_activations="int8"``, IPEX's "lowp mode
-INT8"): steps of ``INT8_ACTIVATIONS_FROM`` tokens or more quantize their activations to int8
+INT8"): steps of ``INT8_ACTIVATIONS_FROM[bits]`` tokens or more quantize their activations to int8
 and multiply in int8 (VNNI / AMX-INT8: twice bf16's products per instruction), the prefill
 that is compute-bound in bf16. int8 per-channel weights run as int8 W8A8 (``scaled_gemm``'s
 int8 kernel reading this layout, one activation scale per token); int4 groups as int4 x
@@ -66,8 +66,11 @@ INT4_GROUPS = (32, 64, 128, 256)
 # other K gives wrong sums or a segfault (K=72, 136 measured), so such weights never use it
 INT8PACK_K_MULTIPLE = 16
 KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
-# tokens per call from which int8_activations applies: 1-8 take the exact register path
-INT8_ACTIVATIONS_FROM = 9
+# tokens per call from which int8_activations applies, per bits; fewer take the exact
+# register path, which over a 1.1B step's weights on the AMD EPYC ran 9 tokens of wint8 in
+# 54 ms against the int8 path's 66 (even at 16) and 9 of wint4 g64 as fast as the int8 path
+# (ahead of it from 16) (tests/bench/bench_decode_gemms_cpu.py, one run)
+INT8_ACTIVATIONS_FROM = {8: 17, 4: 9}
 
 
 def _int4_group(k: int, group_size: int) -> int | None:
@@ -265,7 +268,8 @@ class WeightOnlyTorch:
         if kernel == "int4pack":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group,
                                                               self.scales_and_zeros)
-        if kernel == "amx" and self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+        if (kernel == "amx" and self.int8_activations
+                and x.shape[0] >= INT8_ACTIVATIONS_FROM[self.bits]):
             if self.bits == 4:
                 return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
                                         self.group)
@@ -305,7 +309,7 @@ class WeightOnlyTorch:
         ``scratch`` is unused (these kernels take bf16 as it comes)."""
         if self.kernels != ("amx",):
             return None
-        if self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM:
+        if self.int8_activations and x.shape[0] >= INT8_ACTIVATIONS_FROM[self.bits]:
             return None  # quantizes its activations per call (run)
         if self.bits == 4:
             return bind_int4_weight_amx(x, self.amx_codes, self.amx_scales, self.group, out)

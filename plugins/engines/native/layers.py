@@ -37,7 +37,7 @@ from q.kernels.packing.reference import pack_int4_bytes
 from q.kernels.scaled_gemm import scaled_gemm
 from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
 from q.kernels.weight_only_gemm import weight_only_gemm
-from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
+from q.kernels.weight_only_gemm.torch_impl import INT8_ACTIVATIONS_FROM, WeightOnlyTorch
 from q.kernels.weight_only_gemm.torch_impl import unsupported as weight_only_unsupported
 from q.tensor import QuantizedTensor
 
@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
             raise IncompatibleError(f"{name}: woq_activations int8 cannot run this layer: "
                                     f"{e}; leave it at bf16") from None
         if getattr(self.fast, "int8_activations", False):
-            why += "; int8 activations from 9 tokens"
+            why += f"; int8 activations from {INT8_ACTIVATIONS_FROM[self.fast.bits]} tokens"
         if self.fast is None:
             self._keep_reference_layout(qt, device)
         kernels = getattr(self.fast, "kernels", None)
