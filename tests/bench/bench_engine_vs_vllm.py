@@ -167,27 +167,30 @@ def alone_interleaved(ckpts: dict[str, Path], prompt: list[int], warmup: list[in
         session.runner.forward.programs = None
     for session in sessions.values():
         session.generate([warmup], max_tokens=4, ignore_eos=True)
-    rates = {name: [] for name in sessions}  # per round: (whole tok/s, after-first tok/s)
+    # per round: (whole tok/s, after-first tok/s, seconds to the first token)
+    rates = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
             first_s, one_s = one_request(session, prompt, new_tokens)
-            rates[name].append((new_tokens / one_s, (new_tokens - 1) / (one_s - first_s)))
+            rates[name].append((new_tokens / one_s, (new_tokens - 1) / (one_s - first_s),
+                                first_s))
 
     def spread(values, unit=""):
         return (f"{statistics.median(values):.2f}{unit} "
                 f"({min(values):.2f}-{max(values):.2f})")
 
     print(f"\nq alone, {rounds} interleaved rounds of the lone request (medians, range)\n")
-    print("| checkpoint | 1 req tok/s | after its first token | over bf16, whole | over bf16, "
-          "after its first token |\n|---|---:|---:|---:|---:|")
+    print("| checkpoint | 1 req tok/s | after its first token | first token (s) | over bf16, "
+          "whole | over bf16, after its first token |\n|---|---:|---:|---:|---:|---:|")
     for name, runs in rates.items():
-        whole, decode = zip(*runs)
+        whole, decode, first = zip(*runs)
         over = ["-", "-"]
         bf16 = "bf16" + (FORWARD if name.endswith(FORWARD) else "")
         if bf16 in rates and name != bf16:
             base = rates[bf16]
             over = [spread([r[i] / b[i] for r, b in zip(runs, base)], "x") for i in (0, 1)]
-        print(f"| {name} | {spread(whole)} | {spread(decode)} | {over[0]} | {over[1]} |",
+        print(f"| {name} | {spread(whole)} | {spread(decode)} | {spread(first)} | {over[0]} "
+              f"| {over[1]} |",
               flush=True)
 
 

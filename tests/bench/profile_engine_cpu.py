@@ -6,6 +6,7 @@
     python tests/bench/profile_engine_cpu.py --prefill          # one step of 8 x 256 prompt tokens
     python tests/bench/profile_engine_cpu.py --requests 32 --parts  # wall time per part
     python tests/bench/profile_engine_cpu.py --prefill --parts  # the same, 8 x 256 prompts
+    ... --prefill --parts --prompts 1 --model CKPT  # the lone request's 256-token prompt
     python tests/bench/profile_engine_cpu.py --phases  # the engine bench's workload: prefill vs decode
     python tests/bench/profile_engine_cpu.py --prefill --parts --glibc-defaults  # malloc A/B
     python tests/bench/profile_engine_cpu.py --prefill --parts --torch-silu  # SiLU x up A/B
@@ -42,6 +43,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint (default: embedded SmolLM2)")
     ap.add_argument("--requests", type=int, default=1)
     ap.add_argument("--rows", type=int, default=22)
+    ap.add_argument("--prompts", type=int, default=8,
+                    help="with --prefill --parts: fresh 256-token prompts per step (1: the "
+                         "lone request's first step)")
     ap.add_argument("--prefill", action="store_true",
                     help="profile one step of 8 fresh 256-token prompts (2048 tokens) instead")
     ap.add_argument("--parts", action="store_true",
@@ -80,7 +84,7 @@ def main() -> None:
     if args.loop:
         return loop(session, args.requests, args.loop)
     if args.parts:
-        return time_parts(session, args.requests, args.prefill)
+        return time_parts(session, args.requests, args.prefill, args.prompts)
     if args.prefill:
         return profile_prefill(session, args.rows)
     if args.phases:
@@ -136,8 +140,8 @@ def time_phases(session) -> None:
               f"steps with prompt tokens, {decode:.2f} s decoding")
 
 
-def time_parts(session, requests: int, prefill: bool = False) -> None:
-    """ms per decode step (or per step of 8 fresh 256-token prompts) in each part of the
+def time_parts(session, requests: int, prefill: bool = False, prompts: int = 8) -> None:
+    """ms per decode step (or per step of ``prompts`` fresh 256-token prompts) in each part of the
     engine's decoder forward (wrapped callables)."""
     import collections
 
@@ -169,7 +173,7 @@ def time_parts(session, requests: int, prefill: bool = False) -> None:
     if prefill:
         steps, step = 3, 0.0
         for round_ in range(steps + 1):  # a warm-up step, then 3 timed
-            for i in range(8):
+            for i in range(prompts):
                 session.add_request(list(range(100 * round_ + i, 100 * round_ + i + 256)),
                                     SamplingParams(max_tokens=1, ignore_eos=True))
             if round_ == 1:
@@ -180,7 +184,7 @@ def time_parts(session, requests: int, prefill: bool = False) -> None:
             while session.has_unfinished():
                 session.step()
         step /= steps
-        label = "step of 8 x 256 prompt tokens"
+        label = f"step of {prompts} x 256 prompt tokens"
     else:
         steps = 20
         for i in range(requests):
