@@ -83,7 +83,7 @@ void for_strips(int64_t N, int64_t K, int threads, F f) {
   for (int64_t s = 0; s < strips; ++s) f(s);
 }
 
-// The weight-only kernels' register paths (up to 48 / 32 tokens, 8 per pass) take the activations
+// The weight-only kernels' register paths (up to 32 / 16 tokens, 8 per pass) take the activations
 // as 16-bit integers, so that the codes, widened to int16 only, meet them in vpdpwssd (32 products
 // per instruction, summed exactly in int32) instead of being converted to fp32 for FMAs, which
 // bounded those loops by the conversions, not by memory. Per token and block of `block` values: X =

@@ -97,7 +97,7 @@ def test_int8_weight_amx_matches_the_reference_for_any_number_of_tokens():
     reason = cpp_impl.amx_unavailable(16, 32)
     if reason is not None:
         pytest.skip(reason)
-    # 1-48 tokens: registers (8 per pass); 49+: tiles (or vdpbf16ps) over the widened strip
+    # 1-32 tokens: registers (8 per pass); 33+: tiles (or vdpbf16ps) over the widened strip
     # (32 tokens per pass, a second tile overlapping the first on ragged ends); 129+: more
     # chunks of tokens
     last = cpp_impl.REGISTER_TOKENS[8]
@@ -183,7 +183,7 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
             ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
             got = impl.run(x, "amx")
             assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
-            # each token's row is its own: 1-32 tokens on registers, more on widened strips
+            # each token's row is its own: 1-16 tokens on registers, more on widened strips
             last = cpp_impl.REGISTER_TOKENS[4]
             tail = x[-(1 if m <= last else last + 1):].contiguous()
             assert torch.equal(got[-tail.shape[0]:], impl.run(tail, "amx")), (n, k, m)

@@ -12,13 +12,13 @@
 // the 16 channels in turn: widened to bf16 it is exactly the B operand AMX's tdpbf16ps
 // reads (a 16 x 64-byte tile covers K = 32). Scales [N] fp32 (one per channel).
 //
-// Up to kRegisterTokens (48) tokens the same layout is read without tiles (register_path:
+// Up to kRegisterTokens (32) tokens the same layout is read without tiles (register_path:
 // the codes widened to int16 against 16-bit fixed-point activations in vpdpwssd, 8 tokens
-// per pass over each strip); from 49 on, tdpbf16ps, 32 tokens per pass over a strip widened
+// per pass over each strip); from 33 on, tdpbf16ps, 32 tokens per pass over a strip widened
 // once (on CPUs without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
 //
-// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: from 49 tokens, bf16 products (the
-// codes are exact in bf16) summed in fp32; up to 48, exact integer sums per block of the
+// y[m, n] = (sum_k x[m, k] * code[n, k]) * scale[n]: from 33 tokens, bf16 products (the
+// codes are exact in bf16) summed in fp32; up to 32, exact integer sums per block of the
 // activations in fixed point (see few_tokens_strip); then one product by the scale, rounded
 // to bf16. N % 16 == 0, K % 32 == 0. The process must have been granted AMX state
 // (q_amx_init) once.
@@ -66,12 +66,15 @@ constexpr int64_t kBlock = 128;  // |sum| <= 128 * 128 * 2^15 = 2^29 per lane: f
 constexpr int kFewTokens = 8;    // tokens per pass of the register path
 // Tokens the register path takes (cpp_impl.REGISTER_TOKENS[8]): each pass after a strip's
 // first reads it from the core's cache, and its conversions cost less than widening the
-// strip to bf16 for the tile or vdpbf16ps loop. Over a 1.1B step's weights on a 2-core AMD
-// EPYC, wint8 over bf16, this path against the widened one: 0.86-0.94 against 1.26-1.29 at
-// 16 tokens, 1.03 against 1.10-1.13 at 32, 1.05-1.09 against 1.08-1.16 at 48, even at 64,
-// behind from 96 (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
+// strip to bf16 for the tile or vdpbf16ps loop while the weights stream from memory. Over a
+// 1.1B step's weights on a 2-core AMD EPYC, wint8 over bf16, this path against the widened
+// one: 0.86-0.94 against 1.26-1.29 at 16 tokens, 1.03 against 1.10-1.13 at 32, 1.05-1.09
+// against 1.08-1.16 at 48, behind from 96; over SmolLM2's (small enough to stay in cache
+// longer) 0.73-0.77 against 1.18-1.22 at 9, 0.86-0.96 against 1.14 at 16, 0.99-1.16 against
+// 1.07-1.09 at 32, 1.17 against 1.06 at 48 (tests/bench/bench_decode_gemms_cpu.py,
+// alternated builds)
 #ifndef Q_WO_REGISTER_TOKENS
-#define Q_WO_REGISTER_TOKENS 48
+#define Q_WO_REGISTER_TOKENS 32
 #endif
 constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
 

@@ -17,11 +17,11 @@
 // their zeros; w = (q - 8) * s + z (torch's int4pack convention, z = -zero_point * s).
 // Without zeros (`zero` false) [N / 16][K / group][1][16]: the scales alone.
 //
-// From 33 tokens on, each strip is widened to bf16 weights in the core's cache with the
+// From 17 tokens on, each strip is widened to bf16 weights in the core's cache with the
 // roundings of the dequantizing path it replaces (bf16((q - 8) * s), then + z rounded
 // again: dequant.cpp's numbers), and multiplied by tdpbf16ps, 32 tokens per pass (on CPUs
 // without tiles, vdpbf16ps 8 tokens per pass: amx_tiles.h's bf16_gemm).
-// Up to kRegisterTokens (32), no tiles and no dequantization: the nibbles meet the
+// Up to kRegisterTokens (16), no tiles and no dequantization: the nibbles meet the
 // activations as 16-bit fixed-point integers (amx_tiles.h's to_fixed_point), split in
 // bytes, in vpdpbusd, 8 tokens per pass over each strip, summed exactly per group, and the
 // group adds s * sum((q - 8) x) + z * sum(x) to the result (the roundings differ from the
@@ -109,10 +109,11 @@ constexpr int kFewTokens = 8;  // tokens per pass of the register path
 // Tokens the register path takes (cpp_impl.REGISTER_TOKENS[4]), as amx_gemm.cpp's: over a
 // 1.1B step's weights on a 2-core AMD EPYC, wint4 g64 over bf16, this path against the
 // widened one: 0.71-0.74 against 1.15-1.26 at 9 tokens, 0.96-0.97 against 1.12-1.23 at 16,
-// even at 32 (1.09-1.12 against 1.08-1.13), behind from 48
-// (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
+// even at 32 (1.09-1.12 against 1.08-1.13), behind from 48; over SmolLM2's 0.80-0.94
+// against 1.07-1.09 at 9, 1.01-1.16 against 1.02-1.05 at 16, 1.15-1.40 against 1.01-1.02
+// at 32 (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
 #ifndef Q_WO_REGISTER_TOKENS
-#define Q_WO_REGISTER_TOKENS 32
+#define Q_WO_REGISTER_TOKENS 16
 #endif
 constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
 

@@ -22,7 +22,7 @@ TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
 # per bits, the most tokens the strip kernels multiply on their register path (exact integer
 # sums over 16-bit fixed-point activations, a token's bits independent of the batch) before
 # widening strips to bf16: kRegisterTokens of amx_gemm.cpp (8) and amx_int4.cpp (4)
-REGISTER_TOKENS = {8: 48, 4: 32}
+REGISTER_TOKENS = {8: 32, 4: 16}
 
 
 @functools.cache

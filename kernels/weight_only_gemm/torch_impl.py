@@ -68,8 +68,8 @@ INT8PACK_K_MULTIPLE = 16
 KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
 # tokens per call from which int8_activations applies, per bits; fewer take the exact
 # register path, which over a 1.1B step's weights on the AMD EPYC ran 9 tokens of wint8 in
-# 54 ms against the int8 path's 66 (even at 16) and 9 of wint4 g64 as fast as the int8 path
-# (ahead of it from 16) (tests/bench/bench_decode_gemms_cpu.py, one run)
+# 54 ms against the int8 path's 66 (even at 16), and 9 of wint4 g64 in about the int8
+# path's time, which was ahead from 16 (tests/bench/bench_decode_gemms_cpu.py, one run)
 INT8_ACTIVATIONS_FROM = {8: 17, 4: 9}
 
 
