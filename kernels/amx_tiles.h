@@ -83,6 +83,17 @@ void for_strips(int64_t N, int64_t K, int threads, F f) {
   for (int64_t s = 0; s < strips; ++s) f(s);
 }
 
+// f(s, m0, r) for each strip s of an [N, K] weight (for_strips) and, within it, each pass of
+// up to Max tokens m0..m0 + r - 1 of M (r an integral constant): the weight-only kernels'
+// register paths, whose later passes over a strip read it from the core's cache
+template <int Max, class F>
+void for_strip_passes(int64_t N, int64_t K, int64_t M, int threads, F f) {
+  for_strips(N, K, threads, [&](int64_t s) {
+    for (int64_t m0 = 0; m0 < M; m0 += Max)
+      for_count<Max>(std::min<int64_t>(Max, M - m0), [&](auto r) { f(s, m0, r); });
+  });
+}
+
 // The weight-only kernels' register paths (up to 32 / 16 tokens, 8 per pass) take the activations
 // as 16-bit integers, so that the codes, widened to int16 only, meet them in vpdpwssd (32 products
 // per instruction, summed exactly in int32) instead of being converted to fp32 for FMAs, which

@@ -116,18 +116,13 @@ void few_tokens_strip(const q_amx::FixedPoint& a, int64_t m0, const int8_t* src,
   }
 }
 
-// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn, so that
-// the strip comes from memory once and from the core's cache for the other passes
+// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn
 void register_path(const uint16_t* xb, const int8_t* codes, const float* scale, uint16_t* out,
                    int64_t M, int64_t N, int64_t K, int threads) {
   const q_amx::FixedPoint a = q_amx::to_fixed_point(xb, M, K, kBlock);  // once per call
-  q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    for (int64_t m0 = 0; m0 < M; m0 += kFewTokens) {
-      q_amx::for_count<kFewTokens>(std::min<int64_t>(kFewTokens, M - m0), [&](auto r) {
-        few_tokens_strip<decltype(r)::value>(a, m0, codes + s * K * 16, scale + s * 16,
-                                             out + m0 * N + s * 16, N, K);
-      });
-    }
+  q_amx::for_strip_passes<kFewTokens>(N, K, M, threads, [&](int64_t s, int64_t m0, auto r) {
+    few_tokens_strip<decltype(r)::value>(a, m0, codes + s * K * 16, scale + s * 16,
+                                         out + m0 * N + s * 16, N, K);
   });
 }
 

@@ -189,8 +189,7 @@ void few_tokens_strip(const q_amx::FixedPoint& a, const ByteSplit& x, const floa
                         (__m256i)_mm512_cvtneps_pbh(total[m]));
 }
 
-// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn, so that
-// the strip comes from memory once and from the core's cache for the other passes
+// Up to kRegisterTokens tokens: passes of up to kFewTokens over each strip in turn
 void register_path(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, uint16_t* out,
                    int64_t M, int64_t N, int64_t K, int64_t group, bool zero, int threads) {
   const int64_t groups = K / group;
@@ -203,14 +202,10 @@ void register_path(const uint16_t* x, const uint8_t* codes, const uint16_t* sz, 
   }
   const q_amx::FixedPoint a = q_amx::to_fixed_point(x, M, K, group);  // once per call
   const ByteSplit bytes = split_bytes(a);
-  q_amx::for_strips(N, K, threads, [&](int64_t s) {
-    for (int64_t m0 = 0; m0 < M; m0 += kFewTokens) {
-      q_amx::for_count<kFewTokens>(std::min<int64_t>(kFewTokens, M - m0), [&](auto r) {
-        few_tokens_strip<decltype(r)::value>(a, bytes, xsum.data(), m0, codes + s * K * 8,
-                                             sz + s * groups * sz_stride(zero),
-                                             out + m0 * N + s * 16, N, K, group, zero);
-      });
-    }
+  q_amx::for_strip_passes<kFewTokens>(N, K, M, threads, [&](int64_t s, int64_t m0, auto r) {
+    few_tokens_strip<decltype(r)::value>(a, bytes, xsum.data(), m0, codes + s * K * 8,
+                                         sz + s * groups * sz_stride(zero),
+                                         out + m0 * N + s * 16, N, K, group, zero);
   });
 }
 
