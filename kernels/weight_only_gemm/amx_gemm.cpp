@@ -73,10 +73,7 @@ constexpr int kFewTokens = 8;    // tokens per pass of the register path
 // longer) 0.73-0.77 against 1.18-1.22 at 9, 0.86-0.96 against 1.14 at 16, 0.99-1.16 against
 // 1.07-1.09 at 32, 1.17 against 1.06 at 48 (tests/bench/bench_decode_gemms_cpu.py,
 // alternated builds)
-#ifndef Q_WO_REGISTER_TOKENS
-#define Q_WO_REGISTER_TOKENS 32
-#endif
-constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
+constexpr int64_t kRegisterTokens = 32;
 
 template <int M>
 void few_tokens_strip(const q_amx::FixedPoint& a, int64_t m0, const int8_t* src,

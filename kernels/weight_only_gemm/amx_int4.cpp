@@ -112,10 +112,7 @@ constexpr int kFewTokens = 8;  // tokens per pass of the register path
 // even at 32 (1.09-1.12 against 1.08-1.13), behind from 48; over SmolLM2's 0.80-0.94
 // against 1.07-1.09 at 9, 1.01-1.16 against 1.02-1.05 at 16, 1.15-1.40 against 1.01-1.02
 // at 32 (tests/bench/bench_decode_gemms_cpu.py, alternated builds)
-#ifndef Q_WO_REGISTER_TOKENS
-#define Q_WO_REGISTER_TOKENS 16
-#endif
-constexpr int64_t kRegisterTokens = Q_WO_REGISTER_TOKENS;
+constexpr int64_t kRegisterTokens = 16;
 
 // X split in bytes: hi = X >> 8 (-128..127), lo = X & 255
 struct ByteSplit {

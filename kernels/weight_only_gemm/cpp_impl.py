@@ -184,27 +184,22 @@ def to_amx_int4_scales(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.
     return parts.reshape(len(parts), n // 16, 16, groups).permute(1, 3, 0, 2).contiguous()
 
 
-def _scale_parts(amx_scales: torch.Tensor) -> int:
-    """2 where :func:`to_amx_int4_scales` kept zeros beside the scales, else 1."""
-    return amx_scales.shape[2] if amx_scales.dim() == 4 else 0
-
-
 def _int4_arguments(x, amx_codes, amx_scales, group, out) -> tuple | None:
     """``q_wo_int4_amx``'s arguments, each tensor checked, or None where the kernel cannot
     run them (what :func:`int4_weight_amx` and :func:`bind_int4_weight_amx` share)."""
     lib = _amx_int4()[0]
     m, k = x.shape
     n = amx_codes.shape[0] * 16
+    parts = amx_scales.shape[2] if amx_scales.dim() == 4 else 0  # 2: zeros after the scales
     if (lib is None or m == 0 or group <= 0 or not cpp_build.plain(x, torch.bfloat16)
             or not cpp_build.plain(amx_codes, torch.uint8, (n // 16, k // 8, 64))
-            or _scale_parts(amx_scales) not in (1, 2)
-            or not cpp_build.plain(amx_scales, torch.bfloat16,
-                                   (n // 16, k // group, _scale_parts(amx_scales), 16))
+            or parts not in (1, 2)
+            or not cpp_build.plain(amx_scales, torch.bfloat16, (n // 16, k // group, parts, 16))
             or not cpp_build.plain(out, torch.bfloat16, (m, n))
             or amx_int4_unavailable(n, k, group)):
         return None
     return (x.data_ptr(), amx_codes.data_ptr(), amx_scales.data_ptr(), out.data_ptr(), m, n, k,
-            group, int(_scale_parts(amx_scales) == 2), torch.get_num_threads())
+            group, int(parts == 2), torch.get_num_threads())
 
 
 def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,

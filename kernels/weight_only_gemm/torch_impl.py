@@ -67,10 +67,11 @@ INT4_GROUPS = (32, 64, 128, 256)
 INT8PACK_K_MULTIPLE = 16
 KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
 # tokens per call from which int8_activations applies, per bits; fewer take the exact
-# register path, which over a 1.1B step's weights on the AMD EPYC ran 9 tokens of wint8 in
-# 54 ms against the int8 path's 66 (even at 16), and 9 of wint4 g64 in about the int8
-# path's time, which was ahead from 16 (tests/bench/bench_decode_gemms_cpu.py, one run)
-INT8_ACTIVATIONS_FROM = {8: 17, 4: 9}
+# register path. Over a 1.1B step's weights on the AMD EPYC (two runs of
+# tests/bench/bench_decode_gemms_cpu.py --tokens 9,12,16) the int8 path ran wint8 no faster
+# at 9-16 tokens (0.95-1.10x the exact path) and wint4 g64 0.95-0.98x at 9, 1.14-1.17x at
+# 12, 1.25-1.30x at 16; from 17 wint8 leaves the register path for widened bf16 strips
+INT8_ACTIVATIONS_FROM = {8: 17, 4: 12}
 
 
 def _int4_group(k: int, group_size: int) -> int | None:
@@ -200,14 +201,19 @@ class WeightOnlyTorch:
             # AMX tiles: one kernel for every M, the weight kept in its layout only
             self.kernels = ("amx",)
             self.amx_codes = to_amx_int4_layout(codes)
-            self.has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
-            self.amx_scales = to_amx_int4_scales(s, z if self.has_zero else None)
+            has_zero = zero is not None and bool(z.to(dtype).ne(0).any())
+            self.amx_scales = to_amx_int4_scales(s, z if has_zero else None)
             self.packed = self.scales_and_zeros = None
             return
         self.packed = _pack_int4(codes.to(torch.int32) + 8)
         self.scales_and_zeros = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()
         block = int4pack_block_n()
         self.kernels = KERNELS[4] if block and n % block == 0 else ("int4pack",)
+
+    @property
+    def has_zero(self) -> bool:
+        """int4 in the AMX layout: whether its scales carry nonzero zeros beside them."""
+        return self.amx_scales.shape[2] == 2
 
     def plain_codes(self) -> torch.Tensor:
         """int8 codes ``[N, K]`` (a copy where the weight is kept in the AMX layout)."""
