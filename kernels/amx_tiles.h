@@ -303,14 +303,31 @@ inline int request_permission() { return 0; }
 constexpr int kVecTokens = Q_VEC_TOKENS;
 constexpr int kVecStrips = Q_VEC_STRIPS;
 // Tokens per chunk: as many rows of activations as fill kVecChunkBytes, in multiples of
-// kVecTokens, at least kChunk (128). Every chunk streams the whole weight from memory
-// again: a 2048-token prefill step with K = 576 (SmolLM2) read it 16 times in chunks of
-// 128 tokens, 5 times in chunks of this size. Half of a 1 MB L2 (AMD Zen 4), the other
-// half for the strips and the output rows (a sizing by arithmetic: not timed against
-// 128-token chunks).
-constexpr int64_t kVecChunkBytes = 1 << 19;
-inline int64_t vector_chunk(int64_t x_row) {
-  const int64_t rows = kVecChunkBytes / x_row / kVecTokens * kVecTokens;
+// kVecTokens, at least kChunk (128). Every chunk streams the whole weight again: a
+// 2048-token prefill step with K = 576 (SmolLM2) read it 16 times in chunks of 128 tokens,
+// 5 times in chunks of this size. Half of a 1 MB L2 (AMD Zen 4), the other half for the
+// strips and the output rows. A weight above kVecLargeWeight does not stay in the L3
+// between chunks, so each chunk's first pass over a strip waits on DRAM; its chunks are
+// kVecLargeChunkBytes, the activations then read from L3 (two cores need 2 bytes of them per
+// cycle at the vdpbf16ps rate). On a 2-core AMD EPYC (32 MB L3), 2 MB chunks made a 1.1B
+// model's bf16 GEMMs at 2048 tokens 4.5% faster but SmolLM2's, whose weights fit in L3,
+// 1.4-3.8% slower (tests/bench/ab_vector_passes.py, docs/benchmarks.md).
+#ifndef Q_VEC_CHUNK_BYTES
+#define Q_VEC_CHUNK_BYTES (1 << 19)
+#endif
+#ifndef Q_VEC_LARGE_WEIGHT
+#define Q_VEC_LARGE_WEIGHT (16 << 20)
+#endif
+#ifndef Q_VEC_LARGE_CHUNK_BYTES
+#define Q_VEC_LARGE_CHUNK_BYTES (2 << 20)
+#endif
+constexpr int64_t kVecChunkBytes = Q_VEC_CHUNK_BYTES;
+constexpr int64_t kVecLargeWeight = Q_VEC_LARGE_WEIGHT;
+constexpr int64_t kVecLargeChunkBytes = Q_VEC_LARGE_CHUNK_BYTES;
+// x_row: bytes of one token's activations; weight_bytes: of the strips one chunk streams
+inline int64_t vector_chunk(int64_t x_row, int64_t weight_bytes) {
+  const int64_t bytes = weight_bytes > kVecLargeWeight ? kVecLargeChunkBytes : kVecChunkBytes;
+  const int64_t rows = bytes / x_row / kVecTokens * kVecTokens;
   return rows < kChunk ? kChunk : rows;
 }
 
@@ -365,7 +382,7 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
     alignas(64) float sums[kVecTokens][kVecStrips][16];
     const char* b[kVecStrips];
-    const int64_t chunk = vector_chunk(x_row);
+    const int64_t chunk = vector_chunk(x_row, strips * steps * 64);
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
 #pragma omp for schedule(static)

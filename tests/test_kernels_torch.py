@@ -527,6 +527,22 @@ def test_bf16_amx_matches_the_reference_for_any_number_of_tokens():
     assert cpp_impl.bf16_amx(torch.ones(1, 32, dtype=torch.bfloat16), amx, None) is None
 
 
+def test_bf16_amx_over_a_weight_that_takes_large_token_chunks():
+    """A weight above amx_tiles.h's kVecLargeWeight (16 MB) is multiplied in chunks of 2 MB
+    of activations (504 tokens at K = 2080): 520 tokens span two chunks, every row exact."""
+    from q.kernels.dense_gemm import cpp_impl
+
+    n, k, m = 4096, 2080, 520  # 17 MB of bf16 weight
+    reason = cpp_impl.amx_unavailable(n, k)
+    if reason is not None:
+        pytest.skip(reason)
+    g = gen("amx-bf16-large", n, k)
+    xi = torch.randint(-3, 4, (m, k), generator=g).bfloat16()
+    wi = torch.randint(-3, 4, (n, k), generator=g).bfloat16()
+    got = cpp_impl.bf16_amx(xi, cpp_impl.to_amx_bf16_layout(wi), None)
+    assert torch.equal(got, (xi.float() @ wi.float().T).bfloat16())
+
+
 def test_the_amx_wrappers_refuse_what_their_kernels_refuse():
     """A layout that is well formed but off the kernel's shape rule (K not a multiple of 32
     or 64) comes back as None, never as an uninitialized output."""

@@ -339,7 +339,7 @@ extern "C" int q_wo_int4_int8(const uint16_t* x, const uint8_t* codes, const uin
     std::vector<uint8_t> buffer(K * 16 + 64);
     uint8_t* strip = reinterpret_cast<uint8_t*>(
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-    const int64_t chunk = q_amx::vector_chunk(K);
+    const int64_t chunk = q_amx::vector_chunk(K, strips * K * 8);  // int4: K / 2 bytes a channel
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = std::min(M, c0 + chunk);
 #pragma omp for schedule(static)

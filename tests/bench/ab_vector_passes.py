@@ -1,9 +1,11 @@
 """A/B of the pass shape of the strip kernels' AVX-512 path (``amx_tiles.h``'s vector_loop,
 CPUs without AMX tiles): tokens x strips per pass, each variant a build of the same sources
-with ``-DQ_VEC_TOKENS=R -DQ_VEC_STRIPS=S``, all timed interleaved in one process.
+with ``-DQ_VEC_TOKENS=R -DQ_VEC_STRIPS=S`` (and any other of its macros after a ``+``:
+``8x2+Q_VEC_LARGE_CHUNK_BYTES=524288`` is 8 x 2 with the token chunks of small weights for
+large ones too), all timed interleaved in one process.
 
     python tests/bench/ab_vector_passes.py [--variants 8x1,8x2,6x4] [--tokens 8,32,256,2048]
-        [--model smollm2]
+        [--model smollm2|tinyllama]
 
 Weights of a whole model (bench_decode_gemms_cpu.py's shapes), each its own tensor, called
 in model order so they stream from memory; ms per step, median of --repeat passes. bf16
@@ -33,11 +35,13 @@ P, L, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def build(variant: str, out: Path) -> dict:
-    r, s = variant.split("x")
+    shape, *overrides = variant.split("+")  # 8x2+Q_VEC_LARGE_WEIGHT=1: other macros too
+    r, s = shape.split("x")
+    defines = [f"-DQ_VEC_TOKENS={r}", f"-DQ_VEC_STRIPS={s}", *(f"-D{o}" for o in overrides)]
     libs = {}
     for name, src in (("bf16", "dense_gemm/amx_bf16.cpp"), ("int8", "scaled_gemm/amx_int8.cpp")):
         so = out / f"{name}-{variant}.so"
-        subprocess.run(["g++", *cpp_build.FLAGS, f"-DQ_VEC_TOKENS={r}", f"-DQ_VEC_STRIPS={s}",
+        subprocess.run(["g++", *cpp_build.FLAGS, *defines,
                         str(KERNELS / src), "-o", str(so)], check=True)
         libs[name] = ctypes.CDLL(str(so))
     libs["bf16"].q_bf16_amx.argtypes = [P, P, P, P, L, L, L, I]
