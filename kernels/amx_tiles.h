@@ -337,14 +337,35 @@ void for_pass(int64_t n, int64_t ns, F f) {
   for_count<kVecTokens>(n, [&](auto r) { for_count<kVecStrips>(ns, [&](auto s) { f(r, s); }); });
 }
 
+// While a group of strips is multiplied from the cache, the next group's bytes are fetched
+// into L2, spread over the passes after the first: otherwise every group's first pass waits
+// on memory while the later ones leave the memory bus idle (a 1.1B model's bf16 GEMMs at 32
+// tokens ran at about 70% of the vdpbf16ps rate). Only for chunks of up to
+// kVecPrefetchPasses passes (decode batches). On a 2-core AMD EPYC
+// (tests/bench/ab_vector_passes.py, variants with Q_VEC_PREFETCH_PASSES=0 for none), over a
+// 1.1B model's and SmolLM2's weights: 16 tokens 20-21% faster (bf16) and 24% (int8), 32
+// tokens 4-6% and 5-8%; at 64 bf16 was 2-4% slower (int8 1-4% faster), so from 64 tokens
+// on, and over a prompt's long chunks, the first pass's wait is left as it is.
+#ifndef Q_VEC_PREFETCH_PASSES
+#define Q_VEC_PREFETCH_PASSES 4
+#endif
+constexpr int64_t kVecPrefetchPasses = Q_VEC_PREFETCH_PASSES;
+
+// What a pass prefetches of the next group: at its row steps r < count, line r of next[j]
+struct NextLines {
+  const char* next[kVecStrips];
+  int64_t count;
+};
+
 // sums[m][j] = token m's 16 sums against strip j, for R tokens and S strips: each 64-byte
 // row r of each strip meets each token's 4 bytes at x + m * x_row + 4 r (a bf16 pair, or 4
 // int8 codes), broadcast, in dot(acc, x4, row) (vdpbf16ps or vpdpbusd on the bits), for
 // `steps` rows. The accumulators hold fp32 or int32 bits alike; so does `sums`. The strips
-// are prefetched 4 KB ahead (they stream from memory on a chunk's first pass).
-template <int R, int S, class Dot>
+// are prefetched 4 KB ahead (they stream from memory on a chunk's first pass), and with
+// Prefetch the next group as `pf` says.
+template <int R, int S, bool Prefetch, class Dot>
 inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t steps,
-                     float (*sums)[kVecStrips][16], Dot dot) {
+                     float (*sums)[kVecStrips][16], const NextLines& pf, Dot dot) {
   __m512i acc[R][S];
   for (int m = 0; m < R; ++m)
     for (int j = 0; j < S; ++j) acc[m][j] = _mm512_setzero_si512();
@@ -352,6 +373,8 @@ inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t
     __m512i w[S];
     for (int j = 0; j < S; ++j) {
       _mm_prefetch(b[j] + r * 64 + 4096, _MM_HINT_T0);
+      if constexpr (Prefetch)
+        if (r < pf.count) _mm_prefetch(pf.next[j] + r * 64, _MM_HINT_T1);
       w[j] = _mm512_loadu_si512(b[j] + r * 64);
     }
     for (int m = 0; m < R; ++m) {
@@ -365,6 +388,13 @@ inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t
     for (int j = 0; j < S; ++j) _mm512_store_si512(sums[m][j], acc[m][j]);
 }
 
+// The bytes strip s is made from, for prefetching: source + s * strip_bytes (the strip
+// itself for bf16 weights, the codes a strip is widened or regrouped from otherwise)
+struct StripSource {
+  const char* source;
+  int64_t strip_bytes;
+};
+
 // tile_loop's job without tiles, on `threads` threads: chunk by chunk of tokens, up to
 // kVecStrips strips (strip_of, as for tile_loop; each with a buffer of its own) pass over
 // the chunk kVecTokens tokens at a time (dot_rows). x: M rows of x_row bytes, 4 of them per
@@ -372,9 +402,11 @@ inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t
 // store(sums, m, s) as for tile_loop.
 template <class StripOf, class Dot, class Store>
 void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
-                 int64_t buffer_bytes, int threads, StripOf strip_of, Dot dot, Store store) {
+                 int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of, Dot dot,
+                 Store store) {
   const int64_t groups = (strips + kVecStrips - 1) / kVecStrips;
   const int nt = groups > 1 ? threads : 1;
+  const int64_t lines = src.strip_bytes / 64;
 #pragma omp parallel num_threads(nt)
   {
     std::vector<char> buffer(kVecStrips * buffer_bytes + 64);
@@ -385,16 +417,34 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
     const int64_t chunk = vector_chunk(x_row, strips * steps * 64);
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
+      const int64_t passes = (c1 - c0 + kVecTokens - 1) / kVecTokens;
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t s0 = g * kVecStrips;
         const int64_t ns = strips - s0 < kVecStrips ? strips - s0 : kVecStrips;
         for (int64_t j = 0; j < ns; ++j) b[j] = strip_of(s0 + j, own + j * buffer_bytes);
-        for (int64_t m0 = c0; m0 < c1; m0 += kVecTokens) {
+        // the next group's strips (the last one's again where it has fewer), their lines
+        // split over passes 1.. in equal runs
+        NextLines pf{};
+        const bool prefetch = g + 1 < groups && passes > 1 && passes <= kVecPrefetchPasses;
+        const int64_t next0 = s0 + kVecStrips;
+        const int64_t run = prefetch ? (lines + passes - 2) / (passes - 1) : 0;
+        for (int j = 0; prefetch && j < kVecStrips; ++j)
+          pf.next[j] = src.source + (next0 + j < strips ? next0 + j : strips - 1) * src.strip_bytes;
+        for (int64_t m0 = c0, p = 0; m0 < c1; m0 += kVecTokens, ++p) {
           const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
+          if (prefetch && p > 0) {
+            const int64_t first = (p - 1) * run;
+            pf.count = first >= lines ? 0 : (lines - first < run ? lines - first : run);
+            for (int j = 0; j < kVecStrips; ++j) pf.next[j] += p > 1 ? run * 64 : 0;
+          }
           for_pass(n, ns, [&](auto r, auto s) {
-            dot_rows<decltype(r)::value, decltype(s)::value>(x + m0 * x_row, x_row, b, steps,
-                                                             sums, dot);
+            if (prefetch && p > 0)
+              dot_rows<decltype(r)::value, decltype(s)::value, true>(x + m0 * x_row, x_row, b,
+                                                                     steps, sums, pf, dot);
+            else
+              dot_rows<decltype(r)::value, decltype(s)::value, false>(x + m0 * x_row, x_row, b,
+                                                                      steps, sums, pf, dot);
           });
           for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < ns; ++j)
@@ -410,13 +460,13 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
 // tiles where the CPU has them, else on registers; store(sums, m, s) as for tile_loop
 template <class StripOf, class Store>
 void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t buffer_bytes,
-               int threads, StripOf strip_of, Store store) {
+               int threads, StripSource src, StripOf strip_of, Store store) {
 #if defined(__AMX_TILE__)
   tile_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 32, buffer_bytes, threads,
             strip_of, Q_AMX_DOTS(_tile_dpbf16ps), store);
 #else
   vector_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
-              threads, strip_of,
+              threads, src, strip_of,
               [](__m512i acc, __m512i x2, __m512i row) {
                 return _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc),
                                                             (__m512bh)x2, (__m512bh)row));

@@ -387,7 +387,7 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
   }
   const int64_t groups = K / group;
   q_amx::bf16_gemm(
-      x, M, K, N / 16, K * 32, threads,
+      x, M, K, N / 16, K * 32, threads, {reinterpret_cast<const char*>(codes), K * 8},
       [&](int64_t s, char* buffer) {
         widen_strip(codes + s * K * 8, sz + s * groups * sz_stride(zero),
                     reinterpret_cast<uint16_t*>(buffer), K, group, zero != 0);
