@@ -324,7 +324,8 @@ constexpr int kVecStrips = Q_VEC_STRIPS;
 constexpr int64_t kVecChunkBytes = Q_VEC_CHUNK_BYTES;
 constexpr int64_t kVecLargeWeight = Q_VEC_LARGE_WEIGHT;
 constexpr int64_t kVecLargeChunkBytes = Q_VEC_LARGE_CHUNK_BYTES;
-// x_row: bytes of one token's activations; weight_bytes: of the strips one chunk streams
+// x_row: bytes of one token's activations; weight_bytes: what one chunk streams from memory
+// (the codes where strips are widened from them)
 inline int64_t vector_chunk(int64_t x_row, int64_t weight_bytes) {
   const int64_t bytes = weight_bytes > kVecLargeWeight ? kVecLargeChunkBytes : kVecChunkBytes;
   const int64_t rows = bytes / x_row / kVecTokens * kVecTokens;
@@ -400,10 +401,10 @@ struct StripSource {
 // the chunk kVecTokens tokens at a time (dot_rows). x: M rows of x_row bytes, 4 of them per
 // row step of the strips (`steps` of 64 bytes); dot(acc, x4, row) the kernel's instruction;
 // store(sums, m, s) as for tile_loop.
-template <class StripOf, class Dot, class Store>
-void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
-                 int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of, Dot dot,
-                 Store store) {
+template <bool Next, class StripOf, class Dot, class Store>
+void vector_passes(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
+                   int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of,
+                   Dot dot, Store store) {
   const int64_t groups = (strips + kVecStrips - 1) / kVecStrips;
   const int nt = groups > 1 ? threads : 1;
   const int64_t lines = src.strip_bytes / 64;
@@ -414,7 +415,7 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
     alignas(64) float sums[kVecTokens][kVecStrips][16];
     const char* b[kVecStrips];
-    const int64_t chunk = vector_chunk(x_row, strips * steps * 64);
+    const int64_t chunk = vector_chunk(x_row, strips * src.strip_bytes);  // bytes streamed
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
       const int64_t passes = (c1 - c0 + kVecTokens - 1) / kVecTokens;
@@ -426,7 +427,8 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
         // the next group's strips (the last one's again where it has fewer), their lines
         // split over passes 1.. in equal runs
         NextLines pf{};
-        const bool prefetch = g + 1 < groups && passes > 1 && passes <= kVecPrefetchPasses;
+        const bool prefetch =
+            Next && g + 1 < groups && passes > 1 && passes <= kVecPrefetchPasses;
         const int64_t next0 = s0 + kVecStrips;
         const int64_t run = prefetch ? (lines + passes - 2) / (passes - 1) : 0;
         for (int j = 0; prefetch && j < kVecStrips; ++j)
@@ -438,14 +440,17 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
             pf.count = first >= lines ? 0 : (lines - first < run ? lines - first : run);
             for (int j = 0; j < kVecStrips; ++j) pf.next[j] += p > 1 ? run * 64 : 0;
           }
-          for_pass(n, ns, [&](auto r, auto s) {
-            if (prefetch && p > 0)
-              dot_rows<decltype(r)::value, decltype(s)::value, true>(x + m0 * x_row, x_row, b,
-                                                                     steps, sums, pf, dot);
-            else
-              dot_rows<decltype(r)::value, decltype(s)::value, false>(x + m0 * x_row, x_row, b,
-                                                                      steps, sums, pf, dot);
-          });
+          const char* xm = x + m0 * x_row;
+          if (prefetch && p > 0)
+            for_pass(n, ns, [&](auto r, auto s) {
+              dot_rows<decltype(r)::value, decltype(s)::value, Next>(xm, x_row, b, steps, sums,
+                                                                     pf, dot);
+            });
+          else
+            for_pass(n, ns, [&](auto r, auto s) {
+              dot_rows<decltype(r)::value, decltype(s)::value, false>(xm, x_row, b, steps, sums,
+                                                                      pf, dot);
+            });
           for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < ns; ++j)
               store(reinterpret_cast<const char*>(sums[i][j]), m0 + i, s0 + j);
@@ -455,18 +460,35 @@ void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_
   }
 }
 
+// vector_passes for a call: decode batches of up to kVecPrefetchPasses passes (one chunk) in
+// the instantiation that prefetches, everything else (prompts) in one without that code, so
+// that a prompt runs the loop it ran before the prefetch existed (with it compiled into the
+// same function, a 256-token wint4 prompt ran 15% slower on a 2-core AMD EPYC though it
+// never prefetched; twelfth session). Next = false: never prefetch.
+template <bool Next = true, class StripOf, class Dot, class Store>
+void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
+                 int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of, Dot dot,
+                 Store store) {
+  if (Next && M > kVecTokens && M <= kVecTokens * kVecPrefetchPasses)
+    vector_passes<true>(x, x_row, M, strips, steps, buffer_bytes, threads, src, strip_of, dot,
+                        store);
+  else
+    vector_passes<false>(x, x_row, M, strips, steps, buffer_bytes, threads, src, strip_of, dot,
+                         store);
+}
+
 #if defined(__AVX512BF16__)
 // The bf16 kernels' GEMM for 5+ tokens: x [M, K] bf16 against bf16 strips (strip_of), on
 // tiles where the CPU has them, else on registers; store(sums, m, s) as for tile_loop
-template <class StripOf, class Store>
+template <bool Next = true, class StripOf, class Store>
 void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t buffer_bytes,
                int threads, StripSource src, StripOf strip_of, Store store) {
 #if defined(__AMX_TILE__)
   tile_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 32, buffer_bytes, threads,
             strip_of, Q_AMX_DOTS(_tile_dpbf16ps), store);
 #else
-  vector_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
-              threads, src, strip_of,
+  vector_loop<Next>(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
+                    threads, src, strip_of,
               [](__m512i acc, __m512i x2, __m512i row) {
                 return _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc),
                                                             (__m512bh)x2, (__m512bh)row));
