@@ -341,8 +341,8 @@ void for_pass(int64_t n, int64_t ns, F f) {
 // While a group of strips is multiplied from the cache, the next group's bytes are fetched
 // into L2, spread over the passes after the first: otherwise every group's first pass waits
 // on memory while the later ones leave the memory bus idle (a 1.1B model's bf16 GEMMs at 32
-// tokens ran at about 70% of the vdpbf16ps rate). Only for chunks of up to
-// kVecPrefetchPasses passes (decode batches). On a 2-core AMD EPYC
+// tokens ran at 59-70% of the vdpbf16ps rate, profile_engine_cpu.py --requests 32 --parts).
+// Only for chunks of up to kVecPrefetchPasses passes (decode batches). On a 2-core AMD EPYC
 // (tests/bench/ab_vector_passes.py, variants with Q_VEC_PREFETCH_PASSES=0 for none), over a
 // 1.1B model's and SmolLM2's weights: 16 tokens 20-21% faster (bf16) and 24% (int8), 32
 // tokens 4-6% and 5-8%; at 64 bf16 was 2-4% slower (int8 1-4% faster), so from 64 tokens
@@ -432,7 +432,8 @@ void vector_passes(const char* x, int64_t x_row, int64_t M, int64_t strips, int6
         const int64_t next0 = s0 + kVecStrips;
         const int64_t run = prefetch ? (lines + passes - 2) / (passes - 1) : 0;
         for (int j = 0; prefetch && j < kVecStrips; ++j)
-          pf.next[j] = src.source + (next0 + j < strips ? next0 + j : strips - 1) * src.strip_bytes;
+          pf.next[j] =
+              src.source + (next0 + j < strips ? next0 + j : strips - 1) * src.strip_bytes;
         for (int64_t m0 = c0, p = 0; m0 < c1; m0 += kVecTokens, ++p) {
           const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
           if (prefetch && p > 0) {

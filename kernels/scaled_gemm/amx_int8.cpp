@@ -73,8 +73,8 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
 #if defined(__AMX_TILE__)
 template <class StripOf>
 void gemm(const int8_t* x, const float* xs, const int8_t*, StripOf strip_of,
-          int64_t buffer_bytes, const float* ws, const int32_t*, char* out, int dtype, int64_t M, int64_t N,
-          int64_t K, int threads) {
+          int64_t buffer_bytes, const float* ws, const int32_t*, char* out, int dtype,
+          int64_t M, int64_t N, int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, buffer_bytes, threads, strip_of,
@@ -87,8 +87,8 @@ void gemm(const int8_t* x, const float* xs, const int8_t*, StripOf strip_of,
 #else
 template <class StripOf>
 void gemm(const int8_t* x, const float* xs, const int8_t* source, StripOf strip_of,
-          int64_t buffer_bytes, const float* ws, const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N,
-          int64_t K, int threads) {
+          int64_t buffer_bytes, const float* ws, const int32_t* rowsum, char* out, int dtype,
+          int64_t M, int64_t N, int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   std::vector<uint8_t> xu(M * K);  // x + 128, once per call
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
