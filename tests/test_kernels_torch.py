@@ -15,13 +15,12 @@ import zlib
 
 import pytest
 import torch
-
-from q.kernels.block_gemm.reference import fp8_block_gemm
 from q.kernels.act_quant.reference import quantize_activation
+from q.kernels.block_gemm.reference import fp8_block_gemm
 from q.kernels.configs import cpu_choice, cpu_class
 from q.kernels.packing.reference import pack_int4_bytes
-from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
+from q.kernels.scaled_gemm.reference import scaled_gemm
 from q.kernels.scaled_gemm.torch_impl import Fp8Dequantized, Int8Scaled
 from q.kernels.weight_only_gemm import torch_impl as wo
 from q.kernels.weight_only_gemm.reference import weight_only_gemm
@@ -100,11 +99,13 @@ def test_int8_weight_amx_matches_the_reference_for_any_number_of_tokens():
     # 1-32 tokens: registers (8 per pass); 33+: tiles (or vdpbf16ps) over the widened strip
     # (32 tokens per pass, a second tile overlapping the first on ragged ends); 129+: more
     # chunks of tokens
-    last = cpp_impl.REGISTER_TOKENS[8]
+    last = cpp_impl.register_tokens(8)
+    tokens = (1, 2, 4, 5, 8, 9, 16, 17, 31, 32, 33, 48, 49, 70, 81, 130, 300)
+    assert last in tokens and last + 1 in tokens  # both sides of the register path's end
     for n, k in [(16, 32), (48, 96), (256, 2048)]:
         codes, scale, _ = int_weight(n, k, 8, k, False)
         amx = cpp_impl.to_amx_layout(codes)
-        for m in (1, 2, 4, 5, 8, 9, 16, 17, 31, 32, 33, 48, 49, 70, 81, 130, 300):
+        for m in tokens:
             x = acts(m, k, n)
             ref = weight_only_gemm(x.float(), codes, scale, k, 8)
             got = cpp_impl.int8_weight_amx(x, amx, scale.float().reshape(n))
@@ -171,6 +172,9 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
     reason = cpp_impl.amx_int4_unavailable(16, 32, 32)
     if reason is not None:
         pytest.skip(reason)
+    last = cpp_impl.register_tokens(4)
+    tokens = (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33, 47, 130)
+    assert last in tokens and last + 1 in tokens  # both sides of the register path's end
     for n, k, group, asym in [(16, 32, 32, True), (48, 256, 64, True), (256, 2048, 128, True),
                               (32, 512, 256, True), (48, 256, 64, False), (32, 512, 32, False)]:
         codes, scale, zero = int_weight(n, k, 4, group, asym)
@@ -178,13 +182,12 @@ def test_int4_weight_amx_matches_the_reference_for_any_number_of_tokens():
         # without zeros the scales alone are kept (and streamed)
         assert impl.kernels == ("amx",) and impl.has_zero == asym
         assert impl.amx_scales.shape == (n // 16, k // group, 2 if asym else 1, 16)
-        for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33, 47, 130):
+        for m in tokens:
             x = acts(m, k, n, group)
             ref = weight_only_gemm(x.float(), pack_int4_bytes(codes), scale, group, 4, zero)
             got = impl.run(x, "amx")
             assert got.dtype == torch.bfloat16 and rel_err(got, ref) < BF16_BOUND, (n, k, m)
             # each token's row is its own: 1-16 tokens on registers, more on widened strips
-            last = cpp_impl.REGISTER_TOKENS[4]
             tail = x[-(1 if m <= last else last + 1):].contiguous()
             assert torch.equal(got[-tail.shape[0]:], impl.run(tail, "amx")), (n, k, m)
     # exact arithmetic (small integer activations, power-of-two scales, integer zeros): both

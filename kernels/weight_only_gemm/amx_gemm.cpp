@@ -64,7 +64,7 @@ inline void widen_strip(const int8_t* src, uint16_t* dst, int64_t K) {
 // docs/benchmarks.md).
 constexpr int64_t kBlock = 128;  // |sum| <= 128 * 128 * 2^15 = 2^29 per lane: fits int32
 constexpr int kFewTokens = 8;    // tokens per pass of the register path
-// Tokens the register path takes (cpp_impl.REGISTER_TOKENS[8]): each pass after a strip's
+// Tokens the register path takes (q_wo_int8_register_tokens): each pass after a strip's
 // first reads it from the core's cache, and its conversions cost less than widening the
 // strip to bf16 for the tile or vdpbf16ps loop while the weights stream from memory. Over a
 // 1.1B step's weights on a 2-core AMD EPYC, wint8 over bf16, this path against the widened
@@ -127,6 +127,9 @@ void register_path(const uint16_t* xb, const int8_t* codes, const float* scale, 
 
 // 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_init() { return q_amx::request_permission(); }
+
+// kRegisterTokens, for cpp_impl.register_tokens (the tests' batch-invariance checks)
+extern "C" int q_wo_int8_register_tokens() { return static_cast<int>(kRegisterTokens); }
 
 // x [M, K] bf16, codes in the layout above, scale [N] fp32; out [M, N] bf16.
 extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float* scale,

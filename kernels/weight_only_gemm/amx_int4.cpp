@@ -106,7 +106,7 @@ void widen_strip(const uint8_t* src, const uint16_t* sz, uint16_t* dst, int64_t 
 // (the nibbles widened to int16: 10 vector instructions per 64 bytes of codes against 6),
 // so the same bits.
 constexpr int kFewTokens = 8;  // tokens per pass of the register path
-// Tokens the register path takes (cpp_impl.REGISTER_TOKENS[4]), as amx_gemm.cpp's: over a
+// Tokens the register path takes (q_wo_int4_register_tokens), as amx_gemm.cpp's: over a
 // 1.1B step's weights on a 2-core AMD EPYC, wint4 g64 over bf16, this path against the
 // widened one: 0.71-0.74 against 1.15-1.26 at 9 tokens, 0.96-0.97 against 1.12-1.23 at 16,
 // even at 32 (1.09-1.12 against 1.08-1.13), behind from 48; over SmolLM2's 0.80-0.94
@@ -320,6 +320,9 @@ void int8_pass(const GroupCodes& a, int64_t m0, const uint8_t* strip, const uint
 
 // 0 when this process may use AMX tiles (or runs without them)
 extern "C" int q_amx_int4_init() { return q_amx::request_permission(); }
+
+// kRegisterTokens, for cpp_impl.register_tokens (the tests' batch-invariance checks)
+extern "C" int q_wo_int4_register_tokens() { return static_cast<int>(kRegisterTokens); }
 
 // x [M, K] bf16; codes, sz, zero as for q_wo_int4_amx; out [M, N] bf16. 2 (and nothing
 // done) on CPUs with AMX tiles, where this path is not built; 1 for shapes it does not take

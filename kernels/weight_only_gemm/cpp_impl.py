@@ -19,10 +19,6 @@ AMX_SOURCE = Path(__file__).with_name("amx_gemm.cpp")
 AMX_INT4_SOURCE = Path(__file__).with_name("amx_int4.cpp")
 AMX_FLAGS = {"avx512_bf16", "avx512_vnni"}  # and AMX-BF16 tiles where the CPU has them
 TILE = 32  # columns per pass in the kernel: int4 groups are multiples of it
-# per bits, the most tokens the strip kernels multiply on their register path (exact integer
-# sums over 16-bit fixed-point activations, a token's bits independent of the batch) before
-# widening strips to bf16: kRegisterTokens of amx_gemm.cpp (8) and amx_int4.cpp (4)
-REGISTER_TOKENS = {8: 32, 4: 16}
 
 
 @functools.cache
@@ -73,7 +69,7 @@ def _probe_int8(lib) -> bool:
 @functools.cache
 def _amx() -> tuple[object | None, str | None]:
     return cpp_build.bind_amx(AMX_SOURCE, AMX_FLAGS, "q_amx_init", _probe_int8,
-                              q_wo_int8_amx="pppp lll i")
+                              q_wo_int8_amx="pppp lll i", q_wo_int8_register_tokens="")
 
 
 def amx_unavailable(n: int, k: int) -> str | None:
@@ -142,7 +138,20 @@ def _probe_int4(lib) -> bool:
 def _amx_int4() -> tuple[object | None, str | None]:
     return cpp_build.bind_amx(AMX_INT4_SOURCE, AMX_FLAGS, "q_amx_int4_init", _probe_int4,
                               q_wo_int4_amx="pppp llll ii", q_wo_int4_int8="pppp llll ii",
-                              q_int4_int8_codes="ppp lll i")
+                              q_int4_int8_codes="ppp lll i", q_wo_int4_register_tokens="")
+
+
+def register_tokens(bits: int) -> int | None:
+    """The most tokens the strip kernel of ``bits``-bit weights (8 or 4) multiplies on its
+    register path (exact integer sums over 16-bit fixed-point activations, so a token's bits
+    do not depend on the batch) before it widens strips to bf16: the built kernel's
+    kRegisterTokens. None where that kernel is unavailable."""
+    if bits not in (4, 8):
+        raise ValueError(f"register_tokens: {bits}-bit weights have no strip kernel (4 or 8)")
+    lib = (_amx if bits == 8 else _amx_int4)()[0]
+    if lib is None:
+        return None
+    return (lib.q_wo_int8_register_tokens if bits == 8 else lib.q_wo_int4_register_tokens)()
 
 
 def amx_int4_unavailable(n: int, k: int, group: int) -> str | None:
