@@ -338,15 +338,18 @@ void for_pass(int64_t n, int64_t ns, F f) {
   for_count<kVecTokens>(n, [&](auto r) { for_count<kVecStrips>(ns, [&](auto s) { f(r, s); }); });
 }
 
-// While a group of strips is multiplied from the cache, the next group's bytes are fetched
+// While a group of strips is multiplied from the cache, the next group's lines are fetched
 // into L2, spread over the passes after the first: otherwise every group's first pass waits
 // on memory while the later ones leave the memory bus idle (a 1.1B model's bf16 GEMMs at 32
 // tokens ran at 59-70% of the vdpbf16ps rate, profile_engine_cpu.py --requests 32 --parts).
-// Only for chunks of up to kVecPrefetchPasses passes (decode batches). On a 2-core AMD EPYC
-// (tests/bench/ab_vector_passes.py, variants with Q_VEC_PREFETCH_PASSES=0 for none), over a
-// 1.1B model's and SmolLM2's weights: 16 tokens 20-21% faster (bf16) and 24% (int8), 32
-// tokens 4-6% and 5-8%; at 64 bf16 was 2-4% slower (int8 1-4% faster), so from 64 tokens
-// on, and over a prompt's long chunks, the first pass's wait is left as it is.
+// Only for strips read in place (bf16, int8 W8A8) and calls of 2 to kVecPrefetchPasses passes
+// (decode batches). On a 2-core AMD EPYC (tests/bench/ab_vector_passes.py, variants with
+// Q_VEC_PREFETCH_PASSES=0 for none), over a 1.1B model's and SmolLM2's weights: 16 tokens
+// 20-21% faster (bf16) and 24% (int8), 32 tokens 4-6% and 5-8%; at 64 bf16 was 2-4% slower
+// (int8 1-4% faster), so from 64 tokens on, and over a prompt's long chunks, the first pass's
+// wait is left as it is. Strips widened or regrouped into a buffer first do not prefetch:
+// wint4's widened strips ran 6-17% slower at 32 tokens with it (twelfth session,
+// bench_decode_gemms_cpu.py --tokens 32), and wint8's are widened from 33 tokens only.
 #ifndef Q_VEC_PREFETCH_PASSES
 #define Q_VEC_PREFETCH_PASSES 4
 #endif
@@ -389,25 +392,19 @@ inline void dot_rows(const char* x, int64_t x_row, const char* const* b, int64_t
     for (int j = 0; j < S; ++j) _mm512_store_si512(sums[m][j], acc[m][j]);
 }
 
-// The bytes strip s is made from, for prefetching: source + s * strip_bytes (the strip
-// itself for bf16 weights, the codes a strip is widened or regrouped from otherwise)
-struct StripSource {
-  const char* source;
-  int64_t strip_bytes;
-};
-
 // tile_loop's job without tiles, on `threads` threads: chunk by chunk of tokens, up to
 // kVecStrips strips (strip_of, as for tile_loop; each with a buffer of its own) pass over
 // the chunk kVecTokens tokens at a time (dot_rows). x: M rows of x_row bytes, 4 of them per
 // row step of the strips (`steps` of 64 bytes); dot(acc, x4, row) the kernel's instruction;
-// store(sums, m, s) as for tile_loop.
-template <bool Next, class StripOf, class Dot, class Store>
+// store(sums, m, s) as for tile_loop. Prefetch: the next group's strips during a group's
+// later passes (the comment above; only where vector_loop asks, so the strips are read in
+// place and the call is one chunk of 2 or more passes).
+template <bool Prefetch, class StripOf, class Dot, class Store>
 void vector_passes(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
-                   int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of,
+                   int64_t buffer_bytes, int threads, int64_t chunk, StripOf strip_of,
                    Dot dot, Store store) {
   const int64_t groups = (strips + kVecStrips - 1) / kVecStrips;
   const int nt = groups > 1 ? threads : 1;
-  const int64_t lines = src.strip_bytes / 64;
 #pragma omp parallel num_threads(nt)
   {
     std::vector<char> buffer(kVecStrips * buffer_bytes + 64);
@@ -415,43 +412,32 @@ void vector_passes(const char* x, int64_t x_row, int64_t M, int64_t strips, int6
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
     alignas(64) float sums[kVecTokens][kVecStrips][16];
     const char* b[kVecStrips];
-    const int64_t chunk = vector_chunk(x_row, strips * src.strip_bytes);  // bytes streamed
     for (int64_t c0 = 0; c0 < M; c0 += chunk) {
       const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;
       const int64_t passes = (c1 - c0 + kVecTokens - 1) / kVecTokens;
+      // each later pass asks for a run of the next group's lines (`steps` per strip)
+      const int64_t run = Prefetch ? (steps + passes - 2) / (passes - 1) : 0;
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t s0 = g * kVecStrips;
         const int64_t ns = strips - s0 < kVecStrips ? strips - s0 : kVecStrips;
         for (int64_t j = 0; j < ns; ++j) b[j] = strip_of(s0 + j, own + j * buffer_bytes);
-        // the next group's strips (the last one's again where it has fewer), their lines
-        // split over passes 1.. in equal runs
+        // the next group's strips (the last strip again where it has fewer), read in place
         NextLines pf{};
-        const bool prefetch =
-            Next && g + 1 < groups && passes > 1 && passes <= kVecPrefetchPasses;
-        const int64_t next0 = s0 + kVecStrips;
-        const int64_t run = prefetch ? (lines + passes - 2) / (passes - 1) : 0;
-        for (int j = 0; prefetch && j < kVecStrips; ++j)
-          pf.next[j] =
-              src.source + (next0 + j < strips ? next0 + j : strips - 1) * src.strip_bytes;
+        const bool ahead = Prefetch && g + 1 < groups;
+        for (int j = 0; ahead && j < kVecStrips; ++j)
+          pf.next[j] = strip_of(std::min<int64_t>(s0 + kVecStrips + j, strips - 1), nullptr);
         for (int64_t m0 = c0, p = 0; m0 < c1; m0 += kVecTokens, ++p) {
           const int64_t n = c1 - m0 < kVecTokens ? c1 - m0 : kVecTokens;
-          if (prefetch && p > 0) {
+          if (ahead && p > 0) {  // pass p asks for lines [(p - 1) run, p run)
             const int64_t first = (p - 1) * run;
-            pf.count = first >= lines ? 0 : (lines - first < run ? lines - first : run);
-            for (int j = 0; j < kVecStrips; ++j) pf.next[j] += p > 1 ? run * 64 : 0;
+            pf.count = std::max<int64_t>(0, std::min(run, steps - first));
+            for (int j = 0; j < kVecStrips && p > 1; ++j) pf.next[j] += run * 64;
           }
-          const char* xm = x + m0 * x_row;
-          if (prefetch && p > 0)
-            for_pass(n, ns, [&](auto r, auto s) {
-              dot_rows<decltype(r)::value, decltype(s)::value, Next>(xm, x_row, b, steps, sums,
-                                                                     pf, dot);
-            });
-          else
-            for_pass(n, ns, [&](auto r, auto s) {
-              dot_rows<decltype(r)::value, decltype(s)::value, false>(xm, x_row, b, steps, sums,
-                                                                      pf, dot);
-            });
+          for_pass(n, ns, [&](auto r, auto s) {
+            dot_rows<decltype(r)::value, decltype(s)::value, Prefetch>(x + m0 * x_row, x_row, b,
+                                                                       steps, sums, pf, dot);
+          });
           for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < ns; ++j)
               store(reinterpret_cast<const char*>(sums[i][j]), m0 + i, s0 + j);
@@ -461,35 +447,39 @@ void vector_passes(const char* x, int64_t x_row, int64_t M, int64_t strips, int6
   }
 }
 
-// vector_passes for a call: decode batches of up to kVecPrefetchPasses passes (one chunk) in
-// the instantiation that prefetches, everything else (prompts) in one without that code, so
-// that a prompt runs the loop it ran before the prefetch existed (with it compiled into the
-// same function, a 256-token wint4 prompt ran 15% slower on a 2-core AMD EPYC though it
-// never prefetched; twelfth session). Next = false: never prefetch.
-template <bool Next = true, class StripOf, class Dot, class Store>
+// vector_passes for a call. stream_bytes: what one strip streams from memory (its codes
+// where strip_of widens or regroups them into a buffer), for the token chunks. The calls that
+// prefetch (strips read in place, one chunk of 2 to kVecPrefetchPasses passes) run an
+// instantiation of their own and everything else (prompts) one without that code, so that a
+// prompt runs the loop it ran before the prefetch existed: with both in one function, a
+// 256-token wint4 prompt ran 15% slower on a 2-core AMD EPYC though it never prefetched
+// (twelfth session).
+template <class StripOf, class Dot, class Store>
 void vector_loop(const char* x, int64_t x_row, int64_t M, int64_t strips, int64_t steps,
-                 int64_t buffer_bytes, int threads, StripSource src, StripOf strip_of, Dot dot,
-                 Store store) {
-  if (Next && M > kVecTokens && M <= kVecTokens * kVecPrefetchPasses)
-    vector_passes<true>(x, x_row, M, strips, steps, buffer_bytes, threads, src, strip_of, dot,
-                        store);
+                 int64_t buffer_bytes, int threads, int64_t stream_bytes, StripOf strip_of,
+                 Dot dot, Store store) {
+  const int64_t chunk = vector_chunk(x_row, strips * stream_bytes);
+  const int64_t passes = ((M < chunk ? M : chunk) + kVecTokens - 1) / kVecTokens;
+  if (buffer_bytes == 0 && M <= chunk && passes > 1 && passes <= kVecPrefetchPasses)
+    vector_passes<true>(x, x_row, M, strips, steps, buffer_bytes, threads, chunk, strip_of,
+                        dot, store);
   else
-    vector_passes<false>(x, x_row, M, strips, steps, buffer_bytes, threads, src, strip_of, dot,
-                         store);
+    vector_passes<false>(x, x_row, M, strips, steps, buffer_bytes, threads, chunk, strip_of,
+                         dot, store);
 }
 
 #if defined(__AVX512BF16__)
 // The bf16 kernels' GEMM for 5+ tokens: x [M, K] bf16 against bf16 strips (strip_of), on
 // tiles where the CPU has them, else on registers; store(sums, m, s) as for tile_loop
-template <bool Next = true, class StripOf, class Store>
+template <class StripOf, class Store>
 void bf16_gemm(const uint16_t* x, int64_t M, int64_t K, int64_t strips, int64_t buffer_bytes,
-               int threads, StripSource src, StripOf strip_of, Store store) {
+               int threads, int64_t stream_bytes, StripOf strip_of, Store store) {
 #if defined(__AMX_TILE__)
   tile_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 32, buffer_bytes, threads,
             strip_of, Q_AMX_DOTS(_tile_dpbf16ps), store);
 #else
-  vector_loop<Next>(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
-                    threads, src, strip_of,
+  vector_loop(reinterpret_cast<const char*>(x), K * 2, M, strips, K / 2, buffer_bytes,
+              threads, stream_bytes, strip_of,
               [](__m512i acc, __m512i x2, __m512i row) {
                 return _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc),
                                                             (__m512bh)x2, (__m512bh)row));

@@ -79,7 +79,7 @@ extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bia
       }))
     return 0;
   q_amx::bf16_gemm(
-      x, M, K, N / 16, 0, threads, {reinterpret_cast<const char*>(w), K * 32},
+      x, M, K, N / 16, 0, threads, K * 32,
       [&](int64_t s, char*) { return reinterpret_cast<const char*>(w + s * K * 16); },
       [&](const char* sums, int64_t m, int64_t s) {
         store16(_mm512_load_ps(reinterpret_cast<const float*>(sums)),

@@ -69,12 +69,12 @@ void few_tokens(const int8_t* x, const float* xs, const int8_t* codes, const flo
 }
 
 // strip_of(s, buffer): strip s in the layout above (in place, buffer_bytes 0, or written
-// into the thread's buffer of buffer_bytes) from the K * 16 bytes at source + s * K * 16
+// into the thread's buffer of buffer_bytes from K * 16 bytes of codes)
 #if defined(__AMX_TILE__)
 template <class StripOf>
-void gemm(const int8_t* x, const float* xs, const int8_t*, StripOf strip_of,
-          int64_t buffer_bytes, const float* ws, const int32_t*, char* out, int dtype,
-          int64_t M, int64_t N, int64_t K, int threads) {
+void gemm(const int8_t* x, const float* xs, StripOf strip_of, int64_t buffer_bytes,
+          const float* ws, const int32_t*, char* out, int dtype, int64_t M, int64_t N,
+          int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   q_amx::tile_loop(
       reinterpret_cast<const char*>(x), K, M, N / 16, K / 64, buffer_bytes, threads, strip_of,
@@ -86,9 +86,9 @@ void gemm(const int8_t* x, const float* xs, const int8_t*, StripOf strip_of,
 }
 #else
 template <class StripOf>
-void gemm(const int8_t* x, const float* xs, const int8_t* source, StripOf strip_of,
-          int64_t buffer_bytes, const float* ws, const int32_t* rowsum, char* out, int dtype,
-          int64_t M, int64_t N, int64_t K, int threads) {
+void gemm(const int8_t* x, const float* xs, StripOf strip_of, int64_t buffer_bytes,
+          const float* ws, const int32_t* rowsum, char* out, int dtype, int64_t M, int64_t N,
+          int64_t K, int threads) {
   const int64_t esize = dtype == 0 ? 4 : 2;
   std::vector<uint8_t> xu(M * K);  // x + 128, once per call
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(x[i] ^ 0x80);
@@ -96,7 +96,7 @@ void gemm(const int8_t* x, const float* xs, const int8_t* source, StripOf strip_
   // sums, 128 * rowsum too many (taken out at the store); no overflow for K < 65793
   q_amx::vector_loop(
       reinterpret_cast<const char*>(xu.data()), K, M, N / 16, K / 4, buffer_bytes, threads,
-      {reinterpret_cast<const char*>(source), K * 16}, strip_of,
+      K * 16, strip_of,
       [](__m512i acc, __m512i x4, __m512i row) { return _mm512_dpbusd_epi32(acc, x4, row); },
       [&](const char* sums, int64_t m, int64_t s) {
         const __m512i correction = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + s * 16), 7);
@@ -128,7 +128,7 @@ extern "C" int q_int8_amx(int out_dtype, const int8_t* x, const float* xs, const
   if (!q_amx::few_tokens(M, [&](auto m) {  // the register path (no AMX state needed)
         few_tokens<decltype(m)::value>(x, xs, codes, ws, rowsum, o, out_dtype, N, K, threads);
       }))
-    gemm(x, xs, codes, in_place(codes, K), 0, ws, rowsum, o, out_dtype, M, N, K, threads);
+    gemm(x, xs, in_place(codes, K), 0, ws, rowsum, o, out_dtype, M, N, K, threads);
   return 0;
 }
 
@@ -146,7 +146,7 @@ extern "C" int q_int8_amx_pairs(int out_dtype, const int8_t* x, const float* xs,
   alignas(64) int16_t order[32];
   for (int c = 0; c < 16; ++c) order[2 * c] = c, order[2 * c + 1] = 16 + c;
   const __m512i regroup = _mm512_load_si512(order);
-  gemm(x, xs, pairs,
+  gemm(x, xs,
        [&](int64_t s, char* buffer) {
          const char* src = reinterpret_cast<const char*>(pairs + s * K * 16);
          for (int64_t r = 0; r < K / 4; ++r) {

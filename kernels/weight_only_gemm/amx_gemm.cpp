@@ -140,7 +140,7 @@ extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float
     return 0;
   }
   q_amx::bf16_gemm(
-      x, M, K, N / 16, K * 32, threads, {reinterpret_cast<const char*>(codes), K * 16},
+      x, M, K, N / 16, K * 32, threads, K * 16,
       [&](int64_t s, char* buffer) {
         uint16_t* strip = reinterpret_cast<uint16_t*>(buffer);
         widen_strip(codes + s * K * 16, strip, K);

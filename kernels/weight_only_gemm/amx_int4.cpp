@@ -389,10 +389,8 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
     return 0;
   }
   const int64_t groups = K / group;
-  // no prefetch of the next strips: its 32-token steps ran 6-17% slower with it (twelfth
-  // session, bench_decode_gemms_cpu.py --tokens 32, two runs against one)
-  q_amx::bf16_gemm<false>(
-      x, M, K, N / 16, K * 32, threads, {reinterpret_cast<const char*>(codes), K * 8},
+  q_amx::bf16_gemm(
+      x, M, K, N / 16, K * 32, threads, K * 8,
       [&](int64_t s, char* buffer) {
         widen_strip(codes + s * K * 8, sz + s * groups * sz_stride(zero),
                     reinterpret_cast<uint16_t*>(buffer), K, group, zero != 0);
