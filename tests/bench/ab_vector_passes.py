@@ -2,7 +2,9 @@
 CPUs without AMX tiles): tokens x strips per pass, each variant a build of the same sources
 with ``-DQ_VEC_TOKENS=R -DQ_VEC_STRIPS=S`` (and any other of its macros after a ``+``:
 ``8x2+Q_VEC_LARGE_CHUNK_BYTES=524288`` is 8 x 2 with the token chunks of small weights for
-large ones too), all timed interleaved in one process.
+large ones too), all timed interleaved in one process. ``8x2@REV`` builds the kernels of git
+revision REV instead of the working tree's (their exported functions must take the same
+arguments): ``--variants 8x2@HEAD~1,8x2`` times a change against the commit before it.
 
     python tests/bench/ab_vector_passes.py [--variants 8x1,8x2,6x4] [--tokens 8,32,256,2048]
         [--model smollm2|tinyllama] [--ops bf16,int8,wint8,wint4]
@@ -50,16 +52,29 @@ SOURCES = {"bf16": ("dense_gemm/amx_bf16.cpp", "q_bf16_amx", [P, P, P, P, L, L, 
 GROUP = 64  # wint4's group
 
 
+def sources_at(rev: str, out: Path) -> Path:
+    """The kernels/ folder of git revision `rev`, extracted under `out`."""
+    tree = out / f"kernels-{rev.replace('/', '_')}"
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(KERNELS), "archive", rev, "."],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def build(variant: str, ops: list[str], out: Path) -> dict:
-    shape, *overrides = variant.split("+")  # 8x2+Q_VEC_LARGE_WEIGHT=1: other macros too
+    variant_, _, rev = variant.partition("@")  # 8x2@HEAD~1: that commit's sources
+    shape, *overrides = variant_.split("+")  # 8x2+Q_VEC_LARGE_WEIGHT=1: other macros too
+    kernels = sources_at(rev, out) if rev else KERNELS
     r, s = shape.split("x")
     defines = [f"-DQ_VEC_TOKENS={r}", f"-DQ_VEC_STRIPS={s}", *(f"-D{o}" for o in overrides)]
     libs = {}
     for name in ops:
         src, symbol, argtypes = SOURCES[name]
-        so = out / f"{name}-{variant}.so"
+        so = out / f"{name}-{variant.replace('/', '_')}.so"
         subprocess.run(["g++", *cpp_build.FLAGS, *defines,
-                        str(KERNELS / src), "-o", str(so)], check=True)
+                        str(kernels / src), "-o", str(so)], check=True)
         libs[name] = ctypes.CDLL(str(so))
         getattr(libs[name], symbol).argtypes = argtypes
     return libs
