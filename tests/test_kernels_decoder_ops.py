@@ -73,10 +73,14 @@ def test_rotary_and_cache_write_match_transformers(dtype, heads, kv_heads, dim, 
     want_q, want_k = reference.rotary(q, k, cos, sin, dim)
     blocks, bs = 12, 64
     k_cache = torch.randn(blocks, kv_heads, dim, bs, generator=g).to(dtype)
-    v_cache = torch.randn(blocks, bs, kv_heads, value_dim, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, kv_heads, bs, value_dim, generator=g).to(dtype)
     want_kc, want_vc = k_cache.clone(), v_cache.clone()
     slots = torch.randperm(blocks * bs, generator=g)[:rows]
     reference.write_cache(want_k, v, want_kc, want_vc, slots)
+    # the layout itself: token i's KV head h is row slots[i] % bs of head h's part of block
+    # slots[i] // bs, for keys [blocks, kvH, d, bs] and values [blocks, kvH, bs, dv]
+    assert torch.equal(want_kc[slots // bs, :, :, slots % bs], want_k.view(rows, kv_heads, dim))
+    assert torch.equal(want_vc[slots // bs, :, slots % bs], v.view(rows, kv_heads, value_dim))
     v_before = v.clone()
     cpp.rotary_cache(q, k, v, cos, sin, dim, k_cache, v_cache, slots)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)

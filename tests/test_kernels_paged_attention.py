@@ -23,7 +23,7 @@ def _case(batch, heads, kv_heads, dim, value_dim, lengths, dtype, seed=0, bs=BS)
     nblk = max(-(-n // bs) for n in lengths)
     blocks = batch * nblk + 3
     k_cache = torch.randn(blocks, kv_heads, dim, bs, generator=g).to(dtype)
-    v_cache = torch.randn(blocks, bs, kv_heads, value_dim, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, kv_heads, bs, value_dim, generator=g).to(dtype)
     # each sequence gets scattered blocks; unused table entries point at block 0
     perm = torch.randperm(blocks - 1, generator=g)[:batch * nblk].view(batch, nblk) + 1
     tables = perm.clone()
@@ -205,7 +205,7 @@ def test_reference_prefill_is_dense_causal_attention():
     pos = torch.arange(50)
     slots = tables[0][pos // BS] * BS + pos % BS
     keys = k.permute(0, 3, 1, 2).flatten(0, 1)[slots].transpose(0, 1)  # [kvH, n, D]
-    values = v.flatten(0, 1)[slots].transpose(0, 1)
+    values = v.transpose(1, 2).flatten(0, 1)[slots].transpose(0, 1)  # [kvH, n, DV]
     dense = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None],
                                            values[None], scale=0.125, is_causal=True,
                                            enable_gqa=True)
@@ -220,7 +220,7 @@ def test_reference_matches_dense_attention():
         pos = torch.arange(n)
         slots = tables[b][pos // BS] * BS + pos % BS
         keys = k.permute(0, 3, 1, 2).flatten(0, 1)[slots].transpose(0, 1)  # [kvH, n, D]
-        values = v.flatten(0, 1)[slots].transpose(0, 1)
+        values = v.transpose(1, 2).flatten(0, 1)[slots].transpose(0, 1)  # [kvH, n, DV]
         dense = F.scaled_dot_product_attention(
             q[b].view(3, 3, 1, 64), keys[:, None], values[:, None], scale=0.125)
         torch.testing.assert_close(ref[b], dense.reshape(9, 64), rtol=1e-5, atol=1e-5)

@@ -117,9 +117,9 @@ def _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, rows, cos, sin, slots
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()
                 and k_cache.dtype == v_cache.dtype == dtype
                 and tuple(k_cache.shape[1:3]) == (kv_heads, head_dim)
-                and tuple(v_cache.shape[1:]) == (bs, kv_heads, value_dim)):
+                and tuple(v_cache.shape[1:]) == (kv_heads, bs, value_dim)):
             raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
-                             "keys and [blocks, bs, kvH, dv] values of the activations' "
+                             "keys and [blocks, kvH, bs, dv] values of the activations' "
                              "dtype, with one int64 slot per row")
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     return (cpp_build.dtype_code(dtype), q.data_ptr(), qs, heads, k.data_ptr(), ks,
@@ -142,7 +142,7 @@ def rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
     if k_cache is not None and not (slots.dtype == torch.int64 and slots.is_contiguous()
                                     and slots.numel() == rows):
         raise ValueError("the cache must be one layer's contiguous [blocks, kvH, d, bs] "
-                         "keys and [blocks, bs, kvH, dv] values of the activations' "
+                         "keys and [blocks, kvH, bs, dv] values of the activations' "
                          "dtype, with one int64 slot per row")
     args = _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, rows, cos.data_ptr(),
                              sin.data_ptr(), None if slots is None else slots.data_ptr())

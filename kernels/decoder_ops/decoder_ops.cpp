@@ -136,7 +136,7 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t r_stride,
 // q [N, H*D] and k [N, kvH*D] (row strides given) rotated in place: the first and second
 // halves of each head, x1 and x2, become x1 cos - x2 sin and x2 cos + x1 sin (transformers'
 // rotate_half convention, cos/sin [N, D] with both halves equal); then each token's k and v
-// go to its slot of the cache: keys [blocks, kvH, D, bs], values [blocks, bs, kvH, DV]
+// go to its slot of the cache: keys [blocks, kvH, D, bs], values [blocks, kvH, bs, DV]
 template <typename T>
 void rotate_heads(T* x, int64_t heads, int64_t D, const T* c, const T* s) {
   const int64_t half = D / 2;
@@ -172,8 +172,9 @@ void rotary_cache(T* q, int64_t q_stride, int64_t H, T* k, int64_t k_stride, con
       T* dst = k_cache + ((block * kvH + h) * D) * bs + offset;
       for (int64_t i = 0; i < D; ++i) dst[i * bs] = kr[h * D + i];
     }
-    std::memcpy(v_cache + (block * bs + offset) * kvH * DV, v + r * v_stride,
-                sizeof(T) * kvH * DV);
+    for (int64_t h = 0; h < kvH; ++h)
+      std::memcpy(v_cache + ((block * kvH + h) * bs + offset) * DV, v + r * v_stride + h * DV,
+                  sizeof(T) * DV);
   }
 }
 

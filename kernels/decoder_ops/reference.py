@@ -47,9 +47,9 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """Token ``i``'s keys and values (``k``/``v`` ``[N, kvH * d]`` or ``[N, kvH, d]``) into
     slot ``slots[i]`` of one layer's cache: keys ``[blocks, kvH, d, bs]``, values
-    ``[blocks, bs, kvH, dv]``. The engine's attention writes the cache with this for
+    ``[blocks, kvH, bs, dv]``. The engine's attention writes the cache with this for
     transformers' forward (any model, any device); q's own forward with the C++ kernel."""
     kv_heads, dim, bs = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     k_cache[slots // bs, :, :, slots % bs] = k.reshape(-1, kv_heads, dim).to(k_cache.dtype)
-    v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(
-        0, slots, v.reshape(-1, kv_heads, v_cache.shape[-1]).to(v_cache.dtype))
+    v_cache[slots // bs, :, slots % bs] = v.reshape(-1, kv_heads, v_cache.shape[-1]).to(
+        v_cache.dtype)

@@ -67,11 +67,11 @@ inline void load_row(const T* src, float* dst, int64_t n) {
 }
 
 // position p's value row for KV head h, in a sequence's blocks `table` of the
-// [blocks, bs, kvH, DV] value cache
+// [blocks, kvH, bs, DV] value cache
 template <typename T>
 inline const T* value_row(const T* v_cache, const int64_t* table, int64_t p, int64_t bs,
                           int64_t kvH, int64_t h, int64_t DV) {
-  return v_cache + ((table[p / bs] * bs + p % bs) * kvH + h) * DV;
+  return v_cache + ((table[p / bs] * kvH + h) * bs + p % bs) * DV;
 }
 
 // s[t] = part[t] * post (Gemma 2's soft-capping: tanh(that / softcap) * softcap) for t in
@@ -147,13 +147,13 @@ void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_
     std::memset(a, 0, sizeof(float) * R * DV);
     for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
       const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
-      const T* rows = v_cache + (table[blk] * bs * kvH + h) * DV;
+      const T* rows = v_cache + (table[blk] * kvH + h) * bs * DV;
       for (int64_t d0 = 0; d0 < DV; d0 += CHUNK) {  // accumulators stay in registers
         const int64_t width = std::min(CHUNK, DV - d0);
         float part[R][CHUNK] = {};
         float v[CHUNK] = {};
         for (int64_t p = lo; p < hi; ++p) {
-          const T* src = rows + (p - blk * bs) * kvH * DV + d0;
+          const T* src = rows + (p - blk * bs) * DV + d0;
           if (width == CHUNK)
             load_row(src, v, CHUNK);
           else
@@ -212,9 +212,9 @@ void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* t
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
       for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
         const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
-        const uint16_t* rows = v_cache + (table[blk] * bs * kvH + h) * DV + d0;
+        const uint16_t* rows = v_cache + (table[blk] * kvH + h) * bs * DV + d0;
         for (int64_t p = lo; p < hi; ++p) {
-          const uint16_t* src = rows + (p - blk * bs) * kvH * DV;
+          const uint16_t* src = rows + (p - blk * bs) * DV;
           const __m512 v0 = widen16(src), v1 = widen16(src + 16), v2 = widen16(src + 32),
                        v3 = widen16(src + 48);
           for (int r = 0; r < R; ++r) {
@@ -354,17 +354,17 @@ void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* 
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
       for (int64_t blk = first / bs; blk * bs < end; ++blk) {
         const int64_t lo = std::max(first, blk * bs), hi = std::min(end, (blk + 1) * bs);
-        const uint16_t* rows_ = v_cache + (table[blk] * bs * kvH + h) * DV + d0;
+        const uint16_t* rows_ = v_cache + (table[blk] * kvH + h) * bs * DV + d0;
         for (int64_t p = lo; p < hi; p += 2) {  // bs is even: p, p + 1 share the block
           if (ahead > 0 && j0 == 0 && d0 == 0 && p + ahead + 1 <= last) {
             prefetch(value_row(v_cache, table, p + ahead, bs, kvH, h, DV), DV);
             prefetch(value_row(v_cache, table, p + ahead + 1, bs, kvH, h, DV), DV);
           }
-          const uint16_t* x = rows_ + (p - blk * bs) * kvH * DV;
+          const uint16_t* x = rows_ + (p - blk * bs) * DV;
           const bool second = p + 1 <= last;
           const __m512i x0 = load32(x), x1 = load32(x + 32);
-          const __m512i y0 = second ? load32(x + kvH * DV) : _mm512_setzero_si512();
-          const __m512i y1 = second ? load32(x + kvH * DV + 32) : _mm512_setzero_si512();
+          const __m512i y0 = second ? load32(x + DV) : _mm512_setzero_si512();
+          const __m512i y1 = second ? load32(x + DV + 32) : _mm512_setzero_si512();
           const __m512bh v[4] = {(__m512bh)_mm512_unpacklo_epi16(x0, y0),
                                  (__m512bh)_mm512_unpackhi_epi16(x0, y0),
                                  (__m512bh)_mm512_unpacklo_epi16(x1, y1),

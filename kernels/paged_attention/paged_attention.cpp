@@ -11,7 +11,9 @@
 //   q       [B, H, D]                 queries of the step, one per sequence (rows of q_stride
 //                                     elements: a view of the fused q/k/v projection's output)
 //   k_cache [blocks, kvH, D, bs]      one layer's keys, positions innermost
-//   v_cache [blocks, bs, kvH, DV]     one layer's values (MLA: DV != D)
+//   v_cache [blocks, kvH, bs, DV]     one layer's values (MLA: DV != D); a KV head's values
+//                                     of a block are contiguous, as its keys are (vLLM's CPU
+//                                     value cache is laid out the same way)
 //   tables  [B, nblk] int64           each sequence's blocks, position p in block p / bs
 //   lengths [B] int64                 keys a sequence's query sees: positions [0, len)
 //   out     [B, H, DV] float32, or in the caches' dtype (OutT = T: what o_proj takes, rounded
@@ -31,6 +33,13 @@
 
 namespace {
 
+// How far ahead of the weighted sum decode asks for values: a block (64 positions, 8 KB of
+// a 64-wide bf16 head, contiguous). Against 32 positions, with the head-major value layout,
+// a layer of 32 sequences at 1024 tokens took 1.01-1.13 ms against 1.14-1.19 (SmolLM2's
+// shape), level at 320 tokens (bench_paged_attention.py's cases, both builds in one
+// throwaway script, 2-core AMD EPYC, fourteenth session; docs/benchmarks.md)
+constexpr int64_t kValuesAhead = 64;
+
 template <typename T, typename OutT>
 void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
             const int64_t* tables, const int64_t* lengths, OutT* out, int64_t B, int64_t H,
@@ -42,8 +51,8 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
   const int64_t rows = group > 4 ? 4 : group;
   const int64_t padded = (group + rows - 1) / rows * rows;
   // a thread takes all KV heads of a sequence in turn when there are sequences enough for
-  // every thread: the heads' keys and values interleave in memory, so the lines the first
-  // head brings from memory (and their prefetched neighbours) serve the others from cache
+  // every thread: a block's heads lie side by side in memory, so the lines the first head
+  // brings from memory (and their prefetched neighbours) serve the others from cache
   const int64_t chunk = B >= 2 * threads ? kvH : 1;
   // bf16 caches on AVX-512 take the register-held loops where the shapes allow; on AVX-512
   // BF16 prefill's vdpbf16ps pair loops instead (keys and values read as stored, half the
@@ -89,7 +98,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       const int64_t* table = tables + b * nblk;
       // decode reads the cache from memory (a step's model and cache outgrow the caches),
       // from blocks only the table locates. The pair loops ask for lines a fixed distance
-      // ahead of their use (the next block's keys, the values 32 positions on), so here only
+      // ahead of their use (the next block's keys, the values 64 positions on), so here only
       // the first block's keys and values: asked for all at once, a unit's 80 KB (SmolLM2 at
       // 320 tokens) stalled the loads behind them (slower in a throwaway alternation, not
       // kept; bench_paged_attention.py times the result). The fp32 loops ask for every line
@@ -101,8 +110,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       } else {
         for (int64_t blk = first / bs; blk * bs < len; ++blk) {
           prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
-          for (int64_t p = 0; p < bs; ++p)
-            prefetch(value_row(v_cache, table, blk * bs + p, bs, kvH, h, DV), DV);
+          prefetch(v_cache + (table[blk] * kvH + h) * bs * DV, bs * DV);
         }
       }
       // scores, a block at a time: the block's keys for this head are [D][bs] (positions
@@ -135,7 +143,7 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       if constexpr (std::is_same<T, uint16_t>::value)
         if (pairs)
           weighted_sum_pairs(rows, scores.data(), group, padded, n, wpairs.data(), v_cache,
-                             table, from, len - 1, h, kvH, DV, bs, acc.data(), 32);
+                             table, from, len - 1, h, kvH, DV, bs, acc.data(), kValuesAhead);
 #endif
       if (!pairs)
         sum_values(rows, vec, scores.data(), v_cache, table, first, n, h, kvH, DV, bs, padded,

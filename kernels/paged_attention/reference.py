@@ -4,7 +4,8 @@ One query token per sequence (``q [B, H, D]``) attends over the keys at position
 ``[0, lengths[b])`` of its sequence (the last ``window`` of them when a sliding window is
 given), which live in the cache blocks ``tables[b]``: position ``p`` in slot ``p % bs`` of
 block ``tables[b][p // bs]``. Caches are one layer's ``[blocks, kvH, D, bs]`` keys
-(positions innermost) and ``[blocks, bs, kvH, DV]`` values; query head ``h`` reads KV head ``h // (H // kvH)``.
+(positions innermost) and ``[blocks, kvH, bs, DV]`` values; query head ``h`` reads KV head
+``h // (H // kvH)``.
 Gemma 2's soft-capping applies ``tanh(s / cap) * cap`` to the scaled scores.
 """
 
@@ -27,8 +28,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         pos = torch.arange(first, length)
         blocks, offsets = tables[b][pos // block_size], pos % block_size
         keys = k_cache[blocks, :, :, offsets].float()  # [n, kvH, D]
-        slots = blocks * block_size + offsets
-        values = v_cache.flatten(0, 1)[slots].float()
+        values = v_cache[blocks, :, offsets].float()  # [n, kvH, DV]
         for h in range(heads):
             scores = keys[:, h // group] @ q[b, h].float() * scale
             if softcap:

@@ -33,7 +33,7 @@ def case(batch, heads, kv_heads, dim, context, dtype, seed=0):
     nblk = -(-context // BLOCK_SIZE)
     blocks = 4 * batch * nblk + 1
     k = torch.randn(blocks, kv_heads, dim, BLOCK_SIZE, generator=g).to(dtype)
-    v = torch.randn(blocks, BLOCK_SIZE, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(blocks, kv_heads, BLOCK_SIZE, dim, generator=g).to(dtype)
     tables = torch.randperm(blocks - 1, generator=g)[:batch * nblk].view(batch, nblk) + 1
     lengths = torch.randint(max(1, context - 63), context + 1, (batch,), generator=g)
     for b, n in enumerate(lengths.tolist()):

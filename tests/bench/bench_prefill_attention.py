@@ -33,7 +33,7 @@ def step(prompts: int, length: int, heads: int, kv_heads: int, dim: int, seed: i
     nblk = -(-length // BLOCK_SIZE)
     blocks = 2 * prompts * nblk + 1
     k_cache = torch.zeros(blocks, kv_heads, dim, BLOCK_SIZE, dtype=torch.bfloat16)
-    v_cache = torch.zeros(blocks, BLOCK_SIZE, kv_heads, dim, dtype=torch.bfloat16)
+    v_cache = torch.zeros(blocks, kv_heads, BLOCK_SIZE, dim, dtype=torch.bfloat16)
     tables = torch.randperm(blocks - 1, generator=g)[:prompts * nblk].view(prompts, nblk) + 1
     q = torch.randn(prompts * length, heads, dim, generator=g).bfloat16()
     keys = torch.randn(prompts, kv_heads, length, dim, generator=g).bfloat16()
@@ -42,7 +42,7 @@ def step(prompts: int, length: int, heads: int, kv_heads: int, dim: int, seed: i
     for b in range(prompts):
         blk, off = tables[b][pos // BLOCK_SIZE], pos % BLOCK_SIZE
         k_cache[blk, :, :, off] = keys[b].transpose(0, 1)
-        v_cache[blk, off] = values[b].transpose(0, 1)
+        v_cache[blk, :, off] = values[b].transpose(0, 1)
     spans = torch.tensor([[b * length, length, 0] for b in range(prompts)])
     return q, keys, values, k_cache, v_cache, tables, spans
 

@@ -142,13 +142,14 @@ def _paged(p: PagedBatch, k_cache, v_cache, q, window, scaling, softcap) -> torc
                                           window, softcap, out_dtype)
         return p.kernels.paged_prefill(q, k_cache, v_cache, p.blocks, p.spans, scale, window,
                                        softcap)
-    kv_heads, value_dim = v_cache.shape[-2], v_cache.shape[-1]
+    kv_heads, value_dim = v_cache.shape[1], v_cache.shape[-1]
     length = nblk * p.block_size
     index = p.blocks.reshape(-1)
     keys = k_cache.index_select(0, index).view(batch, nblk, kv_heads, dim, p.block_size) \
         .permute(0, 2, 1, 4, 3).reshape(batch, kv_heads, length, dim)
-    values = v_cache.index_select(0, index).view(batch, length, kv_heads, value_dim) \
-        .transpose(1, 2)
+    values = v_cache.index_select(0, index).view(batch, nblk, kv_heads, p.block_size,
+                                                 value_dim) \
+        .transpose(1, 2).reshape(batch, kv_heads, length, value_dim)
     if p.query_index is None:
         q = q.unsqueeze(2)  # one query per sequence: [B, H, 1, d]
     else:

@@ -1,11 +1,15 @@
 """The KV cache: allocated once, handed out in fixed-size blocks.
 
 One tensor for keys, ``[layers, blocks, kv_heads, head_dim, block_size]``, and one for
-values, ``[layers, blocks, block_size, kv_heads, value_dim]`` (nano-vllm keeps the same
+values, ``[layers, blocks, kv_heads, block_size, value_dim]`` (nano-vllm keeps the same
 single allocation); values may have their own head size (DeepSeek's MLA: keys 192, values
 128). Keys keep positions innermost so that decode attention's scores are multiply-adds
 over a block's positions (vLLM's CPU key cache is laid out the same way for the same
-reason); values keep the head dimension innermost, as their weighted sum wants. A sequence
+reason); values keep the head dimension innermost, as their weighted sum wants. Both keep a
+KV head's part of a block contiguous (as vLLM's CPU caches do), so attention, which works
+one KV head at a time, streams whole 8 KB runs: decode attention took 4-13% less time than
+with each position's heads side by side (``tests/bench/bench_paged_attention.py``'s cases,
+fourteenth session, docs/benchmarks.md). A sequence
 owns a list of blocks (its block table); position ``p`` of the sequence lives in slot
 ``p % block_size`` of block ``table[p // block_size]``. Blocks are 64 tokens: attention gathers a sequence's blocks
 whole, and copying 64-token blocks runs near memcpy speed where 16-token blocks took 8x
@@ -41,7 +45,7 @@ class KVCache:
         # when handed out (zero_blocks) and block 0, the padding of every gather, is never
         # handed out.
         self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty((layers, blocks, block_size, kv_heads, value_dim or head_dim),
+        self.values = torch.empty((layers, blocks, kv_heads, block_size, value_dim or head_dim),
                                   dtype=dtype, device=device)
         self.zero_blocks([PADDING_BLOCK])
 
