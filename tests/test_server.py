@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import httpx
@@ -297,3 +298,20 @@ def test_serve_command_defaults_and_refusals(tiny_llama):
     result = CliRunner().invoke(_build(), ["serve", str(tiny_llama()), "-tp", "2"])
     assert result.exit_code != 0
     assert "--engine vllm" in str(result.exception or result.output)
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "prometheus_client"])
+def test_serve_without_the_serve_extra_says_what_to_install(tiny_llama, monkeypatch, missing):
+    """The README's set-up installs q without the serve extra: `q serve` then says what to
+    install, before it imports the server (whose first line imports fastapi)."""
+    from click.testing import CliRunner
+
+    from q.cli import _build
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    monkeypatch.delitem(sys.modules, "q.server.app", raising=False)
+    result = CliRunner().invoke(_build(), ["serve", str(tiny_llama())])
+    assert result.exit_code != 0
+    text = str(result.exception or "") + result.output
+    assert "q-quant[serve]" in text and missing in text
+    assert not isinstance(result.exception, ImportError)

@@ -56,10 +56,10 @@ def add_commands(cli: click.Group) -> None:
         quantization. Swagger UI at /docs, the spec at /openapi.json, Prometheus metrics at
         /metrics, liveness at /health.
         """
+        _need_serve_extra()  # before the server's imports, which need it
         from ..plugin_manager import get_registries
         from ..server.app import ServerSettings
 
-        _need_serve_extra()
         setup_logging(verbose)
         name = served_model_name or os.path.basename(os.path.normpath(model))
         settings = ServerSettings(model_name=name, api_key=api_key,
