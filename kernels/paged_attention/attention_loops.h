@@ -66,12 +66,19 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// position p's value row for KV head h, in a sequence's blocks `table` of the
-// [blocks, kvH, bs, DV] value cache
+// KV head h's part of cache block `block`, `per_head` elements: keys [D][bs] of the
+// [blocks, kvH, D, bs] key cache, values [bs][DV] of the [blocks, kvH, bs, DV] value cache
+template <typename T>
+inline const T* head_block(const T* cache, int64_t block, int64_t kvH, int64_t h,
+                           int64_t per_head) {
+  return cache + (block * kvH + h) * per_head;
+}
+
+// position p's value row for KV head h, in a sequence's blocks `table` of the value cache
 template <typename T>
 inline const T* value_row(const T* v_cache, const int64_t* table, int64_t p, int64_t bs,
                           int64_t kvH, int64_t h, int64_t DV) {
-  return v_cache + ((table[p / bs] * kvH + h) * bs + p % bs) * DV;
+  return head_block(v_cache, table[p / bs], kvH, h, bs * DV) + p % bs * DV;
 }
 
 // s[t] = part[t] * post (Gemma 2's soft-capping: tanh(that / softcap) * softcap) for t in
@@ -147,7 +154,7 @@ void weighted_sum(const float* w, const T* v_cache, const int64_t* table, int64_
     std::memset(a, 0, sizeof(float) * R * DV);
     for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
       const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
-      const T* rows = v_cache + (table[blk] * kvH + h) * bs * DV;
+      const T* rows = head_block(v_cache, table[blk], kvH, h, bs * DV);
       for (int64_t d0 = 0; d0 < DV; d0 += CHUNK) {  // accumulators stay in registers
         const int64_t width = std::min(CHUNK, DV - d0);
         float part[R][CHUNK] = {};
@@ -212,7 +219,7 @@ void weighted_sum_bf16(const float* w, const uint16_t* v_cache, const int64_t* t
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
       for (int64_t blk = first / bs; blk * bs < first + n; ++blk) {
         const int64_t lo = std::max(first, blk * bs), hi = std::min(first + n, (blk + 1) * bs);
-        const uint16_t* rows = v_cache + (table[blk] * kvH + h) * bs * DV + d0;
+        const uint16_t* rows = head_block(v_cache, table[blk], kvH, h, bs * DV) + d0;
         for (int64_t p = lo; p < hi; ++p) {
           const uint16_t* src = rows + (p - blk * bs) * DV;
           const __m512 v0 = widen16(src), v1 = widen16(src + 16), v2 = widen16(src + 32),
@@ -354,12 +361,11 @@ void weighted_sum_dp(const uint32_t* w, const uint16_t* v_cache, const int64_t* 
         for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
       for (int64_t blk = first / bs; blk * bs < end; ++blk) {
         const int64_t lo = std::max(first, blk * bs), hi = std::min(end, (blk + 1) * bs);
-        const uint16_t* rows_ = v_cache + (table[blk] * kvH + h) * bs * DV + d0;
+        const uint16_t* rows_ = head_block(v_cache, table[blk], kvH, h, bs * DV) + d0;
         for (int64_t p = lo; p < hi; p += 2) {  // bs is even: p, p + 1 share the block
-          if (ahead > 0 && j0 == 0 && d0 == 0 && p + ahead + 1 <= last) {
-            prefetch(value_row(v_cache, table, p + ahead, bs, kvH, h, DV), DV);
-            prefetch(value_row(v_cache, table, p + ahead + 1, bs, kvH, h, DV), DV);
-          }
+          // rows p + ahead and p + ahead + 1, side by side in one block (ahead is even)
+          if (ahead > 0 && j0 == 0 && d0 == 0 && p + ahead + 1 <= last)
+            prefetch(value_row(v_cache, table, p + ahead, bs, kvH, h, DV), 2 * DV);
           const uint16_t* x = rows_ + (p - blk * bs) * DV;
           const bool second = p + 1 <= last;
           const __m512i x0 = load32(x), x1 = load32(x + 32);

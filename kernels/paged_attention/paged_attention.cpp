@@ -34,10 +34,10 @@
 namespace {
 
 // How far ahead of the weighted sum decode asks for values: a block (64 positions, 8 KB of
-// a 64-wide bf16 head, contiguous). Against 32 positions, with the head-major value layout,
-// a layer of 32 sequences at 1024 tokens took 1.01-1.13 ms against 1.14-1.19 (SmolLM2's
-// shape), level at 320 tokens (bench_paged_attention.py's cases, both builds in one
-// throwaway script, 2-core AMD EPYC, fourteenth session; docs/benchmarks.md)
+// a 64-wide bf16 head, contiguous; even, as weighted_sum_dp's paired prefetch needs). It
+// came with the head-major value layout; the two together took 4-13% less time per layer
+// than 32 positions and the old layout (docs/benchmarks.md, fourteenth session). The
+// distance alone was chosen in a throwaway A/B whose script is not in the repo.
 constexpr int64_t kValuesAhead = 64;
 
 template <typename T, typename OutT>
@@ -104,13 +104,13 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       // kept; bench_paged_attention.py times the result). The fp32 loops ask for every line
       // up front.
       if (pairs) {
-        prefetch(k_cache + (table[first / bs] * kvH + h) * D * bs, D * bs);
+        prefetch(head_block(k_cache, table[first / bs], kvH, h, D * bs), D * bs);
         for (int64_t p = from; p < std::min(len, from + 8); ++p)
           prefetch(value_row(v_cache, table, p, bs, kvH, h, DV), DV);
       } else {
         for (int64_t blk = first / bs; blk * bs < len; ++blk) {
-          prefetch(k_cache + (table[blk] * kvH + h) * D * bs, D * bs);
-          prefetch(v_cache + (table[blk] * kvH + h) * bs * DV, bs * DV);
+          prefetch(head_block(k_cache, table[blk], kvH, h, D * bs), D * bs);
+          prefetch(head_block(v_cache, table[blk], kvH, h, bs * DV), bs * DV);
         }
       }
       // scores, a block at a time: the block's keys for this head are [D][bs] (positions
@@ -118,14 +118,15 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       // (no horizontal sums), for R query heads at once (one key load feeds R
       // accumulators); positions outside [first, len) are computed and dropped
       for (int64_t blk = first / bs; blk * bs < len; ++blk) {
-        const T* keys = k_cache + (table[blk] * kvH + h) * D * bs;
+        const T* keys = head_block(k_cache, table[blk], kvH, h, D * bs);
         const int64_t lo = std::max(first, blk * bs) - blk * bs;
         const int64_t hi = std::min(len, (blk + 1) * bs) - blk * bs;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same<T, uint16_t>::value)
           if (pairs) {
-            const T* next =
-                (blk + 1) * bs < len ? k_cache + (table[blk + 1] * kvH + h) * D * bs : nullptr;
+            const T* next = (blk + 1) * bs < len
+                                ? head_block(k_cache, table[blk + 1], kvH, h, D * bs)
+                                : nullptr;
             with_rows(rows, [&](auto r) {
               block_scores_dp<decltype(r)::value>(qpairs.data(), keys, part.data(), padded, D,
                                                   bs, next);
@@ -239,7 +240,7 @@ void prefill(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
       }
       const float post = pairs ? scale : 1.f;
       for (int64_t blk = first / bs; blk * bs <= last; ++blk) {
-        const T* keys = k_cache + (table[blk] * kvH + h) * D * bs;
+        const T* keys = head_block(k_cache, table[blk], kvH, h, D * bs);
         const int64_t lo = std::max(first, blk * bs) - blk * bs;
         const int64_t hi = std::min(last + 1, (blk + 1) * bs) - blk * bs;
 #if defined(__AVX512BF16__)

@@ -8,10 +8,10 @@ over a block's positions (vLLM's CPU key cache is laid out the same way for the 
 reason); values keep the head dimension innermost, as their weighted sum wants. Both keep a
 KV head's part of a block contiguous (as vLLM's CPU caches do), so attention, which works
 one KV head at a time, streams whole 8 KB runs: decode attention took 4-13% less time than
-with each position's heads side by side (``tests/bench/bench_paged_attention.py``'s cases,
-fourteenth session, docs/benchmarks.md). A sequence
-owns a list of blocks (its block table); position ``p`` of the sequence lives in slot
-``p % block_size`` of block ``table[p // block_size]``. Blocks are 64 tokens: attention gathers a sequence's blocks
+with each position's heads side by side (``tests/bench/bench_paged_attention.py``,
+fourteenth session, docs/benchmarks.md). A sequence owns a list of blocks (its block
+table); position ``p`` of the sequence lives in slot ``p % block_size`` of block
+``table[p // block_size]``. Blocks are 64 tokens: attention gathers a sequence's blocks
 whole, and copying 64-token blocks runs near memcpy speed where 16-token blocks took 8x
 longer on a 2-core CPU (32 sequences x 320 tokens, SmolLM2's 3 KV heads).
 """
