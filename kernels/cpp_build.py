@@ -174,16 +174,3 @@ def plain(t, dtype, shape: tuple | None = None, numel: int | None = None) -> boo
     return (t.dtype == dtype and t.is_contiguous()
             and (shape is None or tuple(t.shape) == tuple(shape))
             and (numel is None or t.numel() == numel))
-
-
-def bound_call(fn, *args, name: str):
-    """``fn(*args)`` as a call without arguments, for a kernel whose tensors (fixed buffers
-    and weights) were checked once when it was bound: what a decode step replays
-    (plugins/engines/native/decode_program.py). The tensors behind the pointers must outlive
-    it. Raises where the kernel refuses its arguments (returns nonzero)."""
-
-    def call() -> None:
-        if fn(*args):
-            raise RuntimeError(f"the C++ kernel {name} refused its bound arguments")
-
-    return call

@@ -12,13 +12,18 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("int8_per_token.cpp")
 
 
 @functools.cache
+def _library():
+    return cpp_build.bind(SOURCE, q_quantize_int8_per_token="i pl pp ll i")[0]
+
+
 def _kernel():
-    lib, _ = cpp_build.bind(SOURCE, q_quantize_int8_per_token="i pl pp ll i")
+    lib = _library()
     return None if lib is None else lib.q_quantize_int8_per_token
 
 
@@ -53,8 +58,7 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def bind_quantize_int8_per_token(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
     """:func:`quantize_int8_per_token` of ``x [M, K]`` into fixed buffers ``codes [M, K]``
     int8 and ``scales [M, 1]`` fp32 as a call without arguments
-    (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot run."""
+    (:class:`q.kernels.bound_calls.BoundCall`), or None where it cannot run."""
     fn = _kernel()
     args = None if fn is None else _arguments(x, codes, scales)
-    return None if args is None else cpp_build.bound_call(fn, *args,
-                                                          name="q_quantize_int8_per_token")
+    return None if args is None else BoundCall(_library(), "q_quantize_int8_per_token", args)

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include "../packed_call.h"
 
 namespace {
 
@@ -75,3 +76,6 @@ extern "C" int q_quantize_int8_per_token(int dtype, const void* x, int64_t strid
   }
   return 0;
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_quantize_int8_per_token)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("decoder_ops.cpp")
 
@@ -93,14 +94,14 @@ def _rms_norm(x, weight, eps, residual, lanes):
 def bind_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
                   residual: torch.Tensor | None = None, total: torch.Tensor | None = None):
     """:func:`rms_norm` of fixed buffers into ``out`` (and the sum ``residual + x`` into
-    ``total``) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`)."""
+    ``total``) as a call without arguments (:class:`q.kernels.bound_calls.BoundCall`)."""
     rows, n = x.shape
     if any(t is not None and not cpp_build.plain(t, x.dtype, (rows, n)) for t in (out, total)) \
             or (residual is None) != (total is None):
         raise ValueError("the norm's outputs must be contiguous [rows, n] in the activations' "
                          "dtype, the sum output given exactly when a residual is")
     args = _rms_norm_arguments(x, weight, eps, residual, out, total, torch_sum_lanes() or 8)
-    return cpp_build.bound_call(_library()[0].q_rms_norm, *args, name="q_rms_norm")
+    return BoundCall(_library()[0], "q_rms_norm", args)
 
 
 def _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, rows, cos, sin, slots) -> tuple:
@@ -156,7 +157,7 @@ def bind_rotary_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_di
     ``ctypes.c_void_p`` the caller points, before each call, at contiguous ``[N, head_dim]``
     tables in the activations' dtype and ``[N]`` int64 slots."""
     args = _rotary_arguments(q, k, v, head_dim, k_cache, v_cache, q.shape[0], cos, sin, slots)
-    return cpp_build.bound_call(_library()[0].q_rotary_cache, *args, name="q_rotary_cache")
+    return BoundCall(_library()[0], "q_rotary_cache", args)
 
 
 @functools.cache
@@ -197,4 +198,4 @@ def bind_silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor):
     if not cpp_build.plain(out, torch.bfloat16, tuple(gate.shape)):
         raise ValueError("SiLU x up's output must be contiguous bf16 of gate's shape")
     args = _silu_mul_arguments(gate, up, out)
-    return cpp_build.bound_call(_library()[0].q_silu_mul, *args, name="q_silu_mul")
+    return BoundCall(_library()[0], "q_silu_mul", args)

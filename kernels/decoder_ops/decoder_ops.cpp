@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "../bf16.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -246,3 +247,8 @@ int q_silu_mul(const void* gate, const void* up, int64_t in_stride, const float*
 }
 
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_rms_norm)
+Q_PACKED(q_rotary_cache)
+Q_PACKED(q_silu_mul)

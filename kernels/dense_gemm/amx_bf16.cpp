@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "../amx_tiles.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -87,3 +88,6 @@ extern "C" int q_bf16_amx(const uint16_t* x, const uint16_t* w, const float* bia
       });
   return 0;
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_bf16_amx)

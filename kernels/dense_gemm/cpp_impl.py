@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("amx_bf16.cpp")
 FLAGS = {"avx512_bf16"}  # and AMX-BF16 tiles where the CPU has them
@@ -82,8 +83,7 @@ def bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | Non
 def bind_bf16_amx(x: torch.Tensor, amx_weight: torch.Tensor, bias: torch.Tensor | None,
                   out: torch.Tensor):
     """:func:`bf16_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a call
-    without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it cannot
+    without arguments (:class:`q.kernels.bound_calls.BoundCall`), or None where it cannot
     run."""
     args = _bf16_arguments(x, amx_weight, bias, out)
-    return None if args is None else cpp_build.bound_call(_amx()[0].q_bf16_amx, *args,
-                                                          name="q_bf16_amx")
+    return None if args is None else BoundCall(_amx()[0], "q_bf16_amx", args)

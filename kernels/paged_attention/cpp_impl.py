@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
 LANES = 16  # positions per accumulator in the kernel: block sizes are multiples of it
@@ -98,7 +99,7 @@ def bind_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("paged_decode's output must be contiguous [B, H, DV]")
     args = _decode_arguments(q, k_cache, v_cache, tables, lengths, width, out, scale, window,
                              softcap)
-    return cpp_build.bound_call(_lib().q_paged_decode, *args, name="q_paged_decode")
+    return BoundCall(_lib(), "q_paged_decode", args)
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "attention_loops.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -331,3 +332,6 @@ int q_paged_prefill(int dtype, const void* q, int64_t q_stride, const void* k_ca
 }
 
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_paged_decode)

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../amx_tiles.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -159,3 +160,6 @@ extern "C" int q_int8_amx_pairs(int out_dtype, const int8_t* x, const float* xs,
        K * 16, ws, rowsum, static_cast<char*>(out), out_dtype, M, N, K, threads);
   return 0;
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_int8_amx)

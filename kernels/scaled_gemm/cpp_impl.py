@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("int8_gemm.cpp")
 
@@ -144,11 +145,10 @@ def int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.
 def bind_int8_amx(xq: torch.Tensor, xs: torch.Tensor, amx_w: torch.Tensor, ws: torch.Tensor,
                   rowsum: torch.Tensor, out: torch.Tensor):
     """:func:`int8_amx` from fixed buffers ``xq``/``xs`` into ``out`` ``[M, N]`` (its dtype the
-    output's) as a call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None
+    output's) as a call without arguments (:class:`q.kernels.bound_calls.BoundCall`), or None
     where it cannot run."""
     args = _int8_arguments(xq, xs, amx_w, ws, rowsum, out)
-    return None if args is None else cpp_build.bound_call(_amx()[0].q_int8_amx, *args,
-                                                          name="q_int8_amx")
+    return None if args is None else BoundCall(_amx()[0], "q_int8_amx", args)
 
 
 def int8_amx_pairs(xq: torch.Tensor, xs: torch.Tensor, pairs: torch.Tensor, ws: torch.Tensor,

@@ -99,6 +99,7 @@ class Int8Scaled:
         after another), then the strip kernel (its only kernel where it runs); None
         elsewhere."""
         from q.kernels.act_quant.cpp_impl import bind_quantize_int8_per_token
+        from q.kernels.bound_calls import BoundCalls
 
         if self.kernels != ("amx",) or out.dtype != self.out_dtype:
             return None
@@ -108,13 +109,8 @@ class Int8Scaled:
         gemm = bind_int8_amx(xq, xs, self.amx_w, self.ws, self.rowsum, out)
         if quantize is None or gemm is None:
             return None
-
-        def call() -> None:
-            quantize()
-            gemm()
-
-        call.buffers = (xq, xs)  # the bound pointers' tensors live as long as the call
-        return call
+        # the bound pointers' tensors live as long as the call
+        return BoundCalls((quantize, gemm), keep=(xq, xs))
 
     def __call__(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
         if self.kernels == ("amx",):  # exact int32 sums, like _int_mm

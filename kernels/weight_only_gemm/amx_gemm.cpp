@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../amx_tiles.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -152,3 +153,6 @@ extern "C" int q_wo_int8_amx(const uint16_t* x, const int8_t* codes, const float
       });
   return 0;
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_wo_int8_amx)

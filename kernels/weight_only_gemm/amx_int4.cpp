@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../amx_tiles.h"
+#include "../packed_call.h"
 
 namespace {
 
@@ -403,3 +404,6 @@ extern "C" int q_wo_int4_amx(const uint16_t* x, const uint8_t* codes, const uint
       });
   return 0;
 }
+
+// entries for the call runner (bound_calls.cpp)
+Q_PACKED(q_wo_int4_amx)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import cpp_build
+from ..bound_calls import BoundCall
 
 SOURCE = Path(__file__).with_name("dequant.cpp")
 GEMV_SOURCE = Path(__file__).with_name("int8_gemv.cpp")
@@ -114,11 +115,10 @@ def int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tenso
 def bind_int8_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, scale: torch.Tensor,
                          out: torch.Tensor):
     """:func:`int8_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
-    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    call without arguments (:class:`q.kernels.bound_calls.BoundCall`), or None where it
     cannot run."""
     args = _int8_arguments(x, amx_codes, scale, out)
-    return None if args is None else cpp_build.bound_call(_amx()[0].q_wo_int8_amx, *args,
-                                                          name="q_wo_int8_amx")
+    return None if args is None else BoundCall(_amx()[0], "q_wo_int8_amx", args)
 
 
 def _probe_int4(lib) -> bool:
@@ -262,11 +262,10 @@ def int8_group_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
                          group: int, out: torch.Tensor):
     """:func:`int4_weight_amx` from ``x`` into ``out`` ``[M, N]`` bf16 (fixed buffers) as a
-    call without arguments (:func:`q.kernels.cpp_build.bound_call`), or None where it
+    call without arguments (:class:`q.kernels.bound_calls.BoundCall`), or None where it
     cannot run."""
     args = _int4_arguments(x, amx_codes, amx_scales, group, out)
-    return None if args is None else cpp_build.bound_call(_amx_int4()[0].q_wo_int4_amx, *args,
-                                                          name="q_wo_int4_amx")
+    return None if args is None else BoundCall(_amx_int4()[0], "q_wo_int4_amx", args)
 
 
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int,

@@ -12,6 +12,8 @@
     python tests/bench/profile_engine_cpu.py --prefill --parts --torch-silu  # SiLU x up A/B
     python tests/bench/profile_engine_cpu.py --loop 2000 --model CKPT  # for `perf record -p PID`
     ... --no-replay    # decode steps through the decoder forward, not replayed programs
+    ... --ab-call-runner 5 --loop 300 --requests 1 --model CKPT  # C++ runs vs one ctypes call
+        # per kernel call, alternated in one process (5 rounds of 300 steps each way)
 
 Prompts are 256 tokens; the first 10 steps (prefill, then decode) run unprofiled. The
 step time printed includes the profiler's overhead. torch's profiler does not see the C++
@@ -20,10 +22,12 @@ times instead each part of the engine's own decoder forward (decoder.py) with a 
 over 20 decode steps (with ``--prefill``: over 3 steps of 8 fresh prompts), no profiler;
 decode steps then run the forward, not the replayed programs (decode_program.py), whose
 calls it cannot see. ``--loop N`` prints the process id, runs N decode steps with no
-profiler (time to attach ``perf record -g -p PID``) and prints the step time.
-``--phases`` runs bench_engine_vs_vllm.py's workload (32
-prompts of 256 tokens, 64 new tokens each, greedy) twice and splits each run's wall time
-into the steps that carry prompt tokens and the decode-only steps.
+profiler (time to attach ``perf record -g -p PID``) and prints the step time, split into
+the replayed program and the rest of the step. ``--phases`` runs bench_engine_vs_vllm.py's
+workload (32 prompts of 256 tokens, 64 new tokens each, greedy) twice and splits each
+run's wall time into the steps that carry prompt tokens and the decode-only steps.
+``--ab-call-runner ROUNDS`` (with ``--loop N``) alternates replayed steps with the C++
+call runner and with each bound call made from Python (kernels/bound_calls.py).
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ def main() -> None:
                     help="run N decode steps unprofiled, after printing the process id")
     ap.add_argument("--no-replay", action="store_true",
                     help="decode steps through the decoder forward (no replayed programs)")
+    ap.add_argument("--ab-call-runner", type=int, default=0, metavar="ROUNDS",
+                    help="with --loop N: replayed decode steps with the C++ call runner and "
+                         "with each bound call from Python, N steps each way per round")
     args = ap.parse_args()
     if args.glibc_defaults:
         from q.plugins.engines import native
@@ -81,6 +88,8 @@ def main() -> None:
         forward = session.runner.forward
         forward.ops = types.SimpleNamespace(**{**vars(forward.ops),
                                                "silu_mul": reference.silu_mul})
+    if args.loop and args.ab_call_runner:
+        return ab_call_runner(session, args.requests, args.loop, args.ab_call_runner)
     if args.loop:
         return loop(session, args.requests, args.loop)
     if args.parts:
@@ -114,10 +123,57 @@ def loop(session, requests: int, steps: int) -> None:
     for _ in range(10):
         session.step()
     print(f"pid {os.getpid()}: {steps} decode steps of {requests} requests", flush=True)
+    from q.plugins.engines.native.decode_program import DecodeProgram
+
+    inside, run = [0.0], DecodeProgram.run
+
+    def timed(self, *args):  # the replayed program's share of the step
+        start = time.perf_counter()
+        try:
+            return run(self, *args)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    DecodeProgram.run = timed
     start = time.perf_counter()
-    for _ in range(steps):
+    try:
+        for _ in range(steps):
+            session.step()
+    finally:
+        DecodeProgram.run = run
+    step = (time.perf_counter() - start) / steps * 1e3
+    print(f"{step:.2f} ms per decode step: {inside[0] / steps * 1e3:.2f} in the replayed "
+          f"program, {step - inside[0] / steps * 1e3:.2f} outside it (scheduling, inputs, "
+          "sampling)")
+
+
+def ab_call_runner(session, requests: int, steps: int, rounds: int) -> None:
+    """Replayed decode steps with their bound calls run by the C++ call runner (on) and
+    one by one from Python (off), ``steps`` each way per round, the order flipped each
+    round; the programs are rebuilt at each switch."""
+    programs = session.runner.forward.programs
+    if programs is None:
+        raise SystemExit("this model's decode steps are not replayed (see the engine's log)")
+    for i in range(requests):
+        session.add_request(list(range(100 + i, 356 + i)), SamplingParams(
+            max_tokens=2 * rounds * (steps + 5) + 100, ignore_eos=True))
+    for _ in range(10):
         session.step()
-    print(f"{(time.perf_counter() - start) / steps * 1e3:.2f} ms per decode step")
+    times = {True: [], False: []}
+    for r in range(rounds):
+        for runner in (True, False) if r % 2 == 0 else (False, True):
+            programs.call_runner, programs.where = runner, None  # rebuilt on the next step
+            for _ in range(5):
+                session.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                session.step()
+            times[runner].append((time.perf_counter() - start) / steps * 1e3)
+    for runner, label in ((True, "C++ call runner"), (False, "calls from Python")):
+        print(f"{label:>18}: " + " ".join(f"{t:.2f}" for t in times[runner])
+              + f" ms per step (median {sorted(times[runner])[rounds // 2]:.2f})")
+    ratios = [b / a for a, b in zip(times[True], times[False])]
+    print(f"Python / C++ runner per round: {' '.join(f'{x:.3f}' for x in ratios)}")
 
 
 def time_phases(session) -> None:

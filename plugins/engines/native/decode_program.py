@@ -19,7 +19,9 @@ weight-only int8/int4 and int8 W8A8 with its activation quantization, on the str
 kernels; any other layer, fp8 for one, runs its module on the buffer and copies the
 product in). A step copies its token embeddings into the first buffer, points the few
 arguments that change per step (rotary tables, cache slots, block tables, their width) at
-this step's tensors and runs the list.
+this step's tensors and runs the list. Consecutive kernel calls run as one call to C++
+(:mod:`q.kernels.bound_calls`), not one ctypes call each: a step whose GEMMs all bind is a
+single call from Python.
 
 Same kernels, same order, same roundings as the forward: the residual add the forward
 does in torch before the next layer's norm runs inside that norm's kernel (its residual
@@ -116,7 +118,8 @@ class DecodeProgram:
     """One decode step of ``m`` tokens, every call bound to the first ``m`` rows of the
     shared :class:`Buffers`."""
 
-    def __init__(self, forward, m: int, cache, buffers: Buffers):
+    def __init__(self, forward, m: int, cache, buffers: Buffers, call_runner: bool = True):
+        from q.kernels.bound_calls import batch
         from q.kernels.decoder_ops.cpp_impl import (bind_rms_norm, bind_rotary_cache,
                                                     bind_silu_mul)
         from q.kernels.paged_attention.cpp_impl import bind_paged_decode
@@ -167,6 +170,9 @@ class DecodeProgram:
         self.calls.append(bind_rms_norm(self.down, final.weight, final.variance_epsilon, self.h,
                                         self.x[cur], self.x[1 - cur]))
         self._gemm(forward.lm_head, self.h, self.logits)
+        registers = (self.cos, self.sin, self.slots, self.tables, self.lengths, self.width)
+        # runs of bound calls in C++; the modules a layer could not bind between them
+        self.steps = batch(self.calls, registers) if call_runner else self.calls
 
     def _gemm(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         bind = getattr(module, "bind", None)
@@ -201,8 +207,8 @@ class DecodeProgram:
         self.cos.value, self.sin.value = cos.data_ptr(), sin.data_ptr()
         self.slots.value, self.tables.value = slots.data_ptr(), tables.data_ptr()
         self.lengths.value, self.width.value = lengths.data_ptr(), tables.shape[1]
-        for call in self.calls:
-            call()
+        for step in self.steps:
+            step()
         return self.logits
 
 
@@ -210,8 +216,11 @@ class DecodePrograms:
     """The programs of one model, per token count, rebuilt when the cache or the thread count
     they were bound to changes."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, call_runner: bool = True):
         self.forward = forward
+        # False: each bound call from Python through ctypes (the A/B of
+        # tests/bench/profile_engine_cpu.py --python-replay)
+        self.call_runner = call_runner
         self.programs: dict[int, DecodeProgram] = {}
         self.buffers: Buffers | None = None  # allocated on the first replayed step
         self.where = None  # (cache, its tensors' addresses, threads) the programs are bound to
@@ -229,9 +238,22 @@ class DecodePrograms:
         if program is None:
             if self.buffers is None:
                 self.buffers = Buffers(self.forward, MAX_TOKENS)
-            program = self.programs[m] = DecodeProgram(self.forward, m, cache, self.buffers)
+            program = self.programs[m] = DecodeProgram(self.forward, m, cache, self.buffers,
+                                                       self.call_runner)
             if not self.logged:
                 self.logged = True
-                log.info("decode steps of 1-%d tokens: replayed from bound calls (GEMMs: %s)",
-                         MAX_TOKENS, ", ".join(sorted(program.kinds)))
+                log.info("decode steps of 1-%d tokens: replayed from bound calls (GEMMs: %s; "
+                         "%s)", MAX_TOKENS, ", ".join(sorted(program.kinds)),
+                         _how_calls_run(program, self.call_runner))
         return program
+
+
+def _how_calls_run(program: DecodeProgram, call_runner: bool) -> str:
+    from q.kernels.bound_calls import CallRun, runner_unavailable
+
+    runs = sum(isinstance(step, CallRun) for step in program.steps)
+    if runs:
+        return (f"{len(program.calls)} calls as {runs} C++ run{'s' * (runs > 1)}, "
+                f"{len(program.steps) - runs} from Python")
+    why = "turned off" if not call_runner else runner_unavailable() or "no call binds"
+    return f"each call from Python: the call runner is unavailable ({why})"
