@@ -15,8 +15,8 @@ Then the W8A8 projections of a whole SmolLM2-135M decode step (q, k, v, o, gate,
 down of its 30 layers: 106 MB of int8 weights, so each comes from memory as in a real
 step) for M = 1, 2 and 4: q's C++ GEMV against ``_int_mm`` + the C++ epilogue. Last, the
 greedy pick of a decode step over SmolLM2's vocabulary (49152 fp32 logits per request):
-``argmax(-1)`` against ``max(-1).indices``, which the engine uses (the same token). Times
-are medians of repeated calls (bench_moe.time_cpu) at torch's thread count.
+``argmax(-1)`` against ``max(-1).indices``, which the engine uses (the same token), and
+over the bf16 logits the model gives: converted to fp32 first, or not. Times are medians of repeated calls (bench_moe.time_cpu) at torch's thread count.
 """
 
 from __future__ import annotations
@@ -95,6 +95,18 @@ def greedy_pick(repeat: int) -> None:
         logits = torch.randn(rows, 49152, generator=g)
         assert torch.equal(logits.argmax(-1), logits.max(-1).indices)
         a = time_cpu(lambda: logits.argmax(-1), repeat)
+        b = time_cpu(lambda: logits.max(-1).indices, repeat)
+        print(f"| {rows} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+    # the model's logits are bf16: converting them to fp32 first changes no value (bf16 ->
+    # fp32 is exact), so the pick is the same token either way
+    print("\nGreedy pick over 49152 bf16 logits per request (what the model gives)\n")
+    print("| requests | to fp32, then max(-1).indices (ms) | max(-1).indices in bf16 (ms) "
+          "| speed-up |")
+    print("|---:|---:|---:|---:|")
+    for rows in (1, 32):
+        logits = torch.randn(rows, 49152, generator=g).bfloat16()
+        assert torch.equal(logits.float().max(-1).indices, logits.max(-1).indices)
+        a = time_cpu(lambda: logits.float().max(-1).indices, repeat)
         b = time_cpu(lambda: logits.max(-1).indices, repeat)
         print(f"| {rows} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
 

@@ -170,8 +170,9 @@ class NativeSession(Session):
     @staticmethod
     def _sample(logits: torch.Tensor, sampled: list[Sequence]) -> list[int]:
         if all(s.state.params.greedy for s in sampled):  # one argmax for the whole batch
-            # max(-1).indices is argmax (the first maximum; NaN first) at less than half its
-            # time over a vocabulary on CPU (tests/bench/bench_cpu_small_ops.py)
+            # max(-1).indices is argmax (the first maximum; NaN first): less than half its
+            # time over a vocabulary on the Xeon of docs/benchmarks.md's 2026-12-06 section,
+            # as long on the later AMD EPYC (tests/bench/bench_cpu_small_ops.py)
             return logits.max(-1).indices.tolist()
         return [sample_row(row, s.state.params, s.state.generator)
                 for row, s in zip(logits, sampled)]
