@@ -81,8 +81,8 @@ class BoundCall:
             if isinstance(arg, ctypes._SimpleCData):
                 which = [r for r, register in enumerate(registers) if register is arg]
                 if not which:  # its value may change: a run would keep the one seen here
-                    raise ValueError(f"argument {i} (from 0) of {self.name} is a ctypes object that "
-                                     "is not one of the step's registers")
+                    raise ValueError(f"argument {i} (from 0) of {self.name} is a ctypes "
+                                     "object that is not one of the step's registers")
                 patches.append((i, which[0]))
                 words.append(0)
             else:
