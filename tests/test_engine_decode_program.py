@@ -142,3 +142,22 @@ def test_a_step_of_the_wrong_shape_is_refused_before_any_kernel_runs(tmp_path):
     batch.paged.blocks = longs(2, 1)
     with pytest.raises(ValueError, match=r"bf16 rotary tables \[2, 32\]"):
         program.run(longs(2), rotary.float(), rotary.float(), batch)
+
+
+def test_bound_calls_made_one_by_one_give_the_runs_bits(tmp_path):
+    """The C++ call runner (kernels/bound_calls.py) against the same programs' calls made
+    one at a time from Python: the same logits at every step."""
+    from q.kernels.bound_calls import CallRun
+
+    session = q.load_engine(save_tiny_arch(tmp_path, "LlamaConfig"), scheme="w8a8-int8",
+                            dtype="bfloat16", max_batch=len(PROMPTS))
+    programs, cache = session.runner.forward.programs, session.runner.cache
+    runs, _ = _run(session, replay=True)
+    assert any(isinstance(s, CallRun) for s in programs.get(1, cache).steps)
+    programs.call_runner = False
+    programs.where = None  # rebuilt on the next step, each call from Python
+    one_by_one, _ = _run(session, replay=True)
+    assert not any(isinstance(s, CallRun) for s in programs.get(1, cache).steps)
+    assert len(runs) == len(one_by_one)
+    for i, (a, b) in enumerate(zip(runs, one_by_one)):
+        assert torch.equal(a, b), f"step {i}: max difference {(a - b).abs().max()}"

@@ -255,5 +255,7 @@ def _how_calls_run(program: DecodeProgram, call_runner: bool) -> str:
     if runs:
         return (f"{len(program.calls)} calls as {runs} C++ run{'s' * (runs > 1)}, "
                 f"{len(program.steps) - runs} from Python")
-    why = "turned off" if not call_runner else runner_unavailable() or "no call binds"
+    if not call_runner:
+        return "each call from Python: the call runner is turned off"
+    why = runner_unavailable() or "no call has a packed entry"
     return f"each call from Python: the call runner is unavailable ({why})"
