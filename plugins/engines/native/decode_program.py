@@ -219,7 +219,7 @@ class DecodePrograms:
     def __init__(self, forward, call_runner: bool = True):
         self.forward = forward
         # False: each bound call from Python through ctypes (the A/B of
-        # tests/bench/profile_engine_cpu.py --python-replay)
+        # tests/bench/profile_engine_cpu.py --ab-call-runner)
         self.call_runner = call_runner
         self.programs: dict[int, DecodeProgram] = {}
         self.buffers: Buffers | None = None  # allocated on the first replayed step
