@@ -59,6 +59,6 @@ def bind_quantize_int8_per_token(x: torch.Tensor, codes: torch.Tensor, scales: t
     """:func:`quantize_int8_per_token` of ``x [M, K]`` into fixed buffers ``codes [M, K]``
     int8 and ``scales [M, 1]`` fp32 as a call without arguments
     (:class:`q.kernels.bound_calls.BoundCall`), or None where it cannot run."""
-    fn = _kernel()
-    args = None if fn is None else _arguments(x, codes, scales)
-    return None if args is None else BoundCall(_library(), "q_quantize_int8_per_token", args)
+    lib = _library()
+    args = None if lib is None else _arguments(x, codes, scales)
+    return None if args is None else BoundCall(lib, "q_quantize_int8_per_token", args)
