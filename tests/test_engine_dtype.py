@@ -26,14 +26,15 @@ pytestmark = pytest.mark.slow
 CASES = [("bf16", None, None, 0.93), ("wint8", "wint8", None, 0.93),
          ("wint4-g64", "wint4", {"group_size": 64}, 0.92),
          ("w8a8-int8", "w8a8-int8", None, 0.85), ("fp8-dynamic", "fp8-dynamic", None, 0.85),
-         ("wint8-int8-activations", "wint8", None, 0.85),
-         ("wint4-g64-int8-activations", "wint4", {"group_size": 64}, 0.85)]
-# engine options per case: the prompt (512 tokens, one step) as int8 W8A8 (docs/engine.md);
-# measured 0.891 agreement and +2.6% perplexity (per-token int8 activations, no smoothing)
+         ("wint8-int8-activations", "wint8", None, 0.93),
+         ("wint4-g64-int8-activations", "wint4", {"group_size": 64}, 0.92)]
+# engine options per case: the prompt (512 tokens, one step) with int8 activations in blocks
+# of 32 (docs/engine.md): measured 0.969 / 0.951 agreement, perplexity +1.1% / +0.3% over
+# fp32. CPUs with AMX tiles run wint8's per token on the W8A8 kernel (0.891 and +2.6%
+# measured before blocks): their bound is W8A8's
 OPTIONS = {"wint8-int8-activations": {"woq_activations": "int8"},
            "wint4-g64-int8-activations": {"woq_activations": "int8"}}
-MAX_LOG_PPL_CHANGE = {"wint8-int8-activations": 0.05,  # others: 0.03
-                      "wint4-g64-int8-activations": 0.05}
+PER_TOKEN_MIN_AGREE = 0.85
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,12 @@ def nll(logits, ids):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bf16_compute_tracks_fp32(case, text_ids):
+    from q.kernels import cpp_build
     from q.plugins.engines.native.layers import QuantLinear
 
     label, scheme, args, min_agree = case
+    if label in OPTIONS and cpp_build.amx_tiles():
+        min_agree = PER_TOKEN_MIN_AGREE
     logits = {}
     for dtype in ("float32", "bfloat16"):
         options = OPTIONS.get(label, {}) if dtype == "bfloat16" else {}
@@ -68,7 +72,7 @@ def test_bf16_compute_tracks_fp32(case, text_ids):
     print(f"\n{label}: bf16 vs fp32 top-1 agreement {agree:.3f}, perplexity fp32 "
           f"{math.exp(nlls['float32']):.2f}, bf16 {math.exp(nlls['bfloat16']):.2f}")
     assert agree >= min_agree
-    assert ppl_change < MAX_LOG_PPL_CHANGE.get(label, 0.03)  # perplexity within 3% (5%)
+    assert ppl_change < 0.03  # perplexity within 3%
     # bf16 takes torch's kernels for every layer q's schemes write here
     assert backends == ({"torch"} if scheme else set())
 

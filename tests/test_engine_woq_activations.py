@@ -20,11 +20,12 @@ from q.errors import IncompatibleError, OptionError
 @pytest.mark.parametrize("scheme,args", [("wint8", None), ("wint4", {"group_size": 64})])
 def test_int8_activations_run_prompts_in_int8_and_keep_decode_exact(tiny_llama, tmp_path,
                                                                     caplog, scheme, args):
-    from q.kernels.weight_only_gemm.cpp_impl import int4_int8_unavailable
+    from q.kernels.weight_only_gemm.int8_activations import unavailable
     from q.plugins.engines.native.layers import QuantLinear
 
-    if scheme == "wint4" and int4_int8_unavailable(256, 256, 64):
-        pytest.skip(int4_int8_unavailable(256, 256, 64))
+    bits = 8 if scheme == "wint8" else 4
+    if unavailable(bits, 256, 256, 64) and not (bits == 8 and q.kernels.cpp_build.amx_tiles()):
+        pytest.skip(unavailable(bits, 256, 256, 64))
     ckpt = q.quantize(tiny_llama(), scheme, tmp_path / scheme, args=args,
                       progress=False).output
     exact = q.load_engine(ckpt)

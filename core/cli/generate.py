@@ -61,9 +61,9 @@ def engine_options(f):
                      help="native engine's KV cache size in tokens [default: 20%% of free "
                           "memory, at most max-batch full contexts]"),
         click.option("--woq-activations", type=click.Choice(["bf16", "int8"]),
-                     help="native engine, weight-only int8 checkpoints: int8 multiplies "
-                          "prompts (steps of 9+ tokens) as int8 W8A8, activations quantized "
-                          "per token: faster prefill, not exact [default: bf16]"),
+                     help="native engine, weight-only int8/int4 checkpoints: int8 multiplies "
+                          "prompts (steps of 17+ tokens) with int8 activations, one scale per "
+                          "32 values: faster prefill, not exact [default: bf16]"),
         click.option("--verbose", "-v", is_flag=True, help="log loading details"),
     ]
 

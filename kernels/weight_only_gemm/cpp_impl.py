@@ -137,8 +137,7 @@ def _probe_int4(lib) -> bool:
 @functools.cache
 def _amx_int4() -> tuple[object | None, str | None]:
     return cpp_build.bind_amx(AMX_INT4_SOURCE, AMX_FLAGS, "q_amx_int4_init", _probe_int4,
-                              q_wo_int4_amx="pppp llll ii", q_wo_int4_int8="pppp llll ii",
-                              q_int4_int8_codes="ppp lll i", q_wo_int4_register_tokens="")
+                              q_wo_int4_amx="pppp llll ii", q_wo_int4_register_tokens="")
 
 
 def register_tokens(bits: int) -> int | None:
@@ -219,44 +218,6 @@ def int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.
     out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
     args = _int4_arguments(x, amx_codes, amx_scales, group, out)
     return None if args is None or _amx_int4()[0].q_wo_int4_amx(*args) else out
-
-
-def int4_int8_unavailable(n: int, k: int, group: int) -> str | None:
-    """Why :func:`int4_weight_int8` cannot run an ``[n, k]`` weight in groups of ``group``
-    here (None: it can)."""
-    if cpp_build.amx_tiles():
-        return "this CPU's int4 kernel runs on AMX tiles, which have no int8-activation path"
-    return amx_int4_unavailable(n, k, group)
-
-
-def int4_weight_int8(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,
-                     group: int) -> torch.Tensor | None:
-    """:func:`int4_weight_amx` for 9+ tokens with int8 activations (the engine's
-    ``woq_activations="int8"``): ``x`` quantized per token and group of ``group`` (the
-    act_quant reference's codes and scales), multiplied by the int4 codes in exact integer
-    sums per group, on CPUs without AMX tiles (``q_wo_int4_int8`` in amx_int4.cpp). None
-    where it cannot run."""
-    out = torch.empty(x.shape[0], amx_codes.shape[0] * 16, dtype=torch.bfloat16)
-    args = _int4_arguments(x, amx_codes, amx_scales, group, out)
-    if (args is None or x.shape[0] < 9
-            or int4_int8_unavailable(amx_codes.shape[0] * 16, x.shape[1], group)):
-        return None
-    return None if _amx_int4()[0].q_wo_int4_int8(*args) else out
-
-
-def int8_group_codes(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The activation codes ``[M, K]`` int8 and scales ``[M, K / group]`` fp32 that
-    :func:`int4_weight_int8` multiplies (per token and group, act_quant's spec), or None
-    where that path is not built: for tests to hold them to the reference bit for bit."""
-    lib = _amx_int4()[0]
-    m, k = x.shape
-    if lib is None or cpp_build.amx_tiles() or not cpp_build.plain(x, torch.bfloat16):
-        return None
-    codes = torch.empty(m, k, dtype=torch.int8)
-    scales = torch.empty(m, k // group, dtype=torch.float32)
-    failed = lib.q_int4_int8_codes(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), m, k,
-                                   group, torch.get_num_threads())
-    return None if failed else (codes, scales)
 
 
 def bind_int4_weight_amx(x: torch.Tensor, amx_codes: torch.Tensor, amx_scales: torch.Tensor,

@@ -32,15 +32,15 @@ Anything else (ragged int4 groups) has no torch kernel: :func:`unsupported` says
 caller keeps the reference.
 
 ``int8_activations=True`` (the engine's ``woq_activations="int8"``, IPEX's "lowp mode
-INT8"): steps of ``INT8_ACTIVATIONS_FROM[bits]`` tokens or more quantize their activations to int8
-and multiply in int8 (VNNI / AMX-INT8: twice bf16's products per instruction), the prefill
-that is compute-bound in bf16. int8 per-channel weights run as int8 W8A8 (``scaled_gemm``'s
-int8 kernel reading this layout, one activation scale per token); int4 groups as int4 x
-int8 with one activation scale per token and weight group, the group's scales and zeros
-applied per group (``amx_int4.cpp``'s ``q_wo_int4_int8``, CPUs without AMX tiles). Fewer
-tokens keep the exact register path, which is bound by memory. Numbers then carry int8
-activation rounding (half a step of max|x| / 127 per value); docs/engine.md has the
-measured accuracy.
+INT8"): steps of ``INT8_ACTIVATIONS_FROM[bits]`` tokens or more quantize their activations
+to int8 and multiply in int8 (VNNI: twice bf16's products per instruction), the prefill
+that is compute-bound in bf16. On CPUs without AMX tiles int8 per-channel weights and int4
+groups both run :mod:`.int8_activations` (one activation scale per token and 32 values,
+exact integer sums per block, the weight read in this layout); on CPUs with tiles int8
+per-channel weights run as int8 W8A8 (``scaled_gemm``'s tile kernel reading this layout, one
+activation scale per token) and int4 refuses. Fewer tokens keep the exact register path,
+which is bound by memory. Numbers then carry int8 activation rounding (half a step of the
+block's max|x| / 127 per value); docs/engine.md has the measured accuracy.
 """
 
 from __future__ import annotations
@@ -50,15 +50,16 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import cpp_build
 from ..act_quant import quantize_activation_cpu
 from ..configs import cpu_choice
 from ..scaled_gemm.cpp_impl import amx_unavailable as int8_amx_unavailable
 from ..scaled_gemm.cpp_impl import int8_amx_pairs, weight_row_sums
+from . import int8_activations as int8_acts
 from .cpp_impl import (amx_int4_unavailable, amx_unavailable, bind_int4_weight_amx,
                        bind_int8_weight_amx, dequantize_int4pack,
                        dequantize_int8, from_amx_int4_layout, gemv_unavailable,
-                       int4_int8_unavailable, int4_weight_amx, int4_weight_int8,
-                       int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
+                       int4_weight_amx, int8_weight_amx, int8_weight_gemv, to_amx_int4_layout,
                        to_amx_int4_scales, to_amx_layout)
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -67,11 +68,11 @@ INT4_GROUPS = (32, 64, 128, 256)
 INT8PACK_K_MULTIPLE = 16
 KERNELS = {8: ("int8pack", "dequantize"), 4: ("int4pack", "dequantize")}
 # tokens per call from which int8_activations applies, per bits; fewer take the exact
-# register path. Over a 1.1B step's weights on the AMD EPYC (two runs of
-# tests/bench/bench_decode_gemms_cpu.py --tokens 9,12,16) the int8 path ran wint8 no faster
-# at 9-16 tokens (0.95-1.10x the exact path) and wint4 g64 0.95-0.98x at 9, 1.14-1.17x at
-# 12, 1.25-1.30x at 16; from 17 wint8 leaves the register path for widened bf16 strips
-INT8_ACTIVATIONS_FROM = {8: 17, 4: 12}
+# register path. From 17 both exact paths leave their register paths for widened bf16
+# strips; over a 1.1B step's weights on the AMD EPYC (tests/bench/bench_decode_gemms_cpu.py
+# --tokens 9,12,16,17,24,32,256, activations in blocks of 32) the int8 path ran 0.96-1.07x
+# the exact one at 9-16 tokens and 1.09x (wint8) / 1.50x (wint4 g64) at 17
+INT8_ACTIVATIONS_FROM = {8: 17, 4: 17}
 
 
 def _int4_group(k: int, group_size: int) -> int | None:
@@ -135,15 +136,18 @@ def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def _int8_activations_unavailable(bits: int, per_channel: bool, dtype: torch.dtype, n: int,
                                   k: int, group: int | None) -> str | None:
-    """Why int8 activations cannot run this weight here (None: they can): int8 per channel
-    on the W8A8 kernel, int4 groups on ``q_wo_int4_int8``, both with bf16 compute."""
+    """Why int8 activations cannot run this weight here (None: they can), with bf16
+    compute: int4 groups and int8 per channel on :mod:`.int8_activations`; int8 on CPUs with
+    AMX tiles on the W8A8 tile kernel instead (one activation scale per token)."""
     if dtype != torch.bfloat16:
         return f"the compute dtype is {str(dtype).removeprefix('torch.')}, not bfloat16"
     if bits == 4:
-        return int4_int8_unavailable(n, k, group)
+        return int8_acts.unavailable(4, n, k, group)
     if not per_channel:
         return "the int8 kernel takes per-channel scales without zero points"
-    return amx_unavailable(n, k) or int8_amx_unavailable(n, k)
+    if cpp_build.amx_tiles():
+        return amx_unavailable(n, k) or int8_amx_unavailable(n, k)
+    return int8_acts.unavailable(8, n, k)
 
 
 class WeightOnlyTorch:
@@ -179,7 +183,7 @@ class WeightOnlyTorch:
                 self.amx_codes = to_amx_layout(codes)
                 self.codes = None
                 self.scale_fp32 = scale.float().reshape(n).contiguous()
-                if int8_activations:
+                if int8_activations and cpp_build.amx_tiles():  # the W8A8 tile kernel's
                     self.row_sums = weight_row_sums(codes)
                 return
             packable = per_channel and k % INT8PACK_K_MULTIPLE == 0
@@ -277,8 +281,11 @@ class WeightOnlyTorch:
         if (kernel == "amx" and self.int8_activations
                 and x.shape[0] >= INT8_ACTIVATIONS_FROM[self.bits]):
             if self.bits == 4:
-                return int4_weight_int8(x.contiguous(), self.amx_codes, self.amx_scales,
-                                        self.group)
+                return int8_acts.int4_weight_int8(x.contiguous(), self.amx_codes,
+                                                  self.amx_scales, self.group)
+            if self.row_sums is None:
+                return int8_acts.int8_weight_int8(x.contiguous(), self.amx_codes,
+                                                  self.scale_fp32)
             xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
             return int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
                                   self.dtype)

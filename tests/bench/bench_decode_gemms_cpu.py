@@ -25,7 +25,9 @@ median of ``--repeat`` passes, ms, and the weight bytes streamed per second:
 - bf16: ``amx`` (``dense_gemm/amx_bf16.cpp``, on CPUs with AMX-BF16) against the
   oneDNN-prepacked Linear;
 - from 9 tokens, the weight-only layers with the engine's ``woq_activations="int8"``
-  (``..., int8 activations``) against the same layers' exact ``amx`` path.
+  (``..., int8 activations``: activations in blocks of 32, ``int8_activations.cpp``; and
+  for wint8 ``..., per token``, the W8A8 kernel it ran before) against the same layers'
+  exact ``amx`` path.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ import time
 
 import torch
 
+from q.kernels.act_quant import quantize_activation_cpu
 from q.kernels.dense_gemm.cpp_impl import amx_unavailable as amx_bf16_unavailable
 from q.kernels.dense_gemm.cpp_impl import bf16_amx, to_amx_bf16_layout
 from q.kernels.dense_gemm.torch_impl import PackedLinear
 from q.kernels.scaled_gemm.cpp_impl import amx_unavailable as amx_int8_unavailable
-from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_gemv, to_amx_int8_layout,
-                                            weight_row_sums)
+from q.kernels.scaled_gemm.cpp_impl import (int8_amx, int8_amx_pairs, int8_gemv,
+                                            to_amx_int8_layout, weight_row_sums)
 from q.kernels.weight_only_gemm.cpp_impl import (amx_unavailable, int8_weight_amx,
                                                  int8_weight_gemv, to_amx_layout)
 from q.kernels.weight_only_gemm.torch_impl import WeightOnlyTorch
@@ -135,6 +138,11 @@ def main() -> None:
                 xb[w["codes"].shape[1]], "amx"),
             "wint4 g64 amx, int8 activations": lambda w: w["int4_int8"].run(
                 xb[w["codes"].shape[1]], "amx"),
+            # what woq_activations="int8" ran before blocks of 32: one scale per token, on
+            # the W8A8 kernel reading the pair layout (still the path of CPUs with tiles)
+            "wint8 amx, int8 activations per token": lambda w: int8_amx_pairs(
+                *quantize_activation_cpu(xb[w["codes"].shape[1]], None, torch.int8),
+                w["amx"], w["scale"], w["rowsum"], torch.bfloat16),
             "bf16 prepacked": lambda w: w["bf16"](xb[w["codes"].shape[1]]),
             "bf16 amx": lambda w: bf16_amx(xb[w["codes"].shape[1]], w["amx_bf16"], None),
         }
@@ -144,6 +152,8 @@ def main() -> None:
             runs.pop("wint4 g64 amx, int8 activations", None)
         if m < 9 or any(w["int8_int8"] is None for w in weights):
             runs.pop("wint8 amx, int8 activations", None)
+        if m < 9 or amx_reason is not None:
+            runs.pop("wint8 amx, int8 activations per token", None)
         if args.kernels:
             runs = {name: run for name, run in runs.items()
                     if name.startswith(tuple(args.kernels.split(",")))}
@@ -169,6 +179,7 @@ def main() -> None:
                   "wint4 g64 dequantize": "wint4 g64 _weight_int4pack_mm",
                   "wint4 g64 amx": "wint4 g64 _weight_int4pack_mm",
                   "wint8 amx, int8 activations": "wint8 amx",
+                  "wint8 amx, int8 activations per token": "wint8 amx",
                   "wint4 g64 amx, int8 activations": "wint4 g64 amx",
                   "bf16 amx": "bf16 prepacked"}
         for name, t in med.items():

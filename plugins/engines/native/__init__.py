@@ -119,9 +119,9 @@ class NativeEngine(Engine):
         chunks plus one per decoding request), ``kv_cache_tokens`` or ``kv_cache_memory``
         (the KV cache's size in tokens, or as a fraction of the memory free at load;
         default 0.2, never more than ``max_batch`` full contexts), ``woq_activations``
-        (``bf16``, or ``int8``: weight-only int8 layers multiply steps of 9+ tokens, i.e.
-        prompts and large batches, as int8 W8A8 with activations quantized per token;
-        faster prefill, not exact; docs/engine.md)."""
+        (``bf16``, or ``int8``: weight-only layers multiply steps of 17+ tokens, i.e.
+        prompts and large batches, with int8 activations, one scale per token and 32
+        values; faster prefill, not exact; docs/engine.md)."""
         from q.modeling import load_tokenizer
 
         from .attention import attention_kernels

@@ -193,8 +193,8 @@ class QuantLinear(nn.Module):
     def __init__(self, qt: QuantizedTensor, acts: dict | None, bias: torch.Tensor | None,
                  device: torch.device, impl: str = "auto", name: str = "",
                  dtype: torch.dtype = torch.float32, woq_activations: str = "bf16"):
-        """``woq_activations="int8"``: a weight-only int8 layer multiplies steps of 9+
-        tokens as int8 W8A8 (activations quantized per token; WeightOnlyTorch); a
+        """``woq_activations="int8"``: a weight-only layer multiplies steps of 17+ tokens
+        with int8 activations (one scale per token and 32 values; WeightOnlyTorch); a
         weight-only layer that cannot raises IncompatibleError naming it."""
         super().__init__()
         self.out_features, self.in_features = qt.shape

@@ -237,8 +237,8 @@ def load_model(path, *, device: torch.device, scheme: str | None = None,
                args: dict | None = None, ignore=(), ragged: str = "skip", impl: str = "auto",
                dtype: str = "auto", progress=None, woq_activations: str = "bf16"):
     """(model, tokenizer-free config dict, LoadReport) for a checkpoint or an online recipe.
-    ``woq_activations``: ``bf16`` or ``int8`` (weight-only int8 layers' steps of 9+ tokens
-    as int8 W8A8, see QuantLinear)."""
+    ``woq_activations``: ``bf16`` or ``int8`` (weight-only layers' steps of 17+ tokens
+    with int8 activations, see QuantLinear)."""
     source = ModelSource(path)
     fmt, reader = detect_format(source)
     report = LoadReport()
