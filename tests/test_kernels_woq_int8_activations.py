@@ -86,7 +86,7 @@ def with_outlier(m, k, key):
     return x.bfloat16()
 
 
-@pytest.mark.parametrize("n,k", [(512, 256), (48, 192)])
+@pytest.mark.parametrize("n,k", [(512, 256), (48, 192), (32, 96)])
 def test_a_layer_with_int8_activations_sums_blocks_of_32_and_is_exact_below(n, k):
     if int8_acts.unavailable(8, n, k):
         pytest.skip(int8_acts.unavailable(8, n, k))
@@ -108,11 +108,12 @@ def test_a_layer_with_int8_activations_sums_blocks_of_32_and_is_exact_below(n, k
         assert float((got.float() - want).norm() / want.norm()) < 4e-3, m
         ref = weight_only_gemm(x.float(), codes, scale, k, 8)
         err = float((got.float() - ref).norm() / ref.norm())
-        # per-token scales (W8A8's) on the same input: the outlier coarsens every value
+        # per-token scales (W8A8's) on the same input: the outlier coarsens every value,
+        # blocks only its own (a third of them at K = 96: the gain is smallest there)
         tq, ts = quantize_activation(x, None, torch.int8)
         per_token = scaled_gemm(tq, ts, codes, scale, torch.float32)
         token_err = float((per_token - ref).norm() / ref.norm())
-        assert err < 0.02 and err < token_err / 2, (m, err, token_err)
+        assert err < 0.02 and err < 0.8 * token_err, (m, err, token_err)
         assert fast.bind(x, torch.empty(m, n, dtype=torch.bfloat16)) is None  # per call
 
 
@@ -128,8 +129,8 @@ def test_int8_activations_refuse_the_weights_they_cannot_run():
     with pytest.raises(ValueError, match="compute dtype is float32"):
         wo.WeightOnlyTorch(codes, torch.rand(n, 1), k, 8, dtype=torch.float32,
                            int8_activations=True)
-    with pytest.raises(ValueError, match="K % 64"):
-        wo.WeightOnlyTorch(codes[:, :96].contiguous(), torch.rand(n, 1), 96, 8,
+    with pytest.raises(ValueError, match="K % 32"):
+        wo.WeightOnlyTorch(codes[:, :80].contiguous(), torch.rand(n, 1), 80, 8,
                            int8_activations=True)
     int4 = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     with pytest.raises(ValueError, match="compute dtype is float32"):

@@ -273,7 +273,7 @@ extern "C" int q_wo_int8_int8(const uint16_t* x, const int8_t* pairs, const floa
 #if defined(__AMX_TILE__)
   return 2;
 #else
-  if (N % 16 || K % 64 || M < 1) return 1;
+  if (N % 16 || K % kActGroup || M < 1) return 1;
   const BlockCodes a = quantize_blocks(x, M, K, kActGroup, false, threads);
   gemm(a, M, N, K, N * K, threads,
        [&](int64_t s, uint8_t* strip) { regroup_int8_strip(pairs + s * K * 16, strip, K); },

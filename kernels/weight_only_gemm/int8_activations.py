@@ -47,8 +47,7 @@ def unavailable(bits: int, n: int, k: int, group: int | None = None) -> str | No
             return f"int4 groups of {group}: int8 activations take multiples of 32"
         reason = amx_int4_unavailable(n, k, group)
     else:
-        reason = amx_unavailable(n, k) or (f"K={k}: int8 activations take K % 64 == 0"
-                                           if k % 64 else None)
+        reason = amx_unavailable(n, k)  # K % 32 == 0: whole blocks of 32
     return reason or _library()[1]
 
 
