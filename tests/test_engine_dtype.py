@@ -57,6 +57,8 @@ def test_bf16_compute_tracks_fp32(case, text_ids):
 
     label, scheme, args, min_agree = case
     if label in OPTIONS and cpp_build.amx_tiles():
+        if scheme == "wint4":
+            pytest.skip("int4 refuses int8 activations on CPUs with AMX tiles")
         min_agree = PER_TOKEN_MIN_AGREE
     logits = {}
     for dtype in ("float32", "bfloat16"):
