@@ -66,7 +66,7 @@ BlockCodes quantize_blocks(const uint16_t* x, int64_t M, int64_t K, int64_t bloc
       for (int64_t k = 0; k < block; k += 16) {
         const __m512 v = load_bf16x16(xb + k);
         top = _mm512_max_ps(top, _mm512_abs_ps(v));
-        total = _mm512_add_ps(total, v);
+        if (xsum) total = _mm512_add_ps(total, v);  // only int4 zeros use it
       }
       const float scale = std::max(_mm512_reduce_max_ps(top), 1e-10f) / 127.f;
       const __m512 sv = _mm512_set1_ps(scale);
@@ -134,7 +134,6 @@ struct Int8Weight {
   const float* ws;  // this strip's 16 per-channel scales
   int64_t group;    // K: one group
   __m512 scale(int64_t) const { return _mm512_loadu_ps(ws); }
-  __m512 zeros(int64_t) const { return _mm512_setzero_ps(); }
 };
 
 // R tokens' block codes against S prepared strips (K / 4 quad rows of unsigned q each): out

@@ -281,14 +281,17 @@ class WeightOnlyTorch:
         if (kernel == "amx" and self.int8_activations
                 and x.shape[0] >= INT8_ACTIVATIONS_FROM[self.bits]):
             if self.bits == 4:
-                return int8_acts.int4_weight_int8(x.contiguous(), self.amx_codes,
-                                                  self.amx_scales, self.group)
-            if self.row_sums is None:
-                return int8_acts.int8_weight_int8(x.contiguous(), self.amx_codes,
-                                                  self.scale_fp32)
-            xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
-            return int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
-                                  self.dtype)
+                y = int8_acts.int4_weight_int8(x.contiguous(), self.amx_codes,
+                                               self.amx_scales, self.group)
+            elif self.row_sums is None:
+                y = int8_acts.int8_weight_int8(x.contiguous(), self.amx_codes,
+                                               self.scale_fp32)
+            else:
+                xq, xs = quantize_activation_cpu(x.contiguous(), None, torch.int8)
+                y = int8_amx_pairs(xq, xs, self.amx_codes, self.scale_fp32, self.row_sums,
+                                   self.dtype)
+            if y is not None:
+                return y  # else (checked at load, so not expected) the exact path below
         if kernel == "amx" and self.bits == 4:  # inputs the kernel refuses were refused at load
             return int4_weight_amx(x.contiguous(), self.amx_codes, self.amx_scales, self.group)
         if kernel == "amx":
